@@ -1,0 +1,28 @@
+# Every target creates the venv on first use, so a fresh clone needs only `make demo` / `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test check-all e2e bench bench-quick clean venv
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@command -v zstd >/dev/null || { echo "zstd is required (apt-get install zstd)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+check-all: $(STAMP)
+	$(BIN)/pytest -q -m ""
+
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.demo
+
+clean:
+	rm -rf $(VENV) *.egg-info

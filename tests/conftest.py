@@ -1,0 +1,121 @@
+"""Fixtures: emulated hosts in temporary directories, and leak checks on them.
+
+Every test gets fresh hosts; at teardown all their domains are destroyed and
+the test fails if any process that belongs to them (by argv or by
+XENEMU_ROOT in its environment) is still alive, or a socket is left in a
+host's run directory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def exe(name: str) -> str:
+    return str(BIN / name)
+
+
+class HostDir:
+    """One emulated host: a directory, plus the commands that act on it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "XENEMU_ROOT": str(root), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run([exe(argv[0]), *argv[1:]], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{argv} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def xenemu(self, *argv: str, **kw) -> str:
+        return self.run("xenemu", *argv, **kw).stdout.strip()
+
+    def create(self, name: str, memory: str, image: str = "mixed", workload: str = "none") -> int:
+        return int(self.xenemu("create", name, "--memory", memory, "--image", image, "--workload", workload))
+
+    def empty(self, name: str, memory: str) -> int:
+        return int(self.xenemu("create", name, "--memory", memory, "--empty"))
+
+    def domains(self) -> list[dict]:
+        import json
+
+        return json.loads(self.xenemu("list", "--json"))
+
+    def page_digests(self, ref: str | int) -> list[str]:
+        return [line.split()[1] for line in self.xenemu("digest", str(ref), "--pages").splitlines()]
+
+    def context_digests(self, ref: str | int) -> list[str]:
+        return self.xenemu("digest", str(ref), "--context").splitlines()[1:]
+
+    def processes(self) -> list[psutil.Process]:
+        return processes_of(self.root)
+
+
+def processes_of(root: Path) -> list[psutil.Process]:
+    """Live processes that belong to a host (by argv or environment)."""
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == me:
+            continue
+        try:
+            if str(root) in " ".join(proc.info["cmdline"] or []) or \
+                    proc.environ().get("XENEMU_ROOT", "").startswith(str(root)):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def assert_clean(root: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = processes_of(root)
+        sockets = list((root / "run").glob("*")) if (root / "run").exists() else []
+        if not left and not sockets:
+            return
+        if time.monotonic() > deadline:
+            desc = [f"{p.pid}:{' '.join(p.cmdline())}" for p in left]
+            raise AssertionError(f"left behind on {root}: processes {desc}, run files {sockets}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[callable]:
+    made: list[HostDir] = []
+
+    def make(name: str = "") -> HostDir:
+        h = HostDir(tmp_path / (name or f"host{len(made)}"))
+        h.root.mkdir(parents=True, exist_ok=True)
+        made.append(h)
+        return h
+
+    yield make
+    # Give processes of a failed test a moment, then make sure everything is gone.
+    errors = []
+    for h in made:
+        for d in h.domains() if (h.root / "domains").exists() else []:
+            h.run("xenemu", "destroy", str(d["domid"]), check=False)
+        try:
+            assert_clean(h.root)
+        except AssertionError as e:
+            errors.append(str(e))
+            for p in processes_of(h.root):
+                p.kill()
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    if errors:
+        pytest.fail("; ".join(errors))

@@ -1,0 +1,444 @@
+#!/usr/bin/env python3
+"""Independent format checker for libxc migration streams (v2 and v3).
+
+Written from the facts in Xen's ``docs/specs/libxc-migration-stream.pandoc``,
+the rules of ``tools/python/scripts/verify-stream-v2`` (record checks in
+``tools/python/xen/migration/libxc.py``) and the restorer in
+``tools/libs/guest/xg_sr_*.c``.  It imports nothing from the project on
+purpose: a misreading of the format shared by writer and reader cannot hide
+from a checker that was written separately.
+
+Only uncompressed, little-endian streams are accepted, as Xen's own tools do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import struct
+import sys
+from collections import Counter
+from typing import Any, Union
+
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
+
+IHDR = struct.Struct("!QIIHHI")  # image header: always big-endian, 24 bytes
+DHDR = struct.Struct("<IHHII")   # domain header, 16 bytes
+RHDR = struct.Struct("<II")      # record header: type, body_length
+U32X2 = struct.Struct("<II")
+TSC_INFO = struct.Struct("<IIQII")  # mode, khz, nsec, incarnation, reserved
+
+IHDR_MARKER = 0xFFFFFFFFFFFFFFFF
+IHDR_ID = 0x58454E46  # "XENF"
+VERSIONS = (2, 3)
+OPT_BIG_ENDIAN = 0x0001
+OPT_RESERVED = 0xFFFE
+
+DOMAIN_TYPES = {1: "x86 PV", 2: "x86 HVM"}  # the only types libxc.py knows
+DT_PV, DT_HVM = 1, 2
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+REC_ALIGN = 8
+REC_LENGTH_MAX = 128 << 20  # restorer refuses longer records
+REC_OPTIONAL = 0x80000000
+
+REC_NAMES = {
+    0x00: "END",
+    0x01: "PAGE_DATA",
+    0x02: "X86_PV_INFO",
+    0x03: "X86_PV_P2M_FRAMES",
+    0x04: "X86_PV_VCPU_BASIC",
+    0x05: "X86_PV_VCPU_EXTENDED",
+    0x06: "X86_PV_VCPU_XSAVE",
+    0x07: "SHARED_INFO",
+    0x08: "X86_TSC_INFO",
+    0x09: "HVM_CONTEXT",
+    0x0A: "HVM_PARAMS",
+    0x0B: "TOOLSTACK",
+    0x0C: "X86_PV_VCPU_MSRS",
+    0x0D: "VERIFY",
+    0x0E: "CHECKPOINT",
+    0x0F: "CHECKPOINT_DIRTY_PFN_LIST",
+    0x10: "STATIC_DATA_END",
+    0x11: "X86_CPUID_POLICY",
+    0x12: "X86_MSR_POLICY",
+}
+(END, PAGE_DATA, PV_INFO, PV_P2M, PV_BASIC, PV_EXT, PV_XSAVE, SHARED_INFO,
+ TSC, HVM_CONTEXT, HVM_PARAMS, TOOLSTACK, PV_MSRS, VERIFY, CHECKPOINT,
+ DIRTY_PFN_LIST, STATIC_DATA_END, CPUID_POLICY, MSR_POLICY) = range(0x13)
+
+PV_ONLY = {PV_INFO, PV_P2M, PV_BASIC, PV_EXT, PV_XSAVE, SHARED_INFO, PV_MSRS}
+HVM_ONLY = {HVM_CONTEXT, HVM_PARAMS}
+V3_ONLY = {STATIC_DATA_END, CPUID_POLICY, MSR_POLICY}
+ZERO_LENGTH = {END, VERIFY, CHECKPOINT, STATIC_DATA_END}
+# The restorer needs STATIC_DATA_END (sent or, in v2, inferred) before these.
+NEEDS_STATIC_END = {PAGE_DATA, PV_P2M}
+
+# PAGE_DATA pfn word: bits 63-60 type, 59-52 reserved, 51-0 pfn.
+PFN_TYPE_SHIFT = 60
+PFN_RESERVED_MASK = 0x0FF0000000000000
+PFN_TYPES_INVALID = range(5, 9)         # 0x5-0x8 are reserved page types
+PFN_TYPES_NO_DATA = {0xD, 0xE, 0xF}     # BROKEN, XALLOC, XTAB
+MAX_BATCH_PFNS = 1024                   # saver's MAX_BATCH_SIZE
+
+CPUID_LEAF_SIZE = 24  # xen_cpuid_leaf_t: leaf, subleaf, a, b, c, d (u32 each)
+MSR_ENTRY_SIZE = 16   # xen_msr_entry_t: idx u32, flags u32, val u64
+HVM_PARAM_SIZE = 16   # index u64, value u64
+
+
+class StreamCheckError(Exception):
+    """A libxc stream rule is broken; ``offset`` is where, in ``data``."""
+
+    def __init__(self, offset: int, message: str) -> None:
+        super().__init__(f"offset {offset} (0x{offset:x}): {message}")
+        self.offset = offset
+
+
+def record_name(rtype: int) -> str:
+    """Spec name of a record type, or a descriptive placeholder."""
+    if rtype in REC_NAMES:
+        return REC_NAMES[rtype]
+    kind = "OPTIONAL" if rtype & REC_OPTIONAL else "UNKNOWN"
+    return f"{kind}_0x{rtype:08x}"
+
+
+class _Checker:
+    """One pass over a stream; keeps the ordering state between records."""
+
+    def __init__(self, data: Buffer, start: int, hvm_expected: bool,
+                 allow_optional: bool, allow_trailing: bool) -> None:
+        self.data = data
+        self.start = start
+        self.end = len(data)
+        self.hvm_expected = hvm_expected
+        self.allow_optional = allow_optional
+        self.allow_trailing = allow_trailing
+        self.version = 0
+        self.domain_type = 0
+        self.xen_version = (0, 0)
+        self.records: list[tuple[str, int]] = []
+        self.pages = 0
+        self.page_records = 0
+        self.seen_static_end = False
+        self.seen_hvm_context = False
+        self.context_in_checkpoint = False  # HVM_CONTEXT since last CHECKPOINT
+
+    # -- helpers ---------------------------------------------------------
+    def need(self, off: int, size: int, what: str) -> None:
+        """Fail as truncated unless ``size`` bytes are available at ``off``."""
+        left = self.end - off
+        if left < size:
+            raise StreamCheckError(
+                off, f"truncated {what}: need {size} bytes, only {left} left")
+
+    # -- headers ---------------------------------------------------------
+    def image_header(self, off: int) -> None:
+        """Image header rules (spec 'Image Header', libxc.py verify_ihdr)."""
+        self.need(off, IHDR.size, "image header")
+        marker, ident, version, options, res1, res2 = IHDR.unpack_from(self.data, off)
+        if marker != IHDR_MARKER:
+            raise StreamCheckError(off, f"bad image marker 0x{marker:016x}, "
+                                        f"expected 0x{IHDR_MARKER:016x}")
+        if ident != IHDR_ID:
+            raise StreamCheckError(off + 8, f"bad image id 0x{ident:08x}, "
+                                            f"expected 0x{IHDR_ID:08x} ('XENF')")
+        if version not in VERSIONS:
+            raise StreamCheckError(off + 12, f"unsupported image version {version}, "
+                                             f"expected one of {VERSIONS}")
+        if options & OPT_RESERVED:
+            raise StreamCheckError(off + 16, "reserved bits set in image header "
+                                             f"options: 0x{options & OPT_RESERVED:04x}")
+        if options & OPT_BIG_ENDIAN:
+            raise StreamCheckError(off + 16, "image header options declare a "
+                                             "big-endian stream; Xen restores only "
+                                             "little-endian streams")
+        if res1 or res2:
+            raise StreamCheckError(off + 18, "reserved image header fields not zero: "
+                                             f"0x{res1:04x}:0x{res2:08x}")
+        self.version = version
+
+    def domain_header(self, off: int) -> None:
+        """Domain header rules (spec 'Domain Header', libxc.py verify_dhdr)."""
+        self.need(off, DHDR.size, "domain header")
+        dtype, page_shift, res1, major, minor = DHDR.unpack_from(self.data, off)
+        if dtype not in DOMAIN_TYPES:
+            raise StreamCheckError(off, f"unrecognised domain type 0x{dtype:x}")
+        if self.hvm_expected and dtype != DT_HVM:
+            raise StreamCheckError(off, f"domain type {dtype} ({DOMAIN_TYPES[dtype]})"
+                                        ", expected 2 (x86 HVM)")
+        if page_shift != PAGE_SHIFT:
+            raise StreamCheckError(off + 4, f"page_shift {page_shift}, expected "
+                                            f"{PAGE_SHIFT}")
+        if res1:
+            raise StreamCheckError(off + 6, f"reserved domain header field not zero: "
+                                            f"0x{res1:04x}")
+        self.domain_type = dtype
+        self.xen_version = (major, minor)
+
+    # -- records ---------------------------------------------------------
+    def records_from(self, off: int) -> int:
+        """Walk records until END; return the offset just past END."""
+        while True:
+            if off == self.end:
+                raise StreamCheckError(off, f"missing END record: stream ends after "
+                                            f"{len(self.records)} records")
+            self.need(off, RHDR.size, "record header")
+            rtype, length = RHDR.unpack_from(self.data, off)
+            name = record_name(rtype)
+            if rtype not in REC_NAMES:
+                if not rtype & REC_OPTIONAL:
+                    raise StreamCheckError(off, f"unknown mandatory record type "
+                                                f"0x{rtype:08x}")
+                if not self.allow_optional:
+                    raise StreamCheckError(off, f"optional record type 0x{rtype:08x} "
+                                                "is unknown to verify-stream-v2")
+            if length > REC_LENGTH_MAX:
+                raise StreamCheckError(off + 4, f"{name} body_length {length} exceeds "
+                                                f"the maximum {REC_LENGTH_MAX}")
+            body = off + RHDR.size
+            padded = (length + REC_ALIGN - 1) & ~(REC_ALIGN - 1)
+            self.need(body, padded, f"{name} record (body_length {length}, "
+                                    f"{padded} bytes with padding)")
+            padding = bytes(self.data[body + length:body + padded])
+            if any(padding):
+                raise StreamCheckError(body + length, f"non-zero padding after {name} "
+                                                      f"body: {padding.hex()} (record "
+                                                      "not padded to 8 bytes?)")
+            self.order(off, rtype, name)
+            if rtype in REC_NAMES:
+                self.body(body, rtype, name, length)
+            self.records.append((name, length))
+            off = body + padded
+            if rtype == END:
+                return off
+
+    def order(self, off: int, rtype: int, name: str) -> None:
+        """Placement rules: v3-only records, STATIC_DATA_END, domain type."""
+        if rtype in V3_ONLY and self.version < 3:
+            raise StreamCheckError(off, f"{name} record in a v{self.version} stream "
+                                        "(v3 only)")
+        if self.domain_type == DT_HVM and rtype in PV_ONLY:
+            raise StreamCheckError(off, f"x86 PV record {name} in an x86 HVM stream")
+        if self.domain_type == DT_PV and rtype in HVM_ONLY:
+            raise StreamCheckError(off, f"HVM record {name} in an x86 PV stream")
+        if rtype in NEEDS_STATIC_END and not self.seen_static_end:
+            if self.version >= 3:
+                raise StreamCheckError(off, f"{name} before STATIC_DATA_END "
+                                            "(v3 requires STATIC_DATA_END first)")
+            self.seen_static_end = True  # v2: the restorer infers it here
+        if rtype in (CPUID_POLICY, MSR_POLICY) and self.seen_static_end:
+            raise StreamCheckError(off, f"{name} after STATIC_DATA_END "
+                                        "(CPU policy is static data)")
+        if rtype == STATIC_DATA_END and self.seen_static_end:
+            raise StreamCheckError(off, "multiple STATIC_DATA_END records")
+        if rtype == HVM_PARAMS and self.context_in_checkpoint:
+            raise StreamCheckError(off, "HVM_PARAMS after HVM_CONTEXT "
+                                        "(spec: HVM_PARAMS must precede HVM_CONTEXT)")
+        if rtype == END:
+            if self.version >= 3 and not self.seen_static_end:
+                raise StreamCheckError(off, "END without STATIC_DATA_END "
+                                            "(mandatory in v3 streams)")
+            if self.domain_type == DT_HVM and not self.seen_hvm_context:
+                raise StreamCheckError(off, "END without any HVM_CONTEXT record "
+                                            "in an x86 HVM stream")
+
+    def body(self, off: int, rtype: int, name: str, length: int) -> None:
+        """Per-record body rules (libxc.py record verifiers, restorer handlers)."""
+        data = self.data
+        if rtype in ZERO_LENGTH:
+            if length:
+                raise StreamCheckError(off - 4, f"{name} body_length {length}, must be 0")
+            if rtype == STATIC_DATA_END:
+                self.seen_static_end = True
+            elif rtype == CHECKPOINT:
+                self.context_in_checkpoint = False
+        elif rtype == PAGE_DATA:
+            self.page_data(off, length)
+        elif rtype == PV_INFO:
+            if length != 8:
+                raise StreamCheckError(off - 4, f"X86_PV_INFO body_length {length}, "
+                                                "expected 8")
+            width, levels, res1, res2 = struct.unpack_from("<BBHI", data, off)
+            if width not in (4, 8) or levels not in (3, 4):
+                raise StreamCheckError(off, f"X86_PV_INFO guest_width {width} / "
+                                            f"pt_levels {levels} invalid")
+            if res1 or res2:
+                raise StreamCheckError(off + 2, "X86_PV_INFO reserved bytes not zero")
+        elif rtype == PV_P2M:
+            if length < 8 or length % 8:
+                raise StreamCheckError(off - 4, f"X86_PV_P2M_FRAMES body_length {length}"
+                                                ", expected a multiple of 8, >= 8")
+        elif rtype in (PV_BASIC, PV_EXT, PV_XSAVE, PV_MSRS):
+            if length < 8:
+                raise StreamCheckError(off - 4, f"{name} body_length {length}, "
+                                                "expected >= 8")
+            if U32X2.unpack_from(data, off)[1]:
+                raise StreamCheckError(off + 4, f"{name} reserved field not zero")
+        elif rtype == SHARED_INFO:
+            if length != PAGE_SIZE:
+                raise StreamCheckError(off - 4, f"SHARED_INFO body_length {length}, "
+                                                f"expected {PAGE_SIZE}")
+        elif rtype == TSC:
+            if length != TSC_INFO.size:
+                raise StreamCheckError(off - 4, f"X86_TSC_INFO body_length {length}, "
+                                                f"expected {TSC_INFO.size}")
+            if TSC_INFO.unpack_from(data, off)[4]:
+                raise StreamCheckError(off + 20, "X86_TSC_INFO reserved field not zero")
+        elif rtype == HVM_CONTEXT:
+            if length == 0:
+                raise StreamCheckError(off - 4, "HVM_CONTEXT body is empty")
+            self.seen_hvm_context = self.context_in_checkpoint = True
+        elif rtype == HVM_PARAMS:
+            if length < 8:
+                raise StreamCheckError(off - 4, f"HVM_PARAMS body_length {length}, "
+                                                "expected >= 8")
+            count, res = U32X2.unpack_from(data, off)
+            if res:
+                raise StreamCheckError(off + 4, f"HVM_PARAMS reserved field not zero "
+                                                f"(0x{res:x})")
+            want = 8 + count * HVM_PARAM_SIZE
+            if length != want:
+                raise StreamCheckError(off - 4, f"HVM_PARAMS body_length {length}, "
+                                                f"expected {want} for count {count}")
+        elif rtype in (TOOLSTACK, DIRTY_PFN_LIST):
+            raise StreamCheckError(off - 8, f"{name} record is not allowed in a "
+                                            "stream (deprecated / back-channel only)")
+        elif rtype in (CPUID_POLICY, MSR_POLICY):
+            unit = CPUID_LEAF_SIZE if rtype == CPUID_POLICY else MSR_ENTRY_SIZE
+            if length == 0 or length % unit:
+                raise StreamCheckError(off - 4, f"{name} body_length {length}, "
+                                                f"expected a non-zero multiple of {unit}")
+
+    def page_data(self, off: int, length: int) -> None:
+        """PAGE_DATA: count, reserved, pfn words, then one page per data pfn."""
+        if length < 8:
+            raise StreamCheckError(off - 4, f"PAGE_DATA body_length {length}, "
+                                            "too short for its 8-byte header")
+        count, res = U32X2.unpack_from(self.data, off)
+        if res:
+            raise StreamCheckError(off + 4, f"PAGE_DATA reserved field not zero "
+                                            f"(0x{res:x})")
+        if count == 0:
+            raise StreamCheckError(off, "PAGE_DATA count is 0 (must be > 0)")
+        if count > MAX_BATCH_PFNS:
+            raise StreamCheckError(off, f"PAGE_DATA count {count} exceeds "
+                                        f"{MAX_BATCH_PFNS} pfns per record")
+        if length < 8 + 8 * count:
+            raise StreamCheckError(off - 4, f"PAGE_DATA body_length {length} too short "
+                                            f"for {count} pfn entries")
+        with_data = 0
+        base = off + 8
+        for i, word in enumerate(struct.unpack_from(f"<{count}Q", self.data, base)):
+            if word & PFN_RESERVED_MASK:
+                raise StreamCheckError(base + 8 * i, f"PAGE_DATA pfn[{i}] 0x{word:016x}"
+                                                     " has reserved bits 59-52 set")
+            ptype = word >> PFN_TYPE_SHIFT
+            if ptype in PFN_TYPES_INVALID:
+                raise StreamCheckError(base + 8 * i, f"PAGE_DATA pfn[{i}] has invalid "
+                                                     f"page type 0x{ptype:x}")
+            if ptype not in PFN_TYPES_NO_DATA:
+                with_data += 1
+        want = 8 + 8 * count + PAGE_SIZE * with_data
+        if length != want:
+            raise StreamCheckError(off - 4, f"PAGE_DATA body_length {length}, expected "
+                                            f"{want} (8 + 8*{count} pfns + "
+                                            f"{PAGE_SIZE}*{with_data} pages)")
+        self.pages += with_data
+        self.page_records += 1
+
+    def run(self) -> dict[str, Any]:
+        """Check headers, records and what follows END; return the summary."""
+        if not 0 <= self.start <= self.end:
+            raise StreamCheckError(self.start, f"start offset outside data of "
+                                               f"{self.end} bytes")
+        self.image_header(self.start)
+        self.domain_header(self.start + IHDR.size)
+        stop = self.records_from(self.start + IHDR.size + DHDR.size)
+        if stop != self.end and not self.allow_trailing:
+            raise StreamCheckError(stop, f"{self.end - stop} bytes of data after "
+                                         "END record")
+        return {
+            "version": self.version,
+            "domain_type": self.domain_type,
+            "xen_version": self.xen_version,
+            "records": self.records,
+            "pages": self.pages,
+            "page_records": self.page_records,
+            "end_seen": True,
+            "length": stop - self.start,
+        }
+
+
+def check_stream(data: Buffer, *, hvm_expected: bool = True,
+                 allow_optional: bool = False, allow_trailing: bool = False,
+                 offset: int = 0) -> dict[str, Any]:
+    """Check a complete libxc stream held in memory, starting at ``offset``.
+
+    Raises StreamCheckError on the first violation.  ``hvm_expected`` demands
+    an x86 HVM domain; otherwise x86 PV is accepted too.  Optional records
+    (type bit 31) are refused by default because verify-stream-v2 refuses
+    them; bytes after END are refused unless ``allow_trailing``.
+    """
+    return _Checker(data, offset, hvm_expected, allow_optional,
+                    allow_trailing).run()
+
+
+def check_file(path: str, offset: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """Check the libxc stream stored in ``path`` from byte ``offset``.
+
+    The file is mapped, not read, so large streams cost no copy; the checker
+    never keeps views of the map, so it can always be closed.
+    """
+    with open(path, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # empty file cannot be mapped
+            return check_stream(b"", offset=offset, **kwargs)
+        with mapped:
+            return check_stream(mapped, offset=offset, **kwargs)
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    """Human summary: headers, page totals and record counts by type."""
+    counts = Counter(name for name, _ in summary["records"])
+    lines = [
+        f"libxc stream v{summary['version']}, domain type {summary['domain_type']} "
+        f"({DOMAIN_TYPES.get(summary['domain_type'], '?')}), Xen "
+        f"{summary['xen_version'][0]}.{summary['xen_version'][1]}",
+        f"{len(summary['records'])} records, {summary['length']} bytes, "
+        f"{summary['page_records']} PAGE_DATA records carrying "
+        f"{summary['pages']} pages",
+    ]
+    lines += [f"  {name}: {n}" for name, n in counts.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print the summary (exit 0) or the first violation (exit 1)."""
+    parser = argparse.ArgumentParser(
+        description="Check a libxc migration stream (v2/v3) against the Xen rules.")
+    parser.add_argument("file")
+    parser.add_argument("--offset", type=lambda s: int(s, 0), default=0,
+                        help="byte offset of the image header in FILE")
+    parser.add_argument("--any-domain", action="store_true",
+                        help="accept x86 PV as well as x86 HVM")
+    parser.add_argument("--allow-optional", action="store_true",
+                        help="skip optional (bit 31) records")
+    parser.add_argument("--allow-trailing", action="store_true",
+                        help="accept bytes after the END record")
+    args = parser.parse_args(argv)
+    try:
+        summary = check_file(args.file, args.offset,
+                             hvm_expected=not args.any_domain,
+                             allow_optional=args.allow_optional,
+                             allow_trailing=args.allow_trailing)
+    except (StreamCheckError, OSError) as exc:
+        print(f"{args.file}: INVALID: {exc}", file=sys.stderr)
+        return 1
+    print(_format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""One domain: metadata, memory, context blobs, lifecycle, guest workload.
+
+Lifecycle: building -> (paused <-> running) -> dying -> gone. A domain in
+`building` is one being created or restored into; it never ran, so a failed
+restore can destroy it without losing anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import context as ctxmod
+from .memory import CTL_DYING, CTL_PAUSED, GuestMemory
+
+STATES = ("building", "paused", "running", "dying")
+
+
+class DomainError(Exception):
+    """A hypervisor call that failed; its text is meant for the user."""
+
+
+class Domain:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.meta: dict[str, Any] = json.loads((directory / "meta.json").read_text())
+        self._memory: GuestMemory | None = None
+
+    # -- creation -----------------------------------------------------------
+    @staticmethod
+    def initialise(directory: Path, info: dict[str, Any]) -> None:
+        GuestMemory(directory, info["memory_bytes"], create=True).close()
+        (directory / "ctx").mkdir(mode=0o700)
+        _write_json(directory / "meta.json", info)
+
+    # -- metadata -----------------------------------------------------------
+    domid = property(lambda self: int(self.meta["domid"]))
+    uuid = property(lambda self: str(self.meta["uuid"]))
+    name = property(lambda self: str(self.meta["name"]))
+    memory_bytes = property(lambda self: int(self.meta["memory_bytes"]))
+
+    @property
+    def state(self) -> str:
+        return self.reload()["state"]
+
+    def reload(self) -> dict[str, Any]:
+        try:
+            self.meta = json.loads((self.dir / "meta.json").read_text())
+        except FileNotFoundError:
+            self.meta["state"] = "dying"
+        return self.meta
+
+    def update(self, **changes: Any) -> None:
+        with self.memory.locked():
+            self.reload()
+            self.meta.update(changes)
+            _write_json(self.dir / "meta.json", self.meta)
+
+    @property
+    def memory(self) -> GuestMemory:
+        if self._memory is None:
+            self._memory = GuestMemory(self.dir, self.memory_bytes)
+        return self._memory
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+
+    # -- context blobs ------------------------------------------------------
+    def context(self) -> dict[str, bytes]:
+        return {name: (self.dir / "ctx" / name).read_bytes() for name in ctxmod.BLOBS
+                if (self.dir / "ctx" / name).exists()}
+
+    def set_context(self, blobs: dict[str, bytes]) -> None:
+        for name, data in blobs.items():
+            if name not in ctxmod.BLOBS:
+                raise DomainError(f"unknown context blob {name!r}")
+            tmp = self.dir / "ctx" / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, self.dir / "ctx" / name)
+
+    # -- lifecycle ----------------------------------------------------------
+    def pause(self) -> None:
+        """After this returns no page of the domain changes until unpause."""
+        with self.memory.locked():
+            self.memory.ctl[CTL_PAUSED] = 1
+            pid = self._workload_process()
+            if pid is not None:
+                pid.send_signal(signal.SIGSTOP)
+        if self.state == "running":
+            self.update(state="paused")
+
+    def unpause(self) -> None:
+        state = self.state
+        if state not in ("paused", "building"):
+            raise DomainError(f"domain {self.domid} is {state}, cannot unpause")
+        self.memory.set_flag(CTL_PAUSED, False)
+        proc = self._workload_process()
+        if proc is not None:
+            proc.send_signal(signal.SIGCONT)
+        elif self.meta.get("workload", "none") != "none":
+            self.update(workload_pid=_spawn_workload(self.dir.parent.parent, self.domid))
+        self.update(state="running")
+
+    def set_workload(self, spec: str) -> None:
+        from .workload import parse_spec
+
+        parse_spec(spec)
+        self.update(workload=spec)
+
+    def destroy(self) -> None:
+        """Stop the workload and free everything; safe to call twice."""
+        if not self.dir.exists():
+            return
+        try:
+            self.memory.set_flag(CTL_DYING, True)
+        except OSError:
+            pass
+        proc = self._workload_process()
+        if proc is not None:
+            proc.kill()
+            proc.send_signal(signal.SIGCONT)
+            psutil.wait_procs([proc], timeout=10)
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _workload_process(self) -> psutil.Process | None:
+        """The workload process if it still runs (and is ours, not a reused pid)."""
+        pid = self.reload().get("workload_pid")
+        if not pid:
+            return None
+        try:
+            proc = psutil.Process(pid)
+            if "xenemu.workload" in " ".join(proc.cmdline()) and str(self.dir.parent.parent) in proc.cmdline():
+                return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        meta = dict(self.reload())
+        meta.pop("workload_pid", None)
+        return meta
+
+
+def _spawn_workload(root: Path, domid: int) -> int:
+    """Start the guest workload detached from the caller (it belongs to the host).
+
+    The launcher forks and exits at once, so the workload is reparented away
+    from whoever unpaused the domain and never becomes their zombie.
+    """
+    out = subprocess.run([sys.executable, "-m", "xenemu.workload", str(root), str(domid)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True, timeout=60, check=False)
+    if out.returncode != 0 or not out.stdout.strip().isdigit():
+        raise DomainError(f"guest workload failed to start: {out.stderr.decode(errors='replace').strip()}")
+    pid = int(out.stdout)
+    if not psutil.pid_exists(pid):
+        raise DomainError("guest workload exited at start")
+    return pid
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)

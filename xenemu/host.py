@@ -1,0 +1,106 @@
+"""An emulated Xen host: a directory holding its domains and run files.
+
+Two hosts on one machine are two directories; every executable finds its
+host through `XENEMU_ROOT`, as a real process finds its hypervisor.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid as uuidlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .domain import Domain, DomainError
+
+ROOT_ENV = "XENEMU_ROOT"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def default_root() -> Path:
+    env = os.environ.get(ROOT_ENV)
+    if env:
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "xenemu"
+
+
+def check_name(name: str) -> str:
+    """VM names end up in paths and logs: only a safe alphabet is accepted."""
+    if not _NAME.match(name):
+        raise DomainError(f"invalid VM name {name!r} (letters, digits, '.', '_', '-'; at most 64)")
+    return name
+
+
+class Host:
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+        for sub in ("", "domains", "run"):
+            (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.domains_dir = self.root / "domains"
+        self.run_dir = self.root / "run"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _next_domid(self) -> int:
+        counter = self.root / "next-domid"
+        domid = int(counter.read_text()) if counter.exists() else 1
+        counter.write_text(str(domid + 1))
+        return domid
+
+    def create_domain(self, name: str, memory_bytes: int, *, uuid: str | None = None,
+                      meta: dict | None = None) -> Domain:
+        """A new domain in state `building`: memory allocated, not yet running."""
+        check_name(name)
+        with self._locked():
+            if any(d.name == name and d.state != "dying" for d in self.domains()):
+                raise DomainError(f"a VM named {name!r} already exists on this host")
+            domid = self._next_domid()
+            directory = self.domains_dir / str(domid)
+            directory.mkdir(mode=0o700)
+            info = {"domid": domid, "uuid": uuid or str(uuidlib.uuid4()), "name": name,
+                    "memory_bytes": memory_bytes, "state": "building", "workload": "none",
+                    "workload_pid": None, **(meta or {})}
+            try:
+                Domain.initialise(directory, info)
+            except Exception:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+        return Domain(directory)
+
+    def domain(self, domid: int) -> Domain:
+        directory = self.domains_dir / str(int(domid))
+        if not (directory / "meta.json").exists():
+            raise DomainError(f"no domain {domid} on host {self.root}")
+        return Domain(directory)
+
+    def domains(self) -> list[Domain]:
+        found = []
+        for directory in sorted(self.domains_dir.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1):
+            if directory.name.isdigit() and (directory / "meta.json").exists():
+                try:
+                    found.append(Domain(directory))
+                except (OSError, json.JSONDecodeError):
+                    continue
+        return found
+
+    def find(self, ref: str) -> Domain:
+        """A domain by name, uuid or domid, as `xl` accepts."""
+        for d in self.domains():
+            if ref in (d.name, d.uuid, str(d.domid)) and d.state != "dying":
+                return d
+        raise DomainError(f"no VM {ref!r} on host {self.root}")
+
+    def xenguest_socket(self, domid: int) -> Path:
+        return self.run_dir / f"xenguest-control-{domid}"

@@ -1,0 +1,109 @@
+"""A domain's memory, its dirty log and its run control, shared by mmap.
+
+Every process that touches a domain (the guest workload, xenguest, the
+toolstack) maps the same three files. Writes by the workload and
+peek-and-clean by a saver are serialised by one flock, and the workload
+marks a page dirty *after* writing it under that lock, so a write is either
+in the copy a saver takes after cleaning, or reported by the next clean.
+"""
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+# Byte offsets in the control page.
+CTL_PAUSED = 0
+CTL_DYING = 1
+CTL_SIZE = PAGE_SIZE
+
+
+def _map(path: Path, size: int, create: bool) -> tuple[mmap.mmap, np.ndarray]:
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size != size:
+            raise OSError(f"{path}: size {os.fstat(fd).st_size}, expected {size}")
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return mm, np.frombuffer(mm, dtype=np.uint8)
+
+
+class GuestMemory:
+    """Memory frames, a byte-per-pfn dirty log and the control page of one domain."""
+
+    def __init__(self, directory: Path, memory_bytes: int, create: bool = False) -> None:
+        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
+            raise ValueError(f"memory size {memory_bytes} is not a positive multiple of {PAGE_SIZE}")
+        self.npages = memory_bytes // PAGE_SIZE
+        self._mm_mem, flat = _map(directory / "memory", memory_bytes, create)
+        self.pages = flat.reshape(self.npages, PAGE_SIZE)
+        self._mm_dirty, self.dirty = _map(directory / "dirty", self.npages, create)
+        self._mm_ctl, self.ctl = _map(directory / "ctl", CTL_SIZE, create)
+        self._lock_fd = os.open(directory / "ctl", os.O_RDWR)
+
+    def close(self) -> None:
+        # numpy views pin the mmaps; drop them first.
+        del self.pages, self.dirty, self.ctl
+        for mm in (self._mm_mem, self._mm_dirty, self._mm_ctl):
+            try:
+                mm.close()
+            except BufferError:
+                pass  # an outstanding view elsewhere; the map goes with the process
+        os.close(self._lock_fd)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.ctl[CTL_PAUSED])
+
+    def set_flag(self, offset: int, value: bool) -> None:
+        with self.locked():
+            self.ctl[offset] = 1 if value else 0
+
+    def peek_and_clean(self) -> np.ndarray:
+        """The pfns written since the last clean, as a sorted uint64 array."""
+        with self.locked():
+            pfns = np.flatnonzero(self.dirty)
+            self.dirty[pfns] = 0
+        return pfns.astype(np.uint64)
+
+    def dirty_count(self) -> int:
+        return int(np.count_nonzero(self.dirty))
+
+    def clean_all(self) -> None:
+        with self.locked():
+            self.dirty[:] = 0
+
+    def page_digests(self) -> list[bytes]:
+        """A 16-byte BLAKE2b digest of every page, for page-by-page comparison."""
+        import hashlib
+
+        view = memoryview(self._mm_mem)
+        return [hashlib.blake2b(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], digest_size=16).digest()
+                for i in range(self.npages)]
+
+
+def combine_digests(page_digests: list[bytes]) -> str:
+    """One hex digest standing for every page, in pfn order."""
+    import hashlib
+
+    return hashlib.blake2b(b"".join(page_digests), digest_size=32).hexdigest()

@@ -1,0 +1,1 @@
+"""xenguest: saves and restores a domain's memory as a libxc migration stream."""

@@ -1,0 +1,91 @@
+"""`xenguest`: the real option shape, for emu-manager (`-mode listen`) and for people.
+
+    xenguest -debug -domid D -controloutfd 2 -controlinfd 0 -mode listen [-compress true]
+    xenguest -mode save -domid D -fd N [-live true] [-compress true]
+    xenguest -mode restore -domid D -fd N
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from xenemu import DomainError, Host
+
+from . import libxc
+from .compressed import CompressedPages
+from .fdio import Truncated
+from .listen import Server
+from .log import Log
+from .longopts import Opt, UsageError, parse
+from .restore import Restorer
+from .save import Aborted, PlainPages, Policy, Saver
+
+PROG = "xenguest"
+OPTIONS = [
+    Opt("mode", required=True), Opt("domid", "int", required=True), Opt("fd", "int"),
+    Opt("live", "bool"), Opt("debug", "flag"), Opt("controlinfd", "int"), Opt("controloutfd", "int"),
+    Opt("compress", "bool"), Opt("store_port", "int"), Opt("console_port", "int"), Opt("fork", "str"),
+    Opt("mem_pnode", "int"),
+]
+MODES = ("listen", "save", "hvm_save", "restore", "hvm_restore")
+
+
+def _save(host: Host, args: dict, log: Log) -> int:
+    domain = host.domain(args["domid"])
+    if domain.state not in ("running", "paused"):
+        raise DomainError(f"domain {domain.domid} is {domain.state}; nothing to save")
+    saver = Saver(domain, args["fd"], live=bool(args["live"]), policy=Policy.from_env(),
+                  suspend=domain.pause, encoder=CompressedPages() if args["compress"] else PlainPages())
+    p = saver.run()
+    log.info(f"saved domain {domain.domid}: iterations {len(p.history)}, pages {p.sent}, "
+             f"bytes {p.wire_bytes}, per iteration {p.history}")
+    return 0
+
+
+def _restore(host: Host, args: dict, log: Log) -> int:
+    domain = host.domain(args["domid"])
+    if domain.state != "building":
+        raise DomainError(f"domain {domain.domid} is {domain.state}; restore needs a new domain")
+    try:
+        result = Restorer(domain, args["fd"]).run()
+    except BaseException:
+        domain.destroy()   # it never ran: nothing of the guest is lost
+        raise
+    domain.update(state="paused")
+    log.info(f"restored domain {domain.domid}: pages {result.pages}, records {result.records}, "
+             f"bytes {result.bytes_read}, store_mfn {result.store_mfn}, console_mfn {result.console_mfn}")
+    return 0
+
+
+def run(argv: list[str]) -> int:
+    try:
+        args = parse(PROG, argv, OPTIONS)
+        if args["mode"] not in MODES:
+            raise UsageError(f"{PROG}: unknown mode '{args['mode']}' (one of {', '.join(MODES)})")
+        if args["mode"] != "listen" and args["fd"] is None:
+            raise UsageError(f"{PROG}: -mode {args['mode']} needs -fd")
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 1
+    log = Log(f"{PROG}[{args['domid']}]", args["controloutfd"] if args["controloutfd"] is not None else 2,
+              debug=bool(args["debug"]))
+    try:
+        host = Host()
+        if args["mode"] == "listen":
+            return Server(host, args["domid"], compress=bool(args["compress"]), log=log).run()
+        if args["mode"] in ("save", "hvm_save"):
+            return _save(host, args, log)
+        return _restore(host, args, log)
+    except (libxc.StreamError, Truncated) as e:
+        log.error(f"invalid stream: {e}")
+    except (DomainError, Aborted, ValueError) as e:
+        log.error(str(e))
+    except OSError as e:
+        log.error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    except KeyboardInterrupt:
+        log.error("interrupted")
+    return 2
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

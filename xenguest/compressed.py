@@ -1,0 +1,133 @@
+"""COMPRESSED_PAGE_DATA (0x13): this project's in-band compressed page record.
+
+Mandatory (an old receiver must fail, not drop memory). Each record is one
+independent zstd frame, so the sender may choose per record and a receiver
+may inflate records in parallel. Full description: docs/compressed-page-data.md.
+
+Body (little-endian):
+    0   u32  count            pfn entries, 1..1024
+    4   u16  algorithm        1 = zstd
+    6   u16  reserved         zero
+    8   u32  zero_count       entries that are all-zero pages (no data sent)
+    12  u32  payload_length   bytes of the zstd frame
+    16  count x u64           pfn entries, encoded as in PAGE_DATA
+    ..  ceil(count/8) bytes   zero-page bitmap (bit i of byte i//8 set: entry i is a zero page),
+                              zero-padded to a multiple of 8 bytes
+    ..  payload               one zstd frame: the 4096-byte frames of the other data-carrying
+                              entries, in entry order; exactly 4096 x (data pages - zero_count) bytes
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import zstandard
+
+from xenemu.memory import PAGE_SIZE
+
+from . import libxc
+
+REC_TYPE = libxc.REC_TYPE_COMPRESSED_PAGE_DATA
+HEADER_FORMAT = "<IHHII"
+HEADER_SIZE = struct.calcsize(HEADER_FORMAT)       # 16
+ALGORITHM_ZSTD = 1
+DEFAULT_LEVEL = 1
+
+
+def bitmap_size(count: int) -> int:
+    return ((count + 7) // 8 + 7) & ~7
+
+
+# Build ----------------------------------------------------------------------
+class CompressedPages:
+    """Encoder for the saver: zero pages as bits, the rest as one zstd frame.
+
+    A batch whose frame would not be smaller than plain PAGE_DATA goes out as
+    plain PAGE_DATA, so incompressible memory costs nothing on the wire.
+    """
+
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+        self.level = level
+        self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+
+    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> list:
+        zero = ~pages.view("<u8").any(axis=1)
+        data = pages[~zero]
+        payload = self._cctx.compress(data) if data.size else b""
+        bitmap = np.packbits(zero, bitorder="little").tobytes()
+        head = struct.pack(HEADER_FORMAT, len(pfns), ALGORITHM_ZSTD, 0, int(zero.sum()), len(payload))
+        meta = head + pfns.astype("<u8").tobytes() + bitmap + bytes(bitmap_size(len(pfns)) - len(bitmap))
+        length = len(meta) + len(payload)
+        plain_length = libxc.PAGE_DATA_SIZE + 8 * len(pfns) + PAGE_SIZE * len(pfns)
+        if length >= plain_length:
+            return [libxc.page_data_record_header(len(pfns)), libxc.page_data_header(pfns), pages]
+        return [libxc.record_header(REC_TYPE, length), meta, payload, bytes(libxc.padding(length))]
+
+
+# Parse ----------------------------------------------------------------------
+def parse(body: memoryview, npages: int) -> tuple[np.ndarray, np.ndarray, memoryview]:
+    """Validate the record; returns (data pfns, zero mask over them, payload)."""
+    if len(body) < HEADER_SIZE:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA record too short ({len(body)} bytes)")
+    count, algorithm, reserved, zero_count, payload_length = struct.unpack_from(HEADER_FORMAT, body)
+    if not 0 < count <= libxc.PAGE_DATA_MAX_PFNS:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA with {count} pfns (1..{libxc.PAGE_DATA_MAX_PFNS})")
+    if algorithm != ALGORITHM_ZSTD:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA algorithm {algorithm} is unknown")
+    if reserved:
+        raise libxc.StreamError("COMPRESSED_PAGE_DATA reserved field is not zero")
+    meta_length = HEADER_SIZE + 8 * count + bitmap_size(count)
+    if len(body) != meta_length + payload_length:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA length {len(body)} does not match its header "
+                                f"({meta_length} + {payload_length})")
+    entries = np.frombuffer(body, dtype="<u8", count=count, offset=HEADER_SIZE)
+    bits = np.unpackbits(np.frombuffer(body, dtype=np.uint8, count=(count + 7) // 8,
+                                       offset=HEADER_SIZE + 8 * count), bitorder="little")
+    if bits[count:].any():
+        raise libxc.StreamError("COMPRESSED_PAGE_DATA bitmap has bits beyond its count")
+    zero_all = bits[:count].astype(bool)
+    if any(body[HEADER_SIZE + 8 * count + (count + 7) // 8:meta_length]):
+        raise libxc.StreamError("COMPRESSED_PAGE_DATA bitmap padding is not zero")
+    types = entries >> np.uint64(libxc.PFN_TYPE_SHIFT)
+    carries = ~np.isin(types.astype(np.uint8), list(libxc.PFINFO_NO_DATA))
+    if np.any(zero_all & ~carries):
+        raise libxc.StreamError("COMPRESSED_PAGE_DATA marks a no-data pfn as a zero page")
+    if int(zero_all.sum()) != zero_count:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA zero_count {zero_count} does not match its bitmap")
+    data_pages = int(carries.sum())
+    expected = PAGE_SIZE * (data_pages - zero_count)
+    pd = libxc.check_pfn_entries(entries, PAGE_SIZE * data_pages, npages, meta_length)
+    payload = body[meta_length:]
+    if expected == 0 and payload_length:
+        raise libxc.StreamError("COMPRESSED_PAGE_DATA has a payload but no pages to fill")
+    return pd.pfns, zero_all[carries], payload
+
+
+def inflate(payload: memoryview, expected: int) -> bytes:
+    """Decompress one frame to exactly `expected` bytes, never allocating more."""
+    try:
+        params = zstandard.get_frame_parameters(payload)
+    except zstandard.ZstdError as e:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA payload is not a zstd frame: {e}") from None
+    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA frame claims {params.content_size} bytes, "
+                                f"its pfns need {expected}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+    except zstandard.ZstdError as e:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA payload does not inflate: {e}") from None
+    if len(out) != expected:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA inflates to {len(out)} bytes, its pfns need {expected}")
+    return out
+
+
+def restore_handler(body: memoryview, restorer) -> None:  # type: ignore[no-untyped-def]
+    """Restorer hook: write the record's pages (zero pages as zeros)."""
+    pfns, zero, payload = parse(body, restorer.mem.npages)
+    if not pfns.size:
+        return
+    frames = np.zeros((pfns.size, PAGE_SIZE), dtype=np.uint8)
+    nonzero = int((~zero).sum())
+    if nonzero:
+        frames[~zero] = np.frombuffer(inflate(payload, PAGE_SIZE * nonzero), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    restorer.write_pages(pfns, frames)

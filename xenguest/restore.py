@@ -1,0 +1,133 @@
+"""Restore: read a libxc stream into a domain, checking every rule on the way.
+
+Nothing is trusted: lengths are bounded before a buffer is sized, pfns are
+checked against the domain, and completion is reported only after END and
+the context records have been applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from xenemu import Domain
+from xenemu.context import HVM_PARAM_CONSOLE_PFN, HVM_PARAM_STORE_PFN, hvm_param
+from xenemu.memory import PAGE_SIZE
+
+from . import compressed, libxc
+from .fdio import Reader, Truncated
+
+# Records that must arrive before END, with the context blob each one fills.
+_CONTEXT_RECORDS = {
+    libxc.REC_TYPE_X86_CPUID_POLICY: "cpuid_policy",
+    libxc.REC_TYPE_X86_MSR_POLICY: "msr_policy",
+    libxc.REC_TYPE_X86_TSC_INFO: "tsc_info",
+    libxc.REC_TYPE_HVM_CONTEXT: "hvm_context",
+    libxc.REC_TYPE_HVM_PARAMS: "hvm_params",
+}
+_REQUIRED = {libxc.REC_TYPE_HVM_CONTEXT, libxc.REC_TYPE_HVM_PARAMS, libxc.REC_TYPE_X86_TSC_INFO}
+
+
+@dataclass
+class RestoreResult:
+    store_mfn: int
+    console_mfn: int
+    pages: int
+    records: int
+    bytes_read: int
+
+
+# A handler turns a record body into page writes; compressed records plug in here.
+PageHandler = Callable[[memoryview, "Restorer"], None]
+
+
+class Restorer:
+    def __init__(self, domain: Domain, fd: int, *, on_pages: Callable[[int], None] = lambda n: None) -> None:
+        self.domain = domain
+        self.mem = domain.memory
+        self.reader = Reader(fd)
+        self.on_pages = on_pages
+        self.pages = 0
+        self._buf = bytearray(libxc.MAX_RECORD_BODY + 8)
+        # Compressed records are recognised by type alone, whatever this xenguest was started with.
+        self.page_handlers: dict[int, PageHandler] = {libxc.REC_TYPE_PAGE_DATA: _plain_pages,
+                                                      compressed.REC_TYPE: compressed.restore_handler}
+
+    def write_pages(self, pfns: np.ndarray, frames: np.ndarray) -> None:
+        self.mem.pages[pfns] = frames
+        self.pages += len(pfns)
+        self.on_pages(self.pages)
+
+    def run(self) -> RestoreResult:
+        try:
+            return self._run()
+        except Truncated as e:
+            raise libxc.StreamError(str(e)) from None
+
+    def _run(self) -> RestoreResult:
+        r = self.reader
+        version = libxc.parse_image_header(r.read(libxc.IHDR_SIZE, "image header"))
+        libxc.parse_domain_header(r.read(libxc.DHDR_SIZE, "domain header"))
+        blobs: dict[str, bytes] = {}
+        seen: set[int] = set()
+        static_done = version < 3
+        records = 0
+        while True:
+            at = r.offset
+            rtype, length = libxc.parse_record_header(r.read(libxc.RH_SIZE, "record header"))
+            pad = libxc.padding(length)
+            view = memoryview(self._buf)[:length + pad]
+            r.readinto(view, f"{libxc.record_name(rtype)} record")
+            if any(view[length:]):
+                raise libxc.StreamError(f"non-zero padding after {libxc.record_name(rtype)} record at offset {at}")
+            body = view[:length]
+            records += 1
+            if rtype == libxc.REC_TYPE_END:
+                if length:
+                    raise libxc.StreamError("END record with a body")
+                break
+            if rtype in self.page_handlers:
+                if not static_done:
+                    raise libxc.StreamError(f"{libxc.record_name(rtype)} before STATIC_DATA_END")
+                self.page_handlers[rtype](body, self)
+            elif rtype == libxc.REC_TYPE_STATIC_DATA_END:
+                if length:
+                    raise libxc.StreamError("STATIC_DATA_END record with a body")
+                static_done = True
+            elif rtype in _CONTEXT_RECORDS:
+                blobs[_CONTEXT_RECORDS[rtype]] = _context_blob(rtype, body)
+            elif rtype in (libxc.REC_TYPE_VERIFY, libxc.REC_TYPE_CHECKPOINT):
+                raise libxc.StreamError(f"{libxc.record_name(rtype)} record is not supported on a migration")
+            elif not rtype & libxc.REC_TYPE_OPTIONAL:
+                raise libxc.StreamError(f"unknown mandatory record type 0x{rtype:08x} at offset {at}")
+            seen.add(rtype)
+        missing = _REQUIRED - seen
+        if missing:
+            raise libxc.StreamError("stream ended without " + ", ".join(sorted(libxc.record_name(t) for t in missing)))
+        self.domain.set_context(blobs)
+        params = blobs["hvm_params"]
+        return RestoreResult(hvm_param(params, HVM_PARAM_STORE_PFN), hvm_param(params, HVM_PARAM_CONSOLE_PFN),
+                             self.pages, records, r.offset)
+
+
+def _plain_pages(body: memoryview, restorer: Restorer) -> None:
+    pd = libxc.parse_page_data(body, restorer.mem.npages)
+    if pd.pfns.size:
+        frames = np.frombuffer(body, dtype=np.uint8, offset=pd.data_offset).reshape(-1, PAGE_SIZE)
+        restorer.write_pages(pd.pfns, frames)
+
+
+def _context_blob(rtype: int, body: memoryview) -> bytes:
+    if rtype == libxc.REC_TYPE_X86_TSC_INFO:
+        return libxc.check_tsc_info(bytes(body))
+    if rtype == libxc.REC_TYPE_HVM_PARAMS:
+        return libxc.parse_hvm_params(bytes(body))
+    if rtype == libxc.REC_TYPE_X86_CPUID_POLICY:
+        return libxc.check_array("X86_CPUID_POLICY", bytes(body), libxc.X86_CPUID_POLICY_ENTRY_SIZE)
+    if rtype == libxc.REC_TYPE_X86_MSR_POLICY:
+        return libxc.check_array("X86_MSR_POLICY", bytes(body), libxc.X86_MSR_POLICY_ENTRY_SIZE)
+    if not len(body):
+        raise libxc.StreamError("empty HVM_CONTEXT record")
+    return bytes(body)
+

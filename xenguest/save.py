@@ -1,0 +1,135 @@
+"""Save: write a domain's memory and context as a libxc stream, live or not.
+
+Live save follows libxc's pre-copy: iteration 0 sends every pfn, each later
+iteration resends what the dirty log reports, until few pages remain or the
+iteration limit is hit; then the domain is paused (by whoever `suspend`
+calls on) and the final iteration sends what is still dirty, followed by
+TSC info, HVM params, HVM context and END (the upstream spec's order).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from xenemu import Domain
+
+from . import libxc
+from .fdio import write_all
+
+DEFAULT_MAX_ITERATIONS = 5
+DEFAULT_DIRTY_THRESHOLD = 50
+
+
+@dataclass(frozen=True)
+class Policy:
+    """When pre-copy stops: fewer than `dirty_threshold` dirty pages, or `max_iterations` done."""
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
+    dirty_threshold: int = DEFAULT_DIRTY_THRESHOLD
+
+    @classmethod
+    def from_env(cls) -> "Policy":
+        return cls(int(os.environ.get("XENGUEST_MAX_ITERATIONS", DEFAULT_MAX_ITERATIONS)),
+                   int(os.environ.get("XENGUEST_DIRTY_THRESHOLD", DEFAULT_DIRTY_THRESHOLD)))
+
+    def live_done(self, iteration: int, remaining: int) -> bool:
+        return (iteration > 0 and remaining < self.dirty_threshold) or iteration >= self.max_iterations - 1
+
+
+@dataclass
+class Progress:
+    sent: int = 0               # pages sent so far
+    remaining: int = -1         # dirty pages waiting, -1 before the first count
+    iteration: int = 0
+    wire_bytes: int = 0
+    history: list[int] = field(default_factory=list)   # pages sent per iteration
+
+
+class Aborted(Exception):
+    """migrate_abort arrived; the stream is left incomplete on purpose."""
+
+
+class PageEncoder(Protocol):
+    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> list[bytes | memoryview | np.ndarray]: ...
+
+
+class PlainPages:
+    """Upstream PAGE_DATA: every page of the batch, uncompressed."""
+
+    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> list[bytes | memoryview | np.ndarray]:
+        return [libxc.page_data_record_header(len(pfns)), libxc.page_data_header(pfns), pages]
+
+
+class Saver:
+    def __init__(self, domain: Domain, fd: int, *, live: bool, policy: Policy,
+                 suspend: Callable[[], None], on_progress: Callable[[Progress], None] = lambda p: None,
+                 encoder: PageEncoder | None = None) -> None:
+        self.domain = domain
+        self.mem = domain.memory
+        self.fd = fd
+        self.live = live
+        self.policy = policy
+        self.suspend = suspend
+        self.on_progress = on_progress
+        self.encoder = encoder or PlainPages()
+        self.progress = Progress()
+        self.abort = threading.Event()
+        self.pause_requested = threading.Event()
+
+    def _write(self, buffers: list) -> None:
+        if self.abort.is_set():
+            raise Aborted("save aborted")
+        self.progress.wire_bytes += write_all(self.fd, buffers)
+
+    def _record(self, rtype: int, body: bytes = b"") -> None:
+        self._write([libxc.build_record(rtype, body)])
+
+    def send_pages(self, pfns: np.ndarray) -> None:
+        for start in range(0, len(pfns), libxc.PAGE_DATA_MAX_PFNS):
+            batch = pfns[start:start + libxc.PAGE_DATA_MAX_PFNS]
+            self._write(self.encoder.encode(batch, self.mem.pages[batch]))
+            self.progress.sent += len(batch)
+
+    def _iteration(self, pfns: np.ndarray) -> None:
+        self.send_pages(pfns)
+        self.progress.history.append(len(pfns))
+        self.progress.remaining = self.mem.dirty_count()
+        self.on_progress(self.progress)
+
+    def run(self) -> Progress:
+        ctx = self.domain.context()
+        self._write([libxc.build_image_header(), libxc.build_domain_header()])
+        self._record(libxc.REC_TYPE_X86_CPUID_POLICY, ctx["cpuid_policy"])
+        self._record(libxc.REC_TYPE_X86_MSR_POLICY, ctx["msr_policy"])
+        self._record(libxc.REC_TYPE_STATIC_DATA_END)
+        every_pfn = np.arange(self.mem.npages, dtype=np.uint64)
+        if self.live:
+            self.mem.clean_all()
+            self._iteration(every_pfn)
+            pending = self._precopy()
+            self.suspend()
+            final = np.union1d(pending, self.mem.peek_and_clean())
+            self.progress.iteration += 1
+            self._iteration(final)
+        else:
+            self.suspend()
+            self._iteration(every_pfn)
+        self._record(libxc.REC_TYPE_X86_TSC_INFO, ctx["tsc_info"])
+        # The spec: HVM_PARAMS precede HVM_CONTEXT (params affect the context's validity).
+        self._record(libxc.REC_TYPE_HVM_PARAMS, libxc.build_hvm_params(ctx["hvm_params"]))
+        self._record(libxc.REC_TYPE_HVM_CONTEXT, ctx["hvm_context"])
+        self._record(libxc.REC_TYPE_END)
+        return self.progress
+
+    def _precopy(self) -> np.ndarray:
+        """Dirty iterations while the guest runs; returns the pfns left for the final copy."""
+        while True:
+            done = self.policy.live_done(self.progress.iteration, self.progress.remaining)
+            if done or self.pause_requested.is_set():
+                break
+            self.progress.iteration += 1
+            self._iteration(self.mem.peek_and_clean())
+        return self.mem.peek_and_clean()

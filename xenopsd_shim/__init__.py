@@ -1,0 +1,1 @@
+"""xenopsd_shim"""
