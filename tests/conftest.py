@@ -57,8 +57,10 @@ class HostDir:
     def page_digests(self, ref: str | int) -> list[str]:
         return [line.split()[1] for line in self.xenemu("digest", str(ref), "--pages").splitlines()]
 
-    def context_digests(self, ref: str | int) -> list[str]:
-        return self.xenemu("digest", str(ref), "--context").splitlines()[1:]
+    def context_digests(self, ref: str | int, libxc_only: bool = False) -> list[str]:
+        """Digests of the context blobs; `libxc_only` leaves out the device model's (not in a libxc stream)."""
+        lines = self.xenemu("digest", str(ref), "--context").splitlines()[1:]
+        return [x for x in lines if not (libxc_only and x.startswith("device_model "))]
 
     def processes(self) -> list[psutil.Process]:
         return processes_of(self.root)

@@ -21,7 +21,9 @@ HVM_PARAM_IOREQ_PFN = 5
 HVM_PARAM_BUFIOREQ_PFN = 6
 HVM_PARAM_CONSOLE_PFN = 17
 
-BLOBS = ("cpuid_policy", "msr_policy", "tsc_info", "hvm_context", "hvm_params")
+# The libxc stream carries the first five; the device model's state travels in the
+# suspend image's Qemu_trad record, written by the toolstack.
+BLOBS = ("cpuid_policy", "msr_policy", "tsc_info", "hvm_context", "hvm_params", "device_model")
 
 
 def synthesize(seed: int, npages: int) -> dict[str, bytes]:
@@ -43,8 +45,9 @@ def synthesize(seed: int, npages: int) -> dict[str, bytes]:
         HVM_PARAM_CONSOLE_PFN: npages - 1,
     }
     hvm_params = b"".join(HVM_PARAM.pack(k, v) for k, v in sorted(params.items()))
+    device_model = b"QEVM" + rng.integers(0, 256, size=16384, dtype=np.uint8).tobytes()
     return {"cpuid_policy": cpuid, "msr_policy": msr, "tsc_info": tsc,
-            "hvm_context": hvm_context, "hvm_params": hvm_params}
+            "hvm_context": hvm_context, "hvm_params": hvm_params, "device_model": device_model}
 
 
 def hvm_param(hvm_params: bytes, index: int) -> int:

@@ -64,7 +64,8 @@ class Host:
         """A new domain in state `building`: memory allocated, not yet running."""
         check_name(name)
         with self._locked():
-            if any(d.name == name and d.state != "dying" for d in self.domains()):
+            # The same VM (same uuid) may exist twice while it migrates to its own host.
+            if any(d.name == name and d.uuid != uuid and d.state != "dying" for d in self.domains()):
                 raise DomainError(f"a VM named {name!r} already exists on this host")
             domid = self._next_domid()
             directory = self.domains_dir / str(domid)

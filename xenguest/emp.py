@@ -115,5 +115,8 @@ class Channel:
             raise EmpError("EMP message is not a JSON object")
         return message, fds
 
+    def has_message(self) -> bool:
+        return b"\n" in self._buf
+
     def close(self) -> None:
         self.sock.close()

@@ -13,8 +13,7 @@ from typing import Any, Callable
 
 from xenemu import Domain, DomainError, Host
 
-from . import emp, libxc
-from .fdio import Truncated
+from . import emp
 from .log import Log
 from .restore import Restorer
 from .save import Aborted, PlainPages, Policy, Progress, Saver
@@ -72,13 +71,16 @@ class Server:
                 os.close(self.stream_fd)
 
     def _serve(self) -> int:
+        try:
+            return self._dispatch()
+        except emp.EmpError as e:
+            self.log.error(f"{e}; giving up")
+            return 2
+
+    def _dispatch(self) -> int:
         assert self.chan is not None
         while True:
-            try:
-                message, fds = self.chan.recv()
-            except emp.EmpError as e:
-                self.log.error(f"{e}; giving up")
-                return 2
+            message, fds = self.chan.recv()
             command = message.get("execute")
             arguments = message.get("arguments", {})
             self.log.debug(f"<- {command} {arguments if arguments else ''}")
@@ -201,7 +203,7 @@ class Server:
             assert self.chan is not None
             try:
                 result = work()
-            except (libxc.StreamError, Truncated, Aborted, DomainError, OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure is reported over EMP, never a traceback
                 self.failed = True
                 self.log.error(str(e))
                 try:

@@ -1,0 +1,90 @@
+"""`emu-manager`: the real command line (getopt_long_only, single-dash long options).
+
+Exit 0 success, 1 argument or initialisation error (nothing is sent on the
+control pipe), 2 the operation failed or was aborted.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from xenemu import Host
+from xenguest.log import Log
+from xenguest.longopts import Opt, UsageError, parse
+
+from .control import LineChannel
+from .emus import Emu, find_executable
+from .orchestrator import Orchestrator
+
+PROG = "emu-manager"
+OPTIONS = [
+    Opt("controlinfd", "int"), Opt("controloutfd", "int"), Opt("debuglog", "bool"), Opt("fd", "int"),
+    Opt("domid", "int"), Opt("live", "bool"), Opt("dm", "str", repeat=True), Opt("mode", "str"),
+    Opt("store_port", "int"), Opt("console_port", "int"), Opt("fork", "str"), Opt("mem_pnode", "int"),
+    Opt("supports", "str"), Opt("compress", "bool"),
+]
+MODES = {"hvm_save": True, "save": True, "hvm_restore": False, "restore": False}
+SUPPORTED_FEATURES = {"migration-v2"}
+
+
+def _fd_open(fd: int, what: str) -> None:
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise UsageError(f"{PROG}: {what} {fd} is not an open file descriptor") from None
+
+
+def _emulators(args: dict, host: Host) -> list[Emu]:
+    """The table of emulators for this domain: xenguest always, plus each -dm."""
+    domid = args["domid"]
+    argv = [find_executable("xenguest"), "-debug", "-domid", str(domid), "-controloutfd", "2",
+            "-controlinfd", "0", "-mode", "listen"]
+    if args["compress"]:
+        argv += ["-compress", "true"]
+    emus = [Emu("xenguest", argv, host.xenguest_socket(domid), args["fd"])]
+    for dm in args["dm"]:
+        kind, _, value = dm.partition(":")
+        if kind in ("qemu", "qemu_trad", "xenguest"):
+            continue      # qemu's state is saved by xenopsd itself; xenguest is always in the table
+        if kind == "vgpu":
+            if not value.isdigit():
+                raise UsageError(f"{PROG}: -dm vgpu needs a stream fd: vgpu:FD")
+            _fd_open(int(value), "vgpu fd")
+            vgpu_argv = [find_executable("vgpu-emu"), "-domid", str(domid), "-mode", "listen"]
+            emus.append(Emu("vgpu", vgpu_argv, host.run_dir / f"vgpu-control-{domid}", int(value)))
+            continue
+        raise UsageError(f"{PROG}: unknown device model '{dm}'")
+    return emus
+
+
+def run(argv: list[str]) -> int:
+    try:
+        args = parse(PROG, argv, OPTIONS)
+        if args["supports"] is not None:
+            print("true" if args["supports"] in SUPPORTED_FEATURES else "false")
+            return 0
+        for required in ("controlinfd", "controloutfd", "domid", "mode", "fd"):
+            if args[required] is None:
+                raise UsageError(f"{PROG}: missing required option -{required}")
+        if args["mode"] not in MODES:
+            raise UsageError(f"{PROG}: unknown mode '{args['mode']}' (one of {', '.join(MODES)})")
+        for name in ("controlinfd", "controloutfd", "fd"):
+            _fd_open(args[name], name)
+        save = MODES[args["mode"]]
+        emus = _emulators(args, Host())
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 1
+    log = Log(f"{PROG}[{args['domid']}]", 2, debug=bool(args["debuglog"]))
+    set_args = {} if save else {"store_port": str(args["store_port"] or 0),
+                                "console_port": str(args["console_port"] or 0)}
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    orchestrator = Orchestrator(save=save, live=bool(args["live"]), emus=emus,
+                                control=LineChannel(args["controlinfd"], args["controloutfd"]),
+                                set_args=set_args, log=log)
+    return orchestrator.run()
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

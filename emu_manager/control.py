@@ -1,0 +1,85 @@
+"""The xenopsd <-> emu-manager control protocol: `\\n`-terminated text lines.
+
+Shared by both ends (emu-manager and xenopsd-shim), so the message table
+lives in one place.
+"""
+from __future__ import annotations
+
+import os
+import select
+import time
+
+# emu-manager -> xenopsd
+MSG_SUSPEND = "suspend:"
+MSG_PREPARE = "prepare:"          # + emulator name
+MSG_INFO = "info:"                # + "\\b\\b\\b\\b" + percent
+INFO_PREFIX = "info:" + "\\b" * 4
+MSG_RESULT = "result:"            # "result:0 0" on save; "result:xenguest S C" / "result:vgpu" on restore
+MSG_ERROR = "error:"              # + "[<emu> ]<text>"
+# xenopsd -> emu-manager
+MSG_DONE = "done"
+MSG_RESTORE = "restore:"          # + emulator name
+MSG_ABORT = "abort"
+
+MAX_LINE = 4096
+
+
+class ControlError(Exception):
+    """The peer broke the control protocol, went away, or was too slow."""
+
+
+def info(percent: int) -> str:
+    return f"{INFO_PREFIX}{percent}"
+
+
+def parse_info(line: str) -> int | None:
+    if line.startswith(INFO_PREFIX) and line[len(INFO_PREFIX):].isdigit():
+        return int(line[len(INFO_PREFIX):])
+    return None
+
+
+class LineChannel:
+    """Reads and writes whole lines on two fds, with timeouts on reads."""
+
+    def __init__(self, infd: int, outfd: int) -> None:
+        self.infd = infd
+        self.outfd = outfd
+        self._buf = b""
+
+    def send(self, line: str) -> None:
+        data = (line + "\n").encode()
+        while data:
+            try:
+                n = os.write(self.outfd, data)
+            except OSError as e:
+                raise ControlError(f"control write failed: {e.strerror}") from None
+            data = data[n:]
+
+    def has_line(self) -> bool:
+        return b"\n" in self._buf
+
+    def fill(self) -> None:
+        """Read what is available (call when select says the fd is readable)."""
+        try:
+            data = os.read(self.infd, MAX_LINE)
+        except OSError as e:
+            raise ControlError(f"control read failed: {e.strerror}") from None
+        if not data:
+            raise ControlError("control channel closed by peer")
+        self._buf += data
+        if len(self._buf) > MAX_LINE and b"\n" not in self._buf:
+            raise ControlError("control line too long")
+
+    def pop(self) -> str:
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode(errors="replace")
+
+    def recv(self, timeout: float | None) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.has_line():
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.infd], [], [], wait)
+            if not ready:
+                raise ControlError(f"no control message within {timeout:g} s")
+            self.fill()
+        return self.pop()

@@ -1,0 +1,288 @@
+"""emu-manager's state machine: an operation's stages over the table of emulators.
+
+Each operation is a fixed list of stages (as in the real emum.c); every stage
+acts on each emulator of the table and moves its state on. One loop pumps the
+control channel and every EMP socket, so an `abort` or an emulator's failure
+is seen whatever stage is waiting.
+"""
+from __future__ import annotations
+
+import os
+import select
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from xenguest import emp
+from xenguest.log import Log
+
+from . import control as ctl
+from .emus import Emu, EmuFailure, EmuState
+
+LIVE_DIRTY_THRESHOLD = 50
+LIVE_MAX_ITERATION = 4
+
+
+def _env_timeout(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The real emu-manager's waits; tests shorten them through the environment."""
+    ack: float = field(default_factory=lambda: _env_timeout("EMU_MANAGER_ACK_TIMEOUT", 120))
+    ready: float = field(default_factory=lambda: _env_timeout("EMU_MANAGER_READY_TIMEOUT", 180))
+    reply: float = field(default_factory=lambda: _env_timeout("EMU_MANAGER_EMP_TIMEOUT", 30))
+    exit: float = field(default_factory=lambda: _env_timeout("EMU_MANAGER_EXIT_TIMEOUT", 60))
+
+
+class Aborted(Exception):
+    """xenopsd said `abort`, or went away."""
+
+
+class Orchestrator:
+    def __init__(self, *, save: bool, live: bool, emus: list[Emu], control: ctl.LineChannel,
+                 set_args: dict[str, str], log: Log, timeouts: Timeouts | None = None) -> None:
+        self.save = save
+        self.live = live
+        self.emus = {e.name: e for e in emus}
+        self.control = control
+        self.set_args = set_args
+        self.log = log
+        self.timeouts = timeouts or Timeouts()
+        self.stage = "new"
+        self.awaiting_ack: str | None = None
+        self.restore_requests: list[str] = []
+        self.last_percent = -1
+
+    # -- the stage tables -------------------------------------------------------
+    def stages(self) -> list[tuple[str, Callable[[], None]]]:
+        common = [("start", self.start), ("init", self.init)]
+        if not self.save:
+            return [*common, ("restore", self.restore), ("quit", self.quit)]
+        if self.live:
+            return [*common, ("track_dirty", self.track_dirty), ("progress", self.progress),
+                    ("live", self.migrate_live), ("converge", self.converge), ("suspend", self.suspend),
+                    ("pause", self.pause), ("complete", self.complete), ("result", self.result),
+                    ("quit", self.quit)]
+        return [*common, ("suspend", self.suspend), ("nonlive", self.migrate_nonlive), ("complete", self.complete),
+                ("result", self.result), ("quit", self.quit)]
+
+    def run(self) -> int:
+        """0 on success, 2 on failure or abort (after the emulators are gone)."""
+        try:
+            for name, action in self.stages():
+                self.stage = name
+                self.log.debug(f"stage {name}: " + ", ".join(f"{e.name}={e.state.value}" for e in self.emus.values()))
+                action()
+            return 0
+        except Aborted as e:
+            self.log.info(f"aborting in stage {self.stage}: {e}")
+            self._abort_emus()
+            return 2
+        except (EmuFailure, ctl.ControlError, emp.EmpError) as e:
+            emu = getattr(e, "emu", None)
+            self.log.error(f"stage {self.stage}: {e}")
+            try:
+                self.control.send(f"{ctl.MSG_ERROR}{emu + ' ' if emu else ''}{e}")
+            except ctl.ControlError:
+                pass
+            self._abort_emus()
+            return 2
+        finally:
+            for emu in self.emus.values():
+                emu.stop(self.timeouts.exit)
+
+    # -- stages -----------------------------------------------------------------
+    def start(self) -> None:
+        for emu in self.emus.values():
+            emu.start(self.timeouts.ready)
+            emu.connect()
+
+    def init(self) -> None:
+        for emu in self.emus.values():
+            self.request(emu, emp.CMD_MIGRATE_INIT, fds=[emu.stream_fd])
+            self.request(emu, emp.CMD_SET_ARGS, **self.set_args)
+            emu.state = EmuState.INITIALISED
+
+    def track_dirty(self) -> None:
+        for emu in self.emus.values():
+            self.request(emu, emp.CMD_TRACK_DIRTY)
+
+    def progress(self) -> None:
+        for emu in self.emus.values():
+            self.request(emu, emp.CMD_MIGRATE_PROGRESS)
+
+    def migrate_live(self) -> None:
+        for emu in self.emus.values():
+            self.ack(ctl.MSG_PREPARE + emu.name)
+            self.request(emu, emp.CMD_MIGRATE_LIVE)
+            emu.state = EmuState.RUNNING
+
+    def migrate_nonlive(self) -> None:
+        for emu in self.emus.values():
+            self.ack(ctl.MSG_PREPARE + emu.name)
+            self.request(emu, emp.CMD_MIGRATE_NONLIVE)
+            emu.state = EmuState.RUNNING
+
+    def converge(self) -> None:
+        self.wait_until(lambda: all(e.state in (EmuState.LIVE_DONE, EmuState.COMPLETED) for e in self.emus.values()),
+                        None, "pre-copy to converge")
+
+    def suspend(self) -> None:
+        self.ack(ctl.MSG_SUSPEND)
+
+    def pause(self) -> None:
+        for emu in self.emus.values():
+            self.request(emu, emp.CMD_MIGRATE_PAUSE)
+            self.request(emu, emp.CMD_MIGRATE_PAUSED)
+            if emu.state != EmuState.COMPLETED:
+                emu.state = EmuState.PAUSED
+
+    def complete(self) -> None:
+        self.wait_until(lambda: all(e.state == EmuState.COMPLETED for e in self.emus.values()), None,
+                        "the emulators to complete")
+        self._report_percent()
+        for emu in self.emus.values():
+            self.log.info(f"{emu.name}: completed: iterations {emu.iteration + 1}, pages {emu.sent}")
+
+    def result(self) -> None:
+        self.control.send(f"{ctl.MSG_RESULT}0 0")
+
+    def restore(self) -> None:
+        reported: set[str] = set()
+        while len(reported) < len(self.emus):
+            self.wait_until(lambda: bool(self.restore_requests) or any(
+                e.state == EmuState.COMPLETED and e.name not in reported for e in self.emus.values()),
+                None, "restore requests")
+            while self.restore_requests:
+                emu = self.emus[self.restore_requests.pop(0)]
+                self.request(emu, emp.CMD_RESTORE)
+                emu.state = EmuState.RUNNING
+            for emu in self.emus.values():
+                if emu.state == EmuState.COMPLETED and emu.name not in reported:
+                    reported.add(emu.name)
+                    result = f" {emu.result}" if emu.name == "xenguest" else ""
+                    self.control.send(f"{ctl.MSG_RESULT}{emu.name}{result}")
+
+    def quit(self) -> None:
+        for emu in self.emus.values():
+            self.request(emu, emp.CMD_QUIT)
+            emu.state = EmuState.QUIT
+            code = emu.stop(self.timeouts.exit)
+            if code:
+                raise EmuFailure(emu.name, f"{emu.name} exited with status {code}")
+
+    # -- requests, acks and the event loop ----------------------------------------
+    def request(self, emu: Emu, command: str, fds: list[int] | None = None, **arguments: str) -> None:
+        emu.send(command, fds, **arguments)
+        self.wait_until(lambda: emu.reply is not None, self.timeouts.reply, f"{emu.name}'s reply to {command}")
+        assert emu.reply is not None
+        if "error" in emu.reply:
+            raise EmuFailure(emu.name, f"{command}: {emu.reply['error']}")
+
+    def ack(self, message: str) -> None:
+        self.awaiting_ack = message
+        self.control.send(message)
+        self.wait_until(lambda: self.awaiting_ack is None, self.timeouts.ack, f"xenopsd's ack of {message}")
+
+    def wait_until(self, done: Callable[[], bool], timeout: float | None, what: str) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise ctl.ControlError(f"timed out after {timeout:g} s waiting for {what}")
+            self._pump(wait)
+
+    def _pump(self, timeout: float | None) -> None:
+        while self.control.has_line():
+            self._on_control(self.control.pop())
+        for emu in self.emus.values():
+            while emu.chan is not None and emu.chan.has_message():
+                self._on_emu(emu, emu.chan.recv(self.timeouts.reply)[0])
+        sources: dict[int, Emu | None] = {self.control.infd: None}
+        for emu in self.emus.values():
+            if emu.chan is not None:
+                sources[emu.chan.sock.fileno()] = emu
+        ready, _, _ = select.select(list(sources), [], [], timeout)
+        for fd in ready:
+            emu = sources[fd]
+            if emu is None:
+                try:
+                    self.control.fill()
+                except ctl.ControlError as e:
+                    raise Aborted(str(e)) from None
+                while self.control.has_line():
+                    self._on_control(self.control.pop())
+            else:
+                assert emu.chan is not None
+                try:
+                    message, fds = emu.chan.recv(self.timeouts.reply)
+                except emp.EmpError as e:
+                    raise EmuFailure(emu.name, f"{emu.name}: {e}") from None
+                for extra in fds:
+                    os.close(extra)
+                self._on_emu(emu, message)
+
+    def _on_control(self, line: str) -> None:
+        self.log.debug(f"xenopsd: {line}")
+        if line == ctl.MSG_DONE:
+            if self.awaiting_ack is None:
+                raise ctl.ControlError("protocol error: 'done' when no acknowledgement was asked for")
+            self.awaiting_ack = None
+        elif line == ctl.MSG_ABORT:
+            raise Aborted("xenopsd sent abort")
+        elif line.startswith(ctl.MSG_RESTORE) and not self.save:
+            name = line[len(ctl.MSG_RESTORE):]
+            emu = self.emus.get(name)
+            # xenopsd may ask before this emulator is initialised; the restore stage takes it up.
+            waiting = (EmuState.NEW, EmuState.STARTED, EmuState.CONNECTED, EmuState.INITIALISED)
+            if emu is None or emu.state not in waiting or name in self.restore_requests:
+                raise ctl.ControlError(f"protocol error: unexpected {line!r}")
+            self.restore_requests.append(name)
+        else:
+            raise ctl.ControlError(f"protocol error: unexpected message {line!r}")
+
+    def _on_emu(self, emu: Emu, message: dict) -> None:
+        if "return" in message or "error" in message:
+            if emu.awaiting_reply is None:
+                raise EmuFailure(emu.name, f"{emu.name} replied when nothing was asked")
+            emu.awaiting_reply = None
+            emu.reply = message
+            return
+        data = message.get("data")
+        if message.get("event") != emp.EVENT_MIGRATION or not isinstance(data, dict):
+            raise EmuFailure(emu.name, f"{emu.name} sent an unknown message {str(message)[:120]}")
+        if "status" in data:
+            if data["status"] != emp.STATUS_COMPLETED:
+                emu.state = EmuState.FAILED
+                raise EmuFailure(emu.name, str(data.get("error", data["status"])))
+            emu.state = EmuState.COMPLETED
+            emu.result = str(data.get("result", ""))
+            return
+        try:
+            emu.sent, emu.remaining, emu.iteration = int(data["sent"]), int(data["remaining"]), int(data["iteration"])
+        except (KeyError, ValueError, TypeError):
+            raise EmuFailure(emu.name, f"{emu.name} sent a malformed progress event") from None
+        self.log.debug(f"{emu.name}: iteration {emu.iteration} sent {emu.sent} remaining {emu.remaining}")
+        if emu.state == EmuState.RUNNING and self.live and (
+                (emu.iteration > 0 and 0 <= emu.remaining < LIVE_DIRTY_THRESHOLD)
+                or emu.iteration >= LIVE_MAX_ITERATION):
+            emu.state = EmuState.LIVE_DONE
+        self._report_percent()
+
+    def _report_percent(self) -> None:
+        if not self.save:
+            return
+        percent = min(e.percent for e in self.emus.values())
+        if percent != self.last_percent:
+            self.last_percent = percent
+            self.control.send(ctl.info(percent))
+
+    def _abort_emus(self) -> None:
+        for emu in self.emus.values():
+            if emu.chan is not None and emu.state not in (EmuState.QUIT, EmuState.EXITED):
+                try:
+                    emu.chan.send(emp.request(emp.CMD_MIGRATE_ABORT))
+                except emp.EmpError:
+                    pass

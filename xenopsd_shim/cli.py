@@ -1,0 +1,197 @@
+"""`xenopsd-shim`: the toolstack's commands (VM lifecycle, migration, suspend/resume, serve)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+import click
+
+from xenemu import DomainError, Host
+from xenemu.build import build
+from xenemu.memory import combine_digests
+from xenemu.units import format_size, parse_size
+
+from . import image, transport
+from .emuctl import EmuManagerError
+from .imagereader import ImageReader
+from .imagewriter import ImageWriter
+from .log import Logger
+from .migrate import MigrationError, Options, SourceMigration
+from .receiver import Receiver
+
+EXIT_FAILED = 2
+
+
+class Ctx:
+    def __init__(self, root: str | None, verbose: bool) -> None:
+        self.host = Host(root)
+        os.environ["XENEMU_ROOT"] = str(self.host.root)     # emu-manager and xenguest find the host here
+        self.log = Logger(self.host.root / "xenopsd.log", verbose)
+
+
+def _progress(label: str):  # type: ignore[no-untyped-def]
+    """A progress bar on a terminal, fed by emu-manager's info: messages; silent otherwise."""
+    if not sys.stderr.isatty():
+        return lambda p: None
+
+    def show(percent: int) -> None:
+        bar = "#" * (percent // 4)
+        sys.stderr.write(f"\r{label} [{bar:<25}] {percent:3d}%")
+        if percent >= 100:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", envvar="XENEMU_ROOT", help="host directory (default: $XENEMU_ROOT)")
+@click.option("-v", "--verbose", is_flag=True, help="log to stderr as well as to ROOT/xenopsd.log")
+@click.pass_context
+def cli(ctx: click.Context, root: str | None, verbose: bool) -> None:
+    ctx.obj = Ctx(root, verbose)
+
+
+@cli.command("vm-create")
+@click.argument("name")
+@click.option("--memory", required=True, help="e.g. 512M, 1G")
+@click.option("--image", default="mixed", show_default=True, help="zero|idle|mixed|random, or a file")
+@click.option("--workload", default="none", show_default=True, help="none, dirty:RATE, increment[:RATE]")
+@click.option("--seed", default=0, show_default=True)
+@click.pass_obj
+def vm_create(ctx: Ctx, name: str, memory: str, image: str, workload: str, seed: int) -> None:
+    """Create and start a VM; prints its uuid."""
+    domain = build(ctx.host, name, parse_size(memory), image=image, workload=workload, seed=seed)
+    click.echo(domain.uuid)
+
+
+@cli.command("vm-list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def vm_list(ctx: Ctx, as_json: bool) -> None:
+    rows = [d.describe() for d in ctx.host.domains()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<20} {r['uuid']} domid {r['domid']:<4} {r['state']:<8} "
+                   f"{format_size(r['memory_bytes']):>10} {r['workload']}")
+
+
+@cli.command("vm-destroy")
+@click.argument("name")
+@click.pass_obj
+def vm_destroy(ctx: Ctx, name: str) -> None:
+    ctx.host.find(name).destroy()
+
+
+@cli.command("vm-digest")
+@click.argument("name")
+@click.option("--pages", is_flag=True, help="one line per page: pfn and digest")
+@click.pass_obj
+def vm_digest(ctx: Ctx, name: str, pages: bool) -> None:
+    """Digest of the VM's memory; stable while it is paused or its workload is none."""
+    digests = ctx.host.find(name).memory.page_digests()
+    if pages:
+        click.echo("\n".join(f"{pfn:x} {d.hex()}" for pfn, d in enumerate(digests)))
+    else:
+        click.echo(combine_digests(digests))
+
+
+@cli.command()
+@click.option("--listen", default="127.0.0.1:8090", show_default=True, help="HOST:PORT to accept migrations on")
+@click.pass_obj
+def serve(ctx: Ctx, listen: str) -> None:
+    """Receive migrations until SIGTERM or SIGINT."""
+    receiver = Receiver(ctx.host, listen, ctx.log)
+    click.echo(f"listening on {receiver.address[0]}:{receiver.address[1]}", err=True)
+    receiver.serve_forever()
+
+
+@cli.command("vm-migrate")
+@click.argument("name")
+@click.option("--dest", required=True, help="HOST:PORT of the destination's `serve`")
+@click.option("--compress/--no-compress", default=None, help="compress the stream (default: pool setting)")
+@click.option("--live/--non-live", default=True, show_default=True)
+@click.option("--verify", is_flag=True, help="the destination checks every page against the pause point")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary at the end")
+@click.pass_obj
+def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool, verify: bool,
+               as_json: bool) -> None:
+    """Migrate a running VM to another host."""
+    domain = ctx.host.find(name)
+    mode = "none"
+    if compress:
+        raise click.UsageError("compression is not available yet")
+    summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode), ctx.log,
+                              on_info=_progress(f"migrating {name}")).run()
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{name} migrated to {dest} in {summary['total_seconds']:.2f} s "
+                   f"(downtime {summary['downtime_seconds']:.3f} s, {summary['iterations']} iterations, "
+                   f"{format_size(summary['wire_bytes'])} on the wire)")
+
+
+@cli.command("vm-suspend")
+@click.argument("name")
+@click.option("--to", "path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_obj
+def vm_suspend(ctx: Ctx, name: str, path: Path) -> None:
+    """Suspend a VM to a suspend image; the VM is gone from the host after."""
+    domain = ctx.host.find(name)
+    was_running = domain.state == "running"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = ImageWriter(domain, fd, live=False, inband=False, log=ctx.log, on_info=_progress(f"suspending {name}"))
+    try:
+        writer.run()
+    except BaseException:
+        writer.close()
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        if was_running and domain.state == "paused":
+            domain.unpause()
+        raise
+    writer.close()
+    os.fsync(fd)
+    os.close(fd)
+    domain.destroy()
+
+
+@cli.command("vm-resume")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="name for the resumed VM (default: the image's)")
+@click.pass_obj
+def vm_resume(ctx: Ctx, path: Path, name: str | None) -> None:
+    """Create a VM from a suspend image and start it; prints its uuid."""
+    with open(path, "rb") as f:
+        domain = ImageReader(ctx.host, f.fileno(), log=ctx.log, name=name).run()
+    domain.unpause()
+    click.echo(domain.uuid)
+
+
+def main() -> None:
+    code = 0
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("xenopsd-shim: interrupted", err=True)
+        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except MigrationError as e:
+        click.echo(f"xenopsd-shim: {e}", err=True)
+        code = 130 if "aborted by user" in str(e) else EXIT_FAILED
+    except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, ValueError, OSError) as e:
+        text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+        click.echo(f"xenopsd-shim: {text}", err=True)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        click.echo("xenopsd-shim: interrupted", err=True)
+        code = 130
+    sys.exit(code)
+
+

@@ -1,0 +1,143 @@
+"""xenopsd's side of emu-manager: spawn it with the real argv, answer its control messages.
+
+emu-manager runs in its own session (xenopsd is a daemon), so a Ctrl-C on
+the shim reaches only the shim, which turns it into `abort`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+from emu_manager import control as ctl
+
+from .log import Logger
+
+_STATS = re.compile(r"(\w[\w-]*): completed: iterations (\d+), pages (\d+)")
+
+
+class EmuManagerError(Exception):
+    """emu-manager reported an error, died, or broke the protocol."""
+
+
+def executable(name: str) -> str:
+    sibling = Path(sys.argv[0]).resolve().parent / name
+    if sibling.exists():
+        return str(sibling)
+    return shutil.which(name) or name
+
+
+class EmuManager:
+    def __init__(self, *, domid: int, mode: str, fd: int, live: bool | None = None, compress: bool = False,
+                 extra: list[str] | None = None, pass_fds: tuple[int, ...] = (), env: dict | None = None,
+                 log: Logger) -> None:
+        to_emu_r, self._to_emu = os.pipe()
+        self._from_emu, from_emu_w = os.pipe()
+        self.argv = [executable("emu-manager"), "-controloutfd", str(from_emu_w), "-controlinfd", str(to_emu_r),
+                     "-fd", str(fd), "-mode", mode, "-domid", str(domid)]
+        if live is not None:
+            self.argv += ["-live", "true" if live else "false"]
+        self.argv += [*(extra or []), "-dm", "qemu"]
+        if compress:
+            self.argv += ["-compress", "true"]
+        self.log = log
+        self.stats: dict[str, tuple[int, int]] = {}
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, pass_fds=(to_emu_r, from_emu_w, fd, *pass_fds),
+                                         start_new_session=True, env=env)
+        finally:
+            os.close(to_emu_r)
+            os.close(from_emu_w)
+        self.channel = ctl.LineChannel(self._from_emu, self._to_emu)
+        self.log.debug("spawned " + " ".join(self.argv))
+        self._relay = threading.Thread(target=self._relay_stderr, daemon=True)
+        self._relay.start()
+        self.finished = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _relay_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.debug(line)
+            m = _STATS.search(line)
+            if m:
+                self.stats[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+
+    def send(self, line: str) -> None:
+        self.log.debug(f"-> emu-manager: {line}")
+        try:
+            self.channel.send(line)
+        except ctl.ControlError as e:
+            raise EmuManagerError(f"emu-manager: {e}") from None
+
+    def next_message(self, timeout: float | None = None) -> str:
+        """The next control line; an `error:` becomes an exception naming the emulator."""
+        try:
+            line = self.channel.recv(timeout)
+        except ctl.ControlError as e:
+            code = self.proc.poll()
+            if code is not None:
+                raise EmuManagerError(f"emu-manager exited with status {code}") from None
+            raise EmuManagerError(f"emu-manager: {e}") from None
+        self.log.debug(f"<- emu-manager: {line}")
+        if line.startswith(ctl.MSG_ERROR):
+            raise EmuManagerError(f"emu-manager reported: {line[len(ctl.MSG_ERROR):]}")
+        return line
+
+    def serve(self, handlers: dict[str, Callable[[str], None]], until: Callable[[str], bool],
+              on_info: Callable[[int], None] = lambda p: None) -> str:
+        """Answer requests by prefix until a line satisfies `until`; that line is returned."""
+        while True:
+            line = self.next_message()
+            percent = ctl.parse_info(line)
+            if percent is not None:
+                on_info(percent)
+                continue
+            if until(line):
+                return line
+            for prefix, handler in handlers.items():
+                if line.startswith(prefix):
+                    handler(line[len(prefix):])
+                    self.send(ctl.MSG_DONE)
+                    break
+            else:
+                raise EmuManagerError(f"protocol error: unexpected message from emu-manager {line!r}")
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._relay.join(timeout=5)
+        return code
+
+    def abort(self, timeout: float = 60) -> None:
+        """`abort`, then wait for it (and so its emulators) to exit; SIGKILL after the timeout."""
+        if self.proc.poll() is None:
+            try:
+                self.channel.send(ctl.MSG_ABORT)
+            except ctl.ControlError:
+                pass
+        self.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.abort()
+        for fd in (self._to_emu, self._from_emu):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()

@@ -1,0 +1,135 @@
+"""Reading a suspend image into a new domain: headers dispatched to emu-manager.
+
+Used by `vm-resume` (from a file) and by the receiver (from a socket). The
+domain is created from the Xenops record in state `building`; on any
+failure it is destroyed, so a bad image never leaves a half-restored VM.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from emu_manager import control as ctl
+from xenemu import Domain, DomainError, Host, check_name
+from xenemu.workload import parse_spec
+from xenguest.fdio import Reader, Truncated
+
+from . import image
+from .emuctl import EmuManager, EmuManagerError
+from .log import Logger
+
+MAX_MEMORY = 64 << 30
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+STORE_PORT, CONSOLE_PORT = 1, 2
+
+
+def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, Any]:
+    """Validate the Xenops record: it comes from the wire and names files and processes."""
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        raise image.ImageError("Xenops record is not JSON") from None
+    if not isinstance(rec, dict):
+        raise image.ImageError("Xenops record is not an object")
+    name = name_override or rec.get("name")
+    mem = rec.get("memory_bytes")
+    if not isinstance(name, str):
+        raise image.ImageError("Xenops record has no VM name")
+    check_name(name)
+    if not isinstance(rec.get("uuid"), str) or not _UUID.match(rec["uuid"]):
+        raise image.ImageError("Xenops record has an invalid uuid")
+    if not isinstance(mem, int) or not 0 < mem <= MAX_MEMORY or mem % 4096:
+        raise image.ImageError(f"Xenops record has an invalid memory size {mem!r}")
+    workload = rec.get("workload", "none")
+    if not isinstance(workload, str):
+        raise image.ImageError("Xenops record has an invalid workload")
+    try:
+        parse_spec(workload)
+    except ValueError as e:
+        raise image.ImageError(str(e)) from None
+    return {"name": name, "uuid": rec["uuid"], "memory_bytes": mem, "workload": workload}
+
+
+class ImageReader:
+    def __init__(self, host: Host, fd: int, *, log: Logger, name: str | None = None) -> None:
+        self.host = host
+        self.reader = Reader(fd)
+        self.fd = fd
+        self.log = log
+        self.name = name
+        self.domain: Domain | None = None
+        self.emu: EmuManager | None = None
+        self.emu_pids: list[int] = []
+        self.restored = False
+
+    def run(self) -> Domain:
+        """The restored domain, paused; on failure nothing is left."""
+        try:
+            return self._run()
+        except Truncated as e:
+            self._discard()
+            raise image.ImageError(str(e)) from None
+        except BaseException:
+            self._discard()
+            raise
+
+    def _run(self) -> Domain:
+        image.check_signature(self.reader.read(len(image.SIGNATURE), "signature"))
+        while True:
+            htype, length = image.parse_header(self.reader.read(image.HEADER_SIZE, "image header"))
+            self.log.debug(f"image header {image.name(htype)} length {length}")
+            if htype == image.XENOPS:
+                if self.domain is not None:
+                    raise image.ImageError("second Xenops record")
+                self._create(parse_vm_record(self.reader.read(length, "Xenops record"), self.name))
+            elif self.domain is None:
+                raise image.ImageError(f"{image.name(htype)} before the Xenops record")
+            elif htype == image.LIBXC:
+                self._restore_emu("xenguest")
+                self.restored = True
+            elif htype == image.QEMU_TRAD:
+                self.domain.set_context({"device_model": self.reader.read(length, "Qemu_trad record")})
+            elif htype == image.END_OF_IMAGE:
+                break
+            else:
+                raise image.ImageError(f"{image.name(htype)} records are not supported")
+        if not self.restored:
+            raise image.ImageError("End_of_image before any Libxc stream")
+        assert self.emu is not None
+        code = self.emu.wait()
+        if code != 0:
+            raise EmuManagerError(f"emu-manager exited with status {code}")
+        self.emu.close()
+        self.emu = None
+        self.domain.update(state="paused")
+        return self.domain
+
+    def _create(self, rec: dict[str, Any]) -> None:
+        try:
+            self.domain = self.host.create_domain(rec["name"], rec["memory_bytes"], uuid=rec["uuid"],
+                                                  meta={"workload": rec["workload"]})
+        except DomainError as e:
+            raise image.ImageError(str(e)) from None
+        self.emu = EmuManager(domid=self.domain.domid, mode="hvm_restore", fd=self.fd,
+                              extra=["-store_port", str(STORE_PORT), "-console_port", str(CONSOLE_PORT)],
+                              log=self.log)
+        self.emu_pids.append(self.emu.pid)
+
+    def _restore_emu(self, emu: str) -> None:
+        assert self.emu is not None and self.domain is not None
+        self.emu.send(f"{ctl.MSG_RESTORE}{emu}")
+        line = self.emu.serve({}, until=lambda l: l.startswith(f"{ctl.MSG_RESULT}{emu}"))
+        if emu == "xenguest":
+            fields = line.split()
+            if len(fields) != 3 or not all(f.isdigit() for f in fields[1:]):
+                raise EmuManagerError(f"malformed result from emu-manager: {line!r}")
+            self.domain.update(store_mfn=int(fields[1]), console_mfn=int(fields[2]))
+
+    def _discard(self) -> None:
+        if self.emu is not None:
+            self.emu.close()
+            self.emu = None
+        if self.domain is not None:
+            self.domain.destroy()
+            self.domain = None

@@ -1,0 +1,80 @@
+"""Writing a VM's suspend image: xenopsd's framing around emu-manager's streams.
+
+The same code serves `vm-suspend` (to a file) and `vm-migrate` (to a
+socket): signature, Xenops record, then emu-manager runs and asks for
+`suspend:` (pause the domain) and `prepare:<emu>` (write that emulator's
+header first), then the Qemu_trad record and End_of_image.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from emu_manager import control as ctl
+from xenemu import Domain
+from xenguest.fdio import write_all
+
+from . import image
+from .emuctl import EmuManager, EmuManagerError
+from .log import Logger
+
+
+def vm_record(domain: Domain) -> bytes:
+    """The Xenops record: what the receiver needs to create the domain."""
+    meta = domain.reload()
+    return json.dumps({"name": meta["name"], "uuid": meta["uuid"], "memory_bytes": meta["memory_bytes"],
+                       "workload": meta.get("workload", "none")}, sort_keys=True).encode()
+
+
+@dataclass
+class SaveStats:
+    paused_at: float | None = None
+    iterations: int = 0
+    pages: int = 0
+    emu_argv: list[str] = field(default_factory=list)
+
+
+class ImageWriter:
+    def __init__(self, domain: Domain, fd: int, *, live: bool, inband: bool, log: Logger,
+                 on_info: Callable[[int], None] = lambda p: None) -> None:
+        self.domain = domain
+        self.fd = fd
+        self.live = live
+        self.inband = inband
+        self.log = log
+        self.on_info = on_info
+        self.stats = SaveStats()
+        self.emu: EmuManager | None = None
+
+    def _suspend(self, _: str) -> None:
+        self.domain.pause()
+        self.stats.paused_at = time.monotonic()
+        self.log.info(f"domain {self.domain.domid} paused")
+
+    def _prepare(self, emu: str) -> None:
+        if emu != "xenguest":
+            raise EmuManagerError(f"protocol error: prepare for unknown emulator {emu!r}")
+        write_all(self.fd, [image.build_header(image.LIBXC)])
+
+    def run(self) -> SaveStats:
+        record = vm_record(self.domain)
+        write_all(self.fd, [image.SIGNATURE, image.build_header(image.XENOPS, len(record)), record])
+        self.emu = EmuManager(domid=self.domain.domid, mode="hvm_save", fd=self.fd, live=self.live,
+                              compress=self.inband, log=self.log)
+        self.stats.emu_argv = self.emu.argv
+        self.emu.serve({ctl.MSG_SUSPEND: self._suspend, ctl.MSG_PREPARE: self._prepare},
+                       until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self.on_info)
+        code = self.emu.wait()
+        if code != 0:
+            raise EmuManagerError(f"emu-manager exited with status {code} after its result")
+        self.stats.iterations, self.stats.pages = self.emu.stats.get("xenguest", (0, 0))
+        dm = self.domain.context().get("device_model", b"")
+        write_all(self.fd, [image.build_header(image.QEMU_TRAD, len(dm)), dm, image.build_header(image.END_OF_IMAGE)])
+        return self.stats
+
+    def close(self) -> None:
+        """Release emu-manager: `abort` first if it still runs, then wait for it and its emulators."""
+        if self.emu is not None:
+            self.emu.close()

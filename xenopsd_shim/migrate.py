@@ -1,0 +1,128 @@
+"""The sending side of a migration: image over the transport, then the handshake.
+
+The source keeps its (paused) copy until the destination says the VM is
+restored and running; any failure before that unpauses it here, so the VM
+always runs on exactly one host.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from xenemu import Domain, Host
+from xenemu.memory import combine_digests
+
+from . import transport
+from .accounting import CpuAccounting
+from .imagewriter import ImageWriter
+from .log import Logger
+
+HANDSHAKE_TIMEOUT = 300.0
+
+
+class MigrationError(Exception):
+    """A migration failed; the text is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Options:
+    live: bool = True
+    verify: bool = False
+    mode: str = "none"            # none | stream | xenguest
+
+
+class SourceMigration:
+    def __init__(self, host: Host, domain: Domain, dest: str, options: Options, log: Logger,
+                 on_info: Callable[[int], None] = lambda p: None) -> None:
+        self.host = host
+        self.domain = domain
+        self.dest = dest
+        self.options = options
+        self.log = log
+        self.on_info = on_info
+        self.committed = False
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        was_running = self.domain.state == "running"
+        cookies = {"dbg": f"migrate-{self.domain.uuid}"}
+        if self.options.verify:
+            cookies["verify"] = "true"
+        with CpuAccounting() as cpu:
+            sock = transport.open_memory_stream(self.dest, self.domain.uuid, cookies)
+            writer = ImageWriter(self.domain, sock.fileno(), live=self.options.live,
+                                 inband=self.options.mode == "xenguest", log=self.log, on_info=self.on_info)
+            try:
+                stats = writer.run()
+                writer.close()
+                remote = self._handshake(sock)
+                wire = transport.tcp_bytes(sock)[0]
+            except BaseException as e:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)       # finish cleaning up first
+                writer.close()
+                self._close(sock)
+                self._fall_back(was_running)
+                raise MigrationError(self._describe(e)) from None
+            self._close(sock)
+        done = time.monotonic()
+        self.domain.destroy()
+        return {
+            "status": "success", "vm": self.domain.name, "uuid": self.domain.uuid, "dest": self.dest,
+            "mode": self.options.mode, "live": self.options.live, "verified": self.options.verify,
+            "total_seconds": round(done - t0, 3),
+            "downtime_seconds": round(done - stats.paused_at, 3) if stats.paused_at else None,
+            "iterations": stats.iterations, "pages_sent": stats.pages,
+            "memory_bytes": self.domain.memory_bytes, "wire_bytes": wire,
+            "cpu_seconds": {"source": cpu.by_role(), "destination": remote.get("cpu_seconds", {})},
+            "emu_manager_argv": stats.emu_argv,
+        }
+
+    def _handshake(self, sock: socket.socket) -> dict[str, Any]:
+        if self.options.verify:
+            digest = combine_digests(self.domain.memory.page_digests())
+            transport.send_line(sock, f"{transport.HS_VERIFY}{digest}")
+        remote: dict[str, Any] = {}
+        while True:
+            line = transport.recv_line(sock, HANDSHAKE_TIMEOUT, "the destination's restore result")
+            if line.startswith(transport.HS_STATS):
+                remote = json.loads(line[len(transport.HS_STATS):] or "{}")
+            elif line.startswith(transport.HS_ERROR):
+                raise MigrationError(f"destination failed: {line[len(transport.HS_ERROR):].strip()}")
+            elif line == transport.HS_SUCCESS:
+                break
+            else:
+                raise MigrationError(f"unexpected handshake from destination: {line[:80]!r}")
+        transport.send_line(sock, transport.HS_SUCCESS)           # commit: the destination may run it
+        self.committed = True
+        line = transport.recv_line(sock, HANDSHAKE_TIMEOUT, "the destination to start the VM")
+        if line != transport.HS_SUCCESS:
+            raise MigrationError(f"destination did not start the VM: {line[:80]!r}")
+        return remote
+
+    @staticmethod
+    def _close(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def _fall_back(self, was_running: bool) -> None:
+        if self.committed:
+            self.log.warning(f"VM {self.domain.name}: destination was told to start it; "
+                             "leaving the source copy paused")
+            return
+        if was_running and self.domain.state == "paused":
+            self.domain.unpause()
+            self.log.info(f"VM {self.domain.name} unpaused on the source after the failure")
+
+    def _describe(self, e: BaseException) -> str:
+        where = f"VM {self.domain.name} keeps running on this host" if not self.committed else \
+            f"VM {self.domain.name} left paused on this host"
+        if isinstance(e, KeyboardInterrupt):
+            return f"migration aborted by user; {where}"
+        return f"migration failed: {e}; {where}"

@@ -1,0 +1,141 @@
+"""`serve`: the receiving xenopsd, one thread per incoming migration.
+
+A migration is confirmed only after the domain is fully restored (and,
+when asked, verified page by page); the VM is started here only when the
+source commits, so the source can fall back at every earlier step.
+"""
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from xenemu import Host
+from xenemu.memory import combine_digests
+
+from . import transport
+from .accounting import CpuAccounting
+from .imagereader import ImageReader
+from .log import Logger
+
+REQUEST_TIMEOUT = 30.0
+COMMIT_TIMEOUT = 300.0
+
+
+class Receiver:
+    def __init__(self, host: Host, listen: str, log: Logger) -> None:
+        self.host = host
+        self.log = log
+        addr, port = transport.parse_address(listen)
+        self.listener = socket.create_server((addr, port), reuse_port=False)
+        self.address = self.listener.getsockname()
+        self.stopping = threading.Event()
+        self.active: dict[threading.Thread, socket.socket] = {}
+        self._lock = threading.Lock()
+
+    def serve_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        self.log.info(f"listening on {self.address[0]}:{self.address[1]}")
+        try:
+            while not self.stopping.is_set():
+                ready, _, _ = select.select([self.listener], [], [], 0.2)
+                if not ready:
+                    continue
+                conn, peer = self.listener.accept()
+                thread = threading.Thread(target=self._handle, args=(conn, peer), daemon=True)
+                with self._lock:
+                    self.active[thread] = conn
+                thread.start()
+        finally:
+            self.listener.close()
+            self._stop_active()
+
+    def _stop_active(self) -> None:
+        """On shutdown, cut in-flight migrations: their sources fall back."""
+        with self._lock:
+            items = list(self.active.items())
+        for _, conn in items:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread, _ in items:
+            thread.join(timeout=90)
+
+    def _handle(self, conn: socket.socket, peer: Any) -> None:
+        try:
+            IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]")).run()
+        finally:
+            conn.close()
+            with self._lock:
+                self.active.pop(threading.current_thread(), None)
+
+
+class IncomingMigration:
+    def __init__(self, host: Host, conn: socket.socket, log: Logger) -> None:
+        self.host = host
+        self.conn = conn
+        self.log = log
+
+    def run(self) -> None:
+        try:
+            request = transport.read_request(self.conn, REQUEST_TIMEOUT)
+        except transport.TransportError as e:
+            self.log.warning(f"bad request: {e}")
+            return
+        if request.method != "PUT" or not request.path.startswith(transport.MEMORY_PATH):
+            transport.send_status(self.conn, 404, "Not Found")
+            self.log.warning(f"refused {request.method} {request.path[:80]}")
+            return
+        transport.send_status(self.conn, 200, "OK")
+        self.log.info(f"incoming migration of VM {request.vm_uuid}")
+        cpu_start = time.thread_time()
+        reader = ImageReader(self.host, self.conn.fileno(), log=self.log)
+        with CpuAccounting(roots=lambda: reader.emu_pids) as cpu:
+            try:
+                domain = reader.run()
+            except Exception as e:
+                self._fail(f"restore failed: {e}")
+                return
+        try:
+            if request.cookies.get("verify") == "true":
+                self._verify(domain)
+            stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != "xenopsd-shim"},
+                                     "xenopsd-shim": round(time.thread_time() - cpu_start, 3)}}
+            transport.send_line(self.conn, transport.HS_STATS + json.dumps(stats))
+            transport.send_line(self.conn, transport.HS_SUCCESS)
+            commit = transport.recv_line(self.conn, COMMIT_TIMEOUT, "the source's commit")
+            if commit != transport.HS_SUCCESS:
+                raise transport.TransportError(f"source did not commit: {commit[:80]!r}")
+            domain.unpause()
+        except Exception as e:
+            domain.destroy()
+            self._fail(str(e))
+            return
+        try:
+            transport.send_line(self.conn, transport.HS_SUCCESS)
+        except transport.TransportError:
+            pass   # the VM runs here now; the source learns by its own timeout
+        self.log.info(f"VM {domain.name} (domid {domain.domid}) restored and running")
+
+    def _verify(self, domain: Any) -> None:
+        line = transport.recv_line(self.conn, COMMIT_TIMEOUT, "the source's digest")
+        if not line.startswith(transport.HS_VERIFY):
+            raise transport.TransportError(f"expected the source's digest, got {line[:80]!r}")
+        ours = combine_digests(domain.memory.page_digests())
+        if line[len(transport.HS_VERIFY):] != ours:
+            raise transport.TransportError("verification failed: restored memory differs from the source's "
+                                           "memory at the pause point")
+        self.log.info(f"VM {domain.name}: every page verified")
+
+    def _fail(self, text: str) -> None:
+        self.log.warning(text)
+        try:
+            transport.send_line(self.conn, f"{transport.HS_ERROR} {text}")
+        except transport.TransportError:
+            pass

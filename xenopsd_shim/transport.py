@@ -1,0 +1,150 @@
+"""The migration transport: an HTTP/1.1 request on a TCP connection, then the raw stream.
+
+As xenopsd does it: `PUT /services/xenops/memory/<vm-uuid>` with options in
+cookies, a status line back, then the suspend image on the same socket; after
+the image, text handshake lines. Reads never take a byte beyond what they
+parse (MSG_PEEK first), because the rest of the socket belongs to the
+emulators reading their streams from the same fd.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+MEMORY_PATH = "/services/xenops/memory/"
+MAX_HEAD = 16 << 10
+CONNECT_TIMEOUT = 30.0
+
+# Handshake lines after the image (xenopsd's Handshake: Success / Error:<msg>).
+HS_SUCCESS = "Success"
+HS_ERROR = "Error:"
+HS_VERIFY = "Verify:"        # + digest of every page at the pause point (sender -> receiver)
+HS_STATS = "Stats:"          # + JSON of the receiver's accounting (receiver -> sender)
+
+
+class TransportError(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    cookies: dict[str, str]
+
+    @property
+    def vm_uuid(self) -> str:
+        return self.path[len(MEMORY_PATH):]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TransportError(f"invalid address {text!r} (expected HOST:PORT)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _read_until(sock: socket.socket, terminator: bytes, limit: int, timeout: float | None, what: str) -> bytes:
+    """Consume bytes up to and including `terminator`, and not one more."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
+        try:
+            peek = sock.recv(limit, socket.MSG_PEEK)
+        except (socket.timeout, TimeoutError):
+            raise TransportError(f"timed out waiting for {what}") from None
+        except OSError as e:
+            raise TransportError(f"connection error while reading {what}: {e.strerror or e}") from None
+        finally:
+            sock.settimeout(None)
+        if not peek:
+            raise TransportError(f"connection closed while waiting for {what}")
+        end = peek.find(terminator)
+        if end >= 0:
+            return _recv_exact(sock, end + len(terminator))
+        if len(peek) >= limit:
+            raise TransportError(f"{what} longer than {limit} bytes")
+        time.sleep(0.005)     # a partial line: let more arrive
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise TransportError("connection closed")
+        data += chunk
+    return data
+
+
+# Client side -------------------------------------------------------------------
+def open_memory_stream(dest: str, vm_uuid: str, cookies: dict[str, str]) -> socket.socket:
+    host, port = parse_address(dest)
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError as e:
+        raise TransportError(f"cannot connect to {dest}: {e.strerror or e}") from None
+    sock.settimeout(None)
+    cookie = "; ".join(f"{k}={quote(v)}" for k, v in cookies.items())
+    head = (f"PUT {MEMORY_PATH}{vm_uuid} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            + (f"Cookie: {cookie}\r\n" if cookie else "") + "Connection: close\r\n\r\n")
+    try:
+        sock.sendall(head.encode())
+        status = _read_until(sock, b"\r\n\r\n", MAX_HEAD, CONNECT_TIMEOUT, "the receiver's response")
+    except (OSError, TransportError) as e:
+        sock.close()
+        raise TransportError(f"{dest}: {e}") from None
+    line = status.split(b"\r\n", 1)[0].decode(errors="replace")
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
+        sock.close()
+        raise TransportError(f"{dest} refused the migration: {line}")
+    return sock
+
+
+# Server side -------------------------------------------------------------------
+def read_request(sock: socket.socket, timeout: float) -> Request:
+    head = _read_until(sock, b"\r\n\r\n", MAX_HEAD, timeout, "the request").decode("latin-1")
+    lines = head.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise TransportError(f"malformed request line {lines[0][:80]!r}")
+    cookies: dict[str, str] = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "cookie":
+            for item in value.split(";"):
+                k, eq, v = item.strip().partition("=")
+                if eq:
+                    cookies[k] = unquote(v)
+    return Request(parts[0], parts[1], cookies)
+
+
+def send_status(sock: socket.socket, code: int, reason: str) -> None:
+    sock.sendall(f"HTTP/1.1 {code} {reason}\r\nConnection: close\r\n\r\n".encode())
+
+
+# Handshake lines -----------------------------------------------------------------
+def send_line(sock: socket.socket, line: str) -> None:
+    try:
+        sock.sendall(line.encode() + b"\n")
+    except OSError as e:
+        raise TransportError(f"connection lost: {e.strerror or e}") from None
+
+
+def recv_line(sock: socket.socket, timeout: float | None, what: str) -> str:
+    return _read_until(sock, b"\n", MAX_HEAD, timeout, what)[:-1].decode(errors="replace")
+
+
+def tcp_bytes(sock: socket.socket) -> tuple[int, int]:
+    """(bytes acked, bytes received) from the kernel's TCP_INFO: the real wire payload."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return 0, 0
+    if len(info) < 136:
+        return 0, 0
+    return struct.unpack_from("<QQ", info, 120)
