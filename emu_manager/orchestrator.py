@@ -195,11 +195,20 @@ class Orchestrator:
             self._pump(wait)
 
     def _pump(self, timeout: float | None) -> None:
+        """Handle what is already buffered; only when nothing is, wait on the fds.
+
+        (Blocking after handling a buffered message would sit on an event that
+        the caller's condition was waiting for.)"""
+        handled = False
         while self.control.has_line():
             self._on_control(self.control.pop())
+            handled = True
         for emu in self.emus.values():
             while emu.chan is not None and emu.chan.has_message():
                 self._on_emu(emu, emu.chan.recv(self.timeouts.reply)[0])
+                handled = True
+        if handled:
+            return
         sources: dict[int, Emu | None] = {self.control.infd: None}
         for emu in self.emus.values():
             if emu.chan is not None:

@@ -121,3 +121,88 @@ def hosts(tmp_path: Path) -> Iterator[callable]:
     shutil.rmtree(tmp_path, ignore_errors=True)
     if errors:
         pytest.fail("; ".join(errors))
+
+
+class Receiver:
+    """A `xenopsd-shim serve` process on a host, on an ephemeral loopback port."""
+
+    def __init__(self, host: HostDir, *extra: str) -> None:
+        self.host = host
+        self.proc = subprocess.Popen([exe("xenopsd-shim"), "-v", "serve", "--listen", "127.0.0.1:0", *extra],
+                                     env=host.env, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert line.startswith("listening on "), line
+        self.address = line.split()[-1]
+        self._log: list[str] = []
+        import threading
+
+        self._drain = threading.Thread(target=lambda: self._log.extend(self.proc.stderr), daemon=True)
+        self._drain.start()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(timeout=120)
+        self._drain.join(timeout=5)
+        return code
+
+    @property
+    def log(self) -> str:
+        return "".join(self._log)
+
+
+@pytest.fixture
+def receiver() -> Iterator[callable]:
+    started: list[Receiver] = []
+
+    def start(host: HostDir, *extra: str) -> Receiver:
+        r = Receiver(host, *extra)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        assert r.stop() == 0, r.log[-2000:]
+
+
+class ProcessWatcher:
+    """Records the argv (and host) of every emu-manager / xenguest / zstd that runs meanwhile."""
+
+    NAMES = ("emu-manager", "xenguest", "zstd", "vgpu-emu")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen: dict[int, tuple[str, list[str]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmd = proc.info["cmdline"] or []
+                if proc.pid in self.seen or not any(os.path.basename(c) in self.NAMES for c in cmd[:4]):
+                    continue
+                try:
+                    root = proc.environ().get("XENEMU_ROOT", "")
+                except psutil.Error:
+                    root = ""
+                self.seen[proc.pid] = (root, cmd)
+
+    def stop(self) -> list[tuple[str, list[str]]]:
+        self._stop.set()
+        self._thread.join()
+        return list(self.seen.values())
+
+
+def argv_of(seen: list[tuple[str, list[str]]], root: Path, name: str) -> list[list[str]]:
+    """The argv (program name first, path stripped) of each `name` process on host `root`."""
+    out = []
+    for r, cmd in seen:
+        for i, part in enumerate(cmd[:4]):
+            if os.path.basename(part) == name and r == str(root):
+                out.append([name, *cmd[i + 1:]])
+                break
+    return out

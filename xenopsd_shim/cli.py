@@ -12,7 +12,7 @@ import click
 from xenemu import DomainError, Host
 from xenemu.build import build
 from xenemu.memory import combine_digests
-from xenemu.units import format_size, parse_size
+from xenemu.units import format_size, parse_rate, parse_size
 
 from . import image, transport
 from .emuctl import EmuManagerError
@@ -116,16 +116,18 @@ def serve(ctx: Ctx, listen: str) -> None:
 @click.option("--compress/--no-compress", default=None, help="compress the stream (default: pool setting)")
 @click.option("--live/--non-live", default=True, show_default=True)
 @click.option("--verify", is_flag=True, help="the destination checks every page against the pause point")
+@click.option("--max-bandwidth", default=None, help="cap the link, e.g. 125MB/s (kernel socket pacing)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary at the end")
 @click.pass_obj
 def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool, verify: bool,
-               as_json: bool) -> None:
+               max_bandwidth: str | None, as_json: bool) -> None:
     """Migrate a running VM to another host."""
     domain = ctx.host.find(name)
     mode = "none"
     if compress:
         raise click.UsageError("compression is not available yet")
-    summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode), ctx.log,
+    summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode,
+                                      max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None), ctx.log,
                               on_info=_progress(f"migrating {name}")).run()
     if as_json:
         click.echo(json.dumps(summary))

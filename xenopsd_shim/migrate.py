@@ -33,6 +33,7 @@ class Options:
     live: bool = True
     verify: bool = False
     mode: str = "none"            # none | stream | xenguest
+    max_bandwidth: int | None = None   # bytes/s, paced by the kernel on the socket
 
 
 class SourceMigration:
@@ -53,7 +54,7 @@ class SourceMigration:
         if self.options.verify:
             cookies["verify"] = "true"
         with CpuAccounting() as cpu:
-            sock = transport.open_memory_stream(self.dest, self.domain.uuid, cookies)
+            sock = transport.open_memory_stream(self.dest, self.domain.uuid, cookies, self.options.max_bandwidth)
             writer = ImageWriter(self.domain, sock.fileno(), live=self.options.live,
                                  inband=self.options.mode == "xenguest", log=self.log, on_info=self.on_info)
             try:
@@ -64,9 +65,10 @@ class SourceMigration:
             except BaseException as e:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)       # finish cleaning up first
                 writer.close()
+                reason = self._destination_error(sock) or e
                 self._close(sock)
                 self._fall_back(was_running)
-                raise MigrationError(self._describe(e)) from None
+                raise MigrationError(self._describe(reason)) from None
             self._close(sock)
         done = time.monotonic()
         self.domain.destroy()
@@ -102,6 +104,17 @@ class SourceMigration:
         if line != transport.HS_SUCCESS:
             raise MigrationError(f"destination did not start the VM: {line[:80]!r}")
         return remote
+
+    @staticmethod
+    def _destination_error(sock: socket.socket) -> MigrationError | None:
+        """When the destination gave up first, its own words explain the failure best."""
+        try:
+            line = transport.recv_line(sock, 0.5, "the destination's error")
+        except transport.TransportError:
+            return None
+        if line.startswith(transport.HS_ERROR):
+            return MigrationError(f"destination failed: {line[len(transport.HS_ERROR):].strip()}")
+        return None
 
     @staticmethod
     def _close(sock: socket.socket) -> None:

@@ -30,7 +30,7 @@ class Receiver:
     def __init__(self, host: Host, listen: str, log: Logger) -> None:
         self.host = host
         self.log = log
-        addr, port = transport.parse_address(listen)
+        addr, port = transport.parse_address(listen, listening=True)
         self.listener = socket.create_server((addr, port), reuse_port=False)
         self.address = self.listener.getsockname()
         self.stopping = threading.Event()

@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote
 MEMORY_PATH = "/services/xenops/memory/"
 MAX_HEAD = 16 << 10
 CONNECT_TIMEOUT = 30.0
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
 # Handshake lines after the image (xenopsd's Handshake: Success / Error:<msg>).
 HS_SUCCESS = "Success"
@@ -40,9 +41,10 @@ class Request:
         return self.path[len(MEMORY_PATH):]
 
 
-def parse_address(text: str) -> tuple[str, int]:
+def parse_address(text: str, listening: bool = False) -> tuple[str, int]:
+    """HOST:PORT; port 0 (any free port) only for a listener."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not (0 if listening else 1) <= int(port) < 65536:
         raise TransportError(f"invalid address {text!r} (expected HOST:PORT)")
     return host.strip("[]") or "127.0.0.1", int(port)
 
@@ -81,10 +83,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 # Client side -------------------------------------------------------------------
-def open_memory_stream(dest: str, vm_uuid: str, cookies: dict[str, str]) -> socket.socket:
+def open_memory_stream(dest: str, vm_uuid: str, cookies: dict[str, str],
+                       max_bandwidth: int | None = None) -> socket.socket:
+    """Connect and make the request; `max_bandwidth` (bytes/s) paces the socket in the kernel,
+    so it holds whoever writes to the fd (xenguest, zstd) with no relay in between."""
     host, port = parse_address(dest)
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        if max_bandwidth:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, max_bandwidth)
     except OSError as e:
         raise TransportError(f"cannot connect to {dest}: {e.strerror or e}") from None
     sock.settimeout(None)

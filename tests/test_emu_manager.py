@@ -1,0 +1,138 @@
+"""emu-manager on its own: the test plays xenopsd over real pipes, as the real one does."""
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import time
+
+import pytest
+
+from conftest import HostDir, ProcessWatcher, argv_of, exe
+
+
+class Xenopsd:
+    """The toolstack end of emu-manager's control pipes."""
+
+    def __init__(self, host: HostDir, *args: str, stream_fd: int | None = None) -> None:
+        to_emu_r, self.to_emu = os.pipe()
+        self.from_emu, from_emu_w = os.pipe()
+        fds = [to_emu_r, from_emu_w] + ([stream_fd] if stream_fd is not None else [])
+        argv = [exe("emu-manager"), "-controloutfd", str(from_emu_w), "-controlinfd", str(to_emu_r), *args]
+        self.proc = subprocess.Popen(argv, env=host.env, pass_fds=fds, stderr=subprocess.PIPE, text=True)
+        os.close(to_emu_r)
+        os.close(from_emu_w)
+        self.buf = b""
+        self.received: list[str] = []
+
+    def recv(self, timeout: float = 60) -> str | None:
+        """The next control line, or None at EOF."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            ready, _, _ = select.select([self.from_emu], [], [], max(0, deadline - time.monotonic()))
+            assert ready, f"no control message within {timeout} s"
+            data = os.read(self.from_emu, 4096)
+            if not data:
+                return None
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        self.received.append(line.decode())
+        return line.decode()
+
+    def send(self, line: str) -> None:
+        os.write(self.to_emu, (line + "\n").encode())
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        rest = []
+        while (line := self.recv()) is not None:
+            rest.append(line)
+        os.close(self.to_emu)
+        os.close(self.from_emu)
+        return code, self.proc.stderr.read()
+
+
+@pytest.mark.parametrize("args", [
+    ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-live", "maybe"],
+    ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-bogus", "1"],
+    ["-mode", "hvm_save", "-fd", "0"],
+    ["-mode", "fly", "-domid", "1", "-fd", "0"],
+    ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-compress", "yes"],
+    ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-d", "1"],        # ambiguous prefix: -debuglog, -dm, -domid
+])
+def test_bad_arguments_exit_1_with_nothing_on_the_control_pipe(hosts, args):
+    x = Xenopsd(hosts(), *args)
+    code, err = x.finish()
+    assert code == 1
+    assert x.received == []
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("spelling", ["-supports", "--supports", "-sup", "-supports=migration-v2"])
+def test_supports_migration_v2(hosts, spelling):
+    h = hosts()
+    argv = [spelling] if "=" in spelling else [spelling, "migration-v2"]
+    out = h.run("emu-manager", *argv)
+    assert out.stdout == "true\n"
+    assert h.run("emu-manager", "-supports", "time-travel").stdout == "false\n"
+
+
+def test_abort_mid_save_exits_2_and_leaves_no_children(hosts, tmp_path):
+    h = hosts()
+    domid = h.create("vm", "128M", workload="increment")
+    with open(tmp_path / "stream", "wb") as stream:
+        x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", str(domid), "-live", "true",
+                    "-dm", "qemu", stream_fd=stream.fileno())
+        assert x.recv() == "prepare:xenguest"
+        x.send("done")
+        line = x.recv()
+        assert line.startswith("info:\\b\\b\\b\\b"), line
+        children = [p for p in h.processes() if "xenguest" in " ".join(p.cmdline()[:2])]
+        assert len(children) == 1
+        x.send("abort")
+        code, err = x.finish()
+    assert code == 2
+    after_abort = x.received[x.received.index(line) + 1:]
+    assert all(m.startswith("info:") for m in after_abort), after_abort      # nothing but progress already sent
+    assert not any(c.is_running() for c in children)
+    assert h.domains()[0]["state"] == "running"         # never asked to suspend: the VM runs on
+
+
+def test_unexpected_done_is_a_protocol_error(hosts, tmp_path):
+    h = hosts()
+    domid = h.create("vm", "16M")
+    with open(tmp_path / "stream", "wb") as stream:
+        x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", str(domid), "-live", "false",
+                    stream_fd=stream.fileno())
+        assert x.recv() == "suspend:"
+        x.send("done")
+        assert x.recv() == "prepare:xenguest"
+        x.send("done")
+        x.send("done")                     # nobody asked for this one
+        while (line := x.recv()) is not None and not line.startswith("error:"):
+            pass
+        code, _ = x.finish()
+    assert line is not None and "protocol error" in line
+    assert code == 2
+
+
+def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
+    h = hosts()
+    domid = h.create("vm", "32M")
+    watcher = ProcessWatcher()
+    with open(tmp_path / "stream", "wb") as stream:
+        x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", str(domid), "-live", "false",
+                    "-compress", "true", stream_fd=stream.fileno())
+        assert x.recv() == "suspend:"
+        x.send("done")
+        assert x.recv() == "prepare:xenguest"
+        x.send("done")
+        while (line := x.recv()) is not None and line.startswith("info:"):
+            pass
+        assert line == "result:0 0"
+        code, _ = x.finish()
+    assert code == 0
+    assert argv_of(watcher.stop(), h.root, "xenguest") == [[
+        "xenguest", "-debug", "-domid", str(domid), "-controloutfd", "2", "-controlinfd", "0", "-mode", "listen",
+        "-compress", "true"]]
+    assert (tmp_path / "stream").read_bytes()[:8] == b"\xff" * 8
