@@ -170,4 +170,8 @@ def test_host_leaves_no_files_behind(hosts, receiver):
     for h in (a, b):
         left = sorted(p.name for p in h.root.iterdir())
         assert left == [".lock", "domains", "next-domid", "run", "xenopsd.log"], left
-        assert list((h.root / "domains").iterdir()) == [] and list((h.root / "run").iterdir()) == []
+        assert list((h.root / "domains").iterdir()) == []
+    assert list((a.root / "run").iterdir()) == []
+    assert [p.name for p in (b.root / "run").iterdir()] == ["serve-address"]     # only while serving
+    r.stop()
+    assert list((b.root / "run").iterdir()) == []

@@ -48,6 +48,7 @@ class CompressedPages:
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.level = level
+        self.zero_pages = 0
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
 
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> list:
@@ -61,6 +62,7 @@ class CompressedPages:
         plain_length = libxc.PAGE_DATA_SIZE + 8 * len(pfns) + PAGE_SIZE * len(pfns)
         if length >= plain_length:
             return [libxc.page_data_record_header(len(pfns)), libxc.page_data_header(pfns), pages]
+        self.zero_pages += int(zero.sum())
         return [libxc.record_header(REC_TYPE, length), meta, payload, bytes(libxc.padding(length))]
 
 

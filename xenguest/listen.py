@@ -184,7 +184,7 @@ class Server:
         self.saver = saver
 
         def work() -> str:
-            saver.run()
+            self.log.info(saver.run().summary(self.domid))
             return "0 0"
         self._start(work)
 

@@ -45,7 +45,13 @@ class Progress:
     remaining: int = -1         # dirty pages waiting, -1 before the first count
     iteration: int = 0
     wire_bytes: int = 0
+    zero_pages: int = 0         # pages sent as a zero marker, without data
     history: list[int] = field(default_factory=list)   # pages sent per iteration
+
+    def summary(self, domid: int) -> str:
+        """The one line xenguest logs at the end of a save (the toolstack parses it)."""
+        return (f"saved domain {domid}: iterations {len(self.history)}, pages {self.sent}, "
+                f"zero pages {self.zero_pages}, bytes {self.wire_bytes}, per iteration {self.history}")
 
 
 class Aborted(Exception):
@@ -53,11 +59,15 @@ class Aborted(Exception):
 
 
 class PageEncoder(Protocol):
+    zero_pages: int
+
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> list[bytes | memoryview | np.ndarray]: ...
 
 
 class PlainPages:
     """Upstream PAGE_DATA: every page of the batch, uncompressed."""
+
+    zero_pages = 0
 
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> list[bytes | memoryview | np.ndarray]:
         return [libxc.page_data_record_header(len(pfns)), libxc.page_data_header(pfns), pages]
@@ -92,6 +102,7 @@ class Saver:
             batch = pfns[start:start + libxc.PAGE_DATA_MAX_PFNS]
             self._write(self.encoder.encode(batch, self.mem.pages[batch]))
             self.progress.sent += len(batch)
+        self.progress.zero_pages = self.encoder.zero_pages
 
     def _iteration(self, pfns: np.ndarray) -> None:
         self.send_pages(pfns)

@@ -14,20 +14,22 @@ from xenemu.build import build
 from xenemu.memory import combine_digests
 from xenemu.units import format_size, parse_rate, parse_size
 
-from . import image, transport
+from . import image, policy, transport
 from .emuctl import EmuManagerError
 from .imagereader import ImageReader
 from .imagewriter import ImageWriter
 from .log import Logger
 from .migrate import MigrationError, Options, SourceMigration
 from .receiver import Receiver
+from .zstdpipe import ZSTD_MAGIC, Zstd, ZstdError
 
 EXIT_FAILED = 2
 
 
 class Ctx:
-    def __init__(self, root: str | None, verbose: bool) -> None:
+    def __init__(self, root: str | None, verbose: bool, config: Path | None) -> None:
         self.host = Host(root)
+        self.config = policy.config_path(self.host, config)
         os.environ["XENEMU_ROOT"] = str(self.host.root)     # emu-manager and xenguest find the host here
         self.log = Logger(self.host.root / "xenopsd.log", verbose)
 
@@ -49,9 +51,32 @@ def _progress(label: str):  # type: ignore[no-untyped-def]
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--root", envvar="XENEMU_ROOT", help="host directory (default: $XENEMU_ROOT)")
 @click.option("-v", "--verbose", is_flag=True, help="log to stderr as well as to ROOT/xenopsd.log")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="xenopsd.conf to read (default: ROOT/xenopsd.conf)")
 @click.pass_context
-def cli(ctx: click.Context, root: str | None, verbose: bool) -> None:
-    ctx.obj = Ctx(root, verbose)
+def cli(ctx: click.Context, root: str | None, verbose: bool, config: Path | None) -> None:
+    ctx.obj = Ctx(root, verbose, config)
+
+
+@cli.command("pool-param-set")
+@click.argument("assignment", metavar="KEY=VALUE")
+@click.pass_obj
+def pool_param_set(ctx: Ctx, assignment: str) -> None:
+    """Set a pool parameter, e.g. migration-compression=true."""
+    key, eq, value = assignment.partition("=")
+    if not eq:
+        raise click.UsageError("expected KEY=VALUE, e.g. migration-compression=true")
+    policy.set_pool_param(ctx.host, key.strip(), value.strip())
+
+
+@cli.command("pool-param-get")
+@click.argument("key")
+@click.pass_obj
+def pool_param_get(ctx: Ctx, key: str) -> None:
+    params = policy.pool_params(ctx.host)
+    if key not in params:
+        raise click.UsageError(f"unknown pool parameter {key!r}")
+    click.echo(params[key])
 
 
 @cli.command("vm-create")
@@ -123,9 +148,7 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
                max_bandwidth: str | None, as_json: bool) -> None:
     """Migrate a running VM to another host."""
     domain = ctx.host.find(name)
-    mode = "none"
-    if compress:
-        raise click.UsageError("compression is not available yet")
+    mode = policy.decide(ctx.host, dest, compress, ctx.config, ctx.log)
     summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode,
                                       max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None), ctx.log,
                               on_info=_progress(f"migrating {name}")).run()
@@ -140,24 +163,33 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
 @cli.command("vm-suspend")
 @click.argument("name")
 @click.option("--to", "path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--compress/--no-compress", default=False, show_default=True,
+              help="compress the image with the configured migration-compressor")
 @click.pass_obj
-def vm_suspend(ctx: Ctx, name: str, path: Path) -> None:
+def vm_suspend(ctx: Ctx, name: str, path: Path, compress: bool) -> None:
     """Suspend a VM to a suspend image; the VM is gone from the host after."""
     domain = ctx.host.find(name)
+    mode = policy.compressor(ctx.config, ctx.log) if compress else policy.MODE_NONE
     was_running = domain.state == "running"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    writer = ImageWriter(domain, fd, live=False, inband=False, log=ctx.log, on_info=_progress(f"suspending {name}"))
+    zstd = Zstd(compress=True, far_fd=fd) if mode == policy.MODE_STREAM else None
+    writer = ImageWriter(domain, zstd.fd if zstd else fd, live=False, inband=mode == policy.MODE_XENGUEST,
+                         log=ctx.log, on_info=_progress(f"suspending {name}"))
     try:
         writer.run()
+        writer.close()
+        if zstd is not None:
+            zstd.finish()
+        os.fsync(fd)
     except BaseException:
         writer.close()
+        if zstd is not None:
+            zstd.stop()
         os.close(fd)
         path.unlink(missing_ok=True)
         if was_running and domain.state == "paused":
             domain.unpause()
         raise
-    writer.close()
-    os.fsync(fd)
     os.close(fd)
     domain.destroy()
 
@@ -167,9 +199,17 @@ def vm_suspend(ctx: Ctx, name: str, path: Path) -> None:
 @click.option("--name", default=None, help="name for the resumed VM (default: the image's)")
 @click.pass_obj
 def vm_resume(ctx: Ctx, path: Path, name: str | None) -> None:
-    """Create a VM from a suspend image and start it; prints its uuid."""
+    """Create a VM from a suspend image (plain or zstd-compressed) and start it; prints its uuid."""
     with open(path, "rb") as f:
-        domain = ImageReader(ctx.host, f.fileno(), log=ctx.log, name=name).run()
+        zstd = Zstd(compress=False, far_fd=f.fileno()) if os.pread(f.fileno(), 4, 0) == ZSTD_MAGIC else None
+        try:
+            domain = ImageReader(ctx.host, zstd.fd if zstd else f.fileno(), log=ctx.log, name=name).run()
+        except image.ImageError as e:
+            failure = zstd.failure() if zstd is not None else None
+            raise image.ImageError(failure or str(e)) from None
+        finally:
+            if zstd is not None:
+                zstd.stop()
     domain.unpause()
     click.echo(domain.uuid)
 
@@ -187,7 +227,8 @@ def main() -> None:
     except MigrationError as e:
         click.echo(f"xenopsd-shim: {e}", err=True)
         code = 130 if "aborted by user" in str(e) else EXIT_FAILED
-    except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, ValueError, OSError) as e:
+    except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, ZstdError, ValueError,
+            OSError) as e:
         text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         click.echo(f"xenopsd-shim: {text}", err=True)
         code = EXIT_FAILED

@@ -18,7 +18,8 @@ from emu_manager import control as ctl
 
 from .log import Logger
 
-_STATS = re.compile(r"(\w[\w-]*): completed: iterations (\d+), pages (\d+)")
+# xenguest's end-of-save line, relayed on emu-manager's stderr.
+_SAVE_SUMMARY = re.compile(r"saved domain \d+: iterations (\d+), pages (\d+), zero pages (\d+), bytes (\d+)")
 
 
 class EmuManagerError(Exception):
@@ -46,7 +47,7 @@ class EmuManager:
         if compress:
             self.argv += ["-compress", "true"]
         self.log = log
-        self.stats: dict[str, tuple[int, int]] = {}
+        self.save_summary: dict[str, int] = {}
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, pass_fds=(to_emu_r, from_emu_w, fd, *pass_fds),
@@ -69,9 +70,9 @@ class EmuManager:
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             self.log.debug(line)
-            m = _STATS.search(line)
+            m = _SAVE_SUMMARY.search(line)
             if m:
-                self.stats[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+                self.save_summary = dict(zip(("iterations", "pages", "zero_pages", "bytes"), map(int, m.groups())))
 
     def send(self, line: str) -> None:
         self.log.debug(f"-> emu-manager: {line}")

@@ -33,6 +33,7 @@ class SaveStats:
     paused_at: float | None = None
     iterations: int = 0
     pages: int = 0
+    zero_pages: int = 0
     emu_argv: list[str] = field(default_factory=list)
 
 
@@ -69,7 +70,9 @@ class ImageWriter:
         code = self.emu.wait()
         if code != 0:
             raise EmuManagerError(f"emu-manager exited with status {code} after its result")
-        self.stats.iterations, self.stats.pages = self.emu.stats.get("xenguest", (0, 0))
+        summary = self.emu.save_summary
+        self.stats.iterations, self.stats.pages = summary.get("iterations", 0), summary.get("pages", 0)
+        self.stats.zero_pages = summary.get("zero_pages", 0)
         dm = self.domain.context().get("device_model", b"")
         write_all(self.fd, [image.build_header(image.QEMU_TRAD, len(dm)), dm, image.build_header(image.END_OF_IMAGE)])
         return self.stats

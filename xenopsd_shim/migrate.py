@@ -20,6 +20,8 @@ from . import transport
 from .accounting import CpuAccounting
 from .imagewriter import ImageWriter
 from .log import Logger
+from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST
+from .zstdpipe import Zstd
 
 HANDSHAKE_TIMEOUT = 300.0
 
@@ -32,7 +34,7 @@ class MigrationError(Exception):
 class Options:
     live: bool = True
     verify: bool = False
-    mode: str = "none"            # none | stream | xenguest
+    mode: str = MODE_NONE         # none | stream | xenguest
     max_bandwidth: int | None = None   # bytes/s, paced by the kernel on the socket
 
 
@@ -50,22 +52,31 @@ class SourceMigration:
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
         was_running = self.domain.state == "running"
+        mode = self.options.mode
         cookies = {"dbg": f"migrate-{self.domain.uuid}"}
         if self.options.verify:
             cookies["verify"] = "true"
+        if mode == MODE_STREAM:
+            cookies["compress"] = "zstd"          # the receiver decides from this alone
         with CpuAccounting() as cpu:
             sock = transport.open_memory_stream(self.dest, self.domain.uuid, cookies, self.options.max_bandwidth)
-            writer = ImageWriter(self.domain, sock.fileno(), live=self.options.live,
-                                 inband=self.options.mode == "xenguest", log=self.log, on_info=self.on_info)
+            zstd = Zstd(compress=True, far_fd=sock.fileno()) if mode == MODE_STREAM else None
+            writer = ImageWriter(self.domain, zstd.fd if zstd else sock.fileno(), live=self.options.live,
+                                 inband=mode == MODE_XENGUEST, log=self.log, on_info=self.on_info)
             try:
                 stats = writer.run()
                 writer.close()
+                if zstd is not None:
+                    zstd.finish()
                 remote = self._handshake(sock)
                 wire = transport.tcp_bytes(sock)[0]
             except BaseException as e:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)       # finish cleaning up first
                 writer.close()
-                reason = self._destination_error(sock) or e
+                zstd_failure = zstd.failure() if zstd is not None else None
+                if zstd is not None:
+                    zstd.stop()
+                reason = self._destination_error(sock) or (MigrationError(zstd_failure) if zstd_failure else e)
                 self._close(sock)
                 self._fall_back(was_running)
                 raise MigrationError(self._describe(reason)) from None
@@ -74,36 +85,46 @@ class SourceMigration:
         self.domain.destroy()
         return {
             "status": "success", "vm": self.domain.name, "uuid": self.domain.uuid, "dest": self.dest,
-            "mode": self.options.mode, "live": self.options.live, "verified": self.options.verify,
+            "mode": mode, "live": self.options.live, "verified": self.options.verify,
             "total_seconds": round(done - t0, 3),
             "downtime_seconds": round(done - stats.paused_at, 3) if stats.paused_at else None,
-            "iterations": stats.iterations, "pages_sent": stats.pages,
+            "iterations": stats.iterations, "pages_sent": stats.pages, "zero_pages": stats.zero_pages,
             "memory_bytes": self.domain.memory_bytes, "wire_bytes": wire,
+            "wire_bytes_per_stream": {"memory": wire},
+            "compression_ratio": round(self.domain.memory_bytes / wire, 3) if wire else None,
             "cpu_seconds": {"source": cpu.by_role(), "destination": remote.get("cpu_seconds", {})},
             "emu_manager_argv": stats.emu_argv,
         }
 
     def _handshake(self, sock: socket.socket) -> dict[str, Any]:
+        """After the image the destination speaks first (so its zstd can be stopped safely)."""
+        remote: dict[str, Any] = {}
+        while True:
+            line = self._expect_success(sock, "the destination's restore result")
+            if line.startswith(transport.HS_STATS):
+                remote = json.loads(line[len(transport.HS_STATS):] or "{}")
+            else:
+                break
         if self.options.verify:
             digest = combine_digests(self.domain.memory.page_digests())
             transport.send_line(sock, f"{transport.HS_VERIFY}{digest}")
-        remote: dict[str, Any] = {}
-        while True:
-            line = transport.recv_line(sock, HANDSHAKE_TIMEOUT, "the destination's restore result")
-            if line.startswith(transport.HS_STATS):
-                remote = json.loads(line[len(transport.HS_STATS):] or "{}")
-            elif line.startswith(transport.HS_ERROR):
-                raise MigrationError(f"destination failed: {line[len(transport.HS_ERROR):].strip()}")
-            elif line == transport.HS_SUCCESS:
-                break
-            else:
-                raise MigrationError(f"unexpected handshake from destination: {line[:80]!r}")
+            self._expect_success(sock, "the destination's verification")
         transport.send_line(sock, transport.HS_SUCCESS)           # commit: the destination may run it
         self.committed = True
         line = transport.recv_line(sock, HANDSHAKE_TIMEOUT, "the destination to start the VM")
         if line != transport.HS_SUCCESS:
             raise MigrationError(f"destination did not start the VM: {line[:80]!r}")
         return remote
+
+    @staticmethod
+    def _expect_success(sock: socket.socket, what: str) -> str:
+        """The next handshake line: Success or Stats pass, Error raises."""
+        line = transport.recv_line(sock, HANDSHAKE_TIMEOUT, what)
+        if line.startswith(transport.HS_ERROR):
+            raise MigrationError(f"destination failed: {line[len(transport.HS_ERROR):].strip()}")
+        if line != transport.HS_SUCCESS and not line.startswith(transport.HS_STATS):
+            raise MigrationError(f"unexpected handshake from destination: {line[:80]!r}")
+        return line
 
     @staticmethod
     def _destination_error(sock: socket.socket) -> MigrationError | None:

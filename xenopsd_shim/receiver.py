@@ -21,6 +21,8 @@ from . import transport
 from .accounting import CpuAccounting
 from .imagereader import ImageReader
 from .log import Logger
+from .policy import SERVE_ADDRESS
+from .zstdpipe import Zstd, ZstdError
 
 REQUEST_TIMEOUT = 30.0
 COMMIT_TIMEOUT = 300.0
@@ -41,6 +43,8 @@ class Receiver:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.log.info(f"listening on {self.address[0]}:{self.address[1]}")
+        marker = self.host.run_dir / SERVE_ADDRESS        # lets a migration see it targets its own host
+        marker.write_text(f"{self.address[0]}:{self.address[1]}\n")
         try:
             while not self.stopping.is_set():
                 ready, _, _ = select.select([self.listener], [], [], 0.2)
@@ -53,6 +57,7 @@ class Receiver:
                 thread.start()
         finally:
             self.listener.close()
+            marker.unlink(missing_ok=True)
             self._stop_active()
 
     def _stop_active(self) -> None:
@@ -93,22 +98,37 @@ class IncomingMigration:
             self.log.warning(f"refused {request.method} {request.path[:80]}")
             return
         transport.send_status(self.conn, 200, "OK")
-        self.log.info(f"incoming migration of VM {request.vm_uuid}")
+        stream = request.cookies.get("compress")
+        self.log.info(f"incoming migration of VM {request.vm_uuid}" + (f" (compress={stream})" if stream else ""))
         cpu_start = time.thread_time()
-        reader = ImageReader(self.host, self.conn.fileno(), log=self.log)
-        with CpuAccounting(roots=lambda: reader.emu_pids) as cpu:
+        if stream not in (None, "zstd"):
+            self._fail(f"unknown stream compression {stream!r}")
+            return
+        try:
+            zstd = Zstd(compress=False, far_fd=self.conn.fileno()) if stream == "zstd" else None
+        except ZstdError as e:
+            self._fail(str(e))
+            return
+        reader = ImageReader(self.host, zstd.fd if zstd else self.conn.fileno(), log=self.log)
+        roots = lambda: [*reader.emu_pids, *([zstd.pid] if zstd else [])]  # noqa: E731
+        with CpuAccounting(roots=roots) as cpu:
             try:
                 domain = reader.run()
             except Exception as e:
-                self._fail(f"restore failed: {e}")
+                failure = zstd.failure() if zstd is not None else None
+                self._fail(f"restore failed: {failure or e}")
                 return
+            finally:
+                if zstd is not None:
+                    zstd.stop()       # the image is complete: nothing more is its to read
         try:
-            if request.cookies.get("verify") == "true":
-                self._verify(domain)
             stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != "xenopsd-shim"},
                                      "xenopsd-shim": round(time.thread_time() - cpu_start, 3)}}
             transport.send_line(self.conn, transport.HS_STATS + json.dumps(stats))
             transport.send_line(self.conn, transport.HS_SUCCESS)
+            if request.cookies.get("verify") == "true":
+                self._verify(domain)
+                transport.send_line(self.conn, transport.HS_SUCCESS)
             commit = transport.recv_line(self.conn, COMMIT_TIMEOUT, "the source's commit")
             if commit != transport.HS_SUCCESS:
                 raise transport.TransportError(f"source did not commit: {commit[:80]!r}")

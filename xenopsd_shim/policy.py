@@ -1,0 +1,83 @@
+"""Which compression a migration uses, decided as xapi and xenopsd decide it.
+
+`compress` comes from the call, else from the pool's `migration-compression`
+(false by default, and false for a migration to the same host). What
+`compress=true` means comes from xenopsd.conf's `migration-compressor`:
+`stream` (external zstd, the default) or `xenguest` (in-band). Never both.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from xenemu import Host
+
+from .log import Logger
+
+MODE_NONE, MODE_STREAM, MODE_XENGUEST = "none", "stream", "xenguest"
+COMPRESSORS = (MODE_STREAM, MODE_XENGUEST)
+POOL_PARAMS = {"migration-compression": "false"}
+CONFIG_NAME = "xenopsd.conf"
+POOL_NAME = "pool.json"
+SERVE_ADDRESS = "serve-address"     # in the host's run dir while `serve` runs
+
+
+def config_path(host: Host, override: Path | None) -> Path:
+    return override if override is not None else host.root / CONFIG_NAME
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """xenopsd.conf: `key = value` lines, `#` comments; a missing file is an empty config."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    conf: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "=" in line:
+            key, _, value = line.partition("=")
+            conf[key.strip()] = value.strip().strip('"')
+    return conf
+
+
+def compressor(path: Path, log: Logger) -> str:
+    value = read_config(path).get("migration-compressor", MODE_STREAM)
+    if value.lower() in COMPRESSORS:
+        return value.lower()
+    log.warning(f'unknown migration compressor "{value}", using "{MODE_STREAM}"')
+    return MODE_STREAM
+
+
+def pool_params(host: Host) -> dict[str, str]:
+    try:
+        stored = json.loads((host.root / POOL_NAME).read_text())
+    except FileNotFoundError:
+        stored = {}
+    return {**POOL_PARAMS, **stored}
+
+
+def set_pool_param(host: Host, key: str, value: str) -> None:
+    if key not in POOL_PARAMS:
+        raise ValueError(f"unknown pool parameter {key!r} (known: {', '.join(POOL_PARAMS)})")
+    if key == "migration-compression" and value.lower() not in ("true", "false"):
+        raise ValueError(f"migration-compression must be true or false, not {value!r}")
+    params = {**pool_params(host), key: value.lower()}
+    tmp = host.root / f".{POOL_NAME}.tmp"
+    tmp.write_text(json.dumps(params, indent=1))
+    tmp.replace(host.root / POOL_NAME)
+
+
+def is_same_host(host: Host, dest: str) -> bool:
+    """True when `dest` is where this very host's `serve` listens."""
+    try:
+        return (host.run_dir / SERVE_ADDRESS).read_text().strip() == dest.strip()
+    except FileNotFoundError:
+        return False
+
+
+def decide(host: Host, dest: str, requested: bool | None, config: Path, log: Logger) -> str:
+    """The method for one migration: none, stream or xenguest."""
+    if requested is None:
+        requested = pool_params(host)["migration-compression"] == "true" and not is_same_host(host, dest)
+    return compressor(config, log) if requested else MODE_NONE
