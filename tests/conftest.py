@@ -34,7 +34,8 @@ class HostDir:
         self.env = {**os.environ, "XENEMU_ROOT": str(root), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 
     def run(self, *argv: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run([exe(argv[0]), *argv[1:]], env=self.env, capture_output=True, text=True,
+        kw.setdefault("stdout", subprocess.PIPE)
+        proc = subprocess.run([exe(argv[0]), *argv[1:]], env=self.env, stderr=subprocess.PIPE, text=True,
                               timeout=timeout, **kw)
         if check and proc.returncode != 0:
             raise AssertionError(f"{argv} exited {proc.returncode}: {proc.stderr}")
@@ -175,6 +176,7 @@ class ProcessWatcher:
         import threading
 
         self.seen: dict[int, tuple[str, list[str]]] = {}
+        self.priority: dict[int, tuple[int, int]] = {}     # pid -> (nice, ionice class) when first seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -183,12 +185,17 @@ class ProcessWatcher:
         while not self._stop.wait(0.005):
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 cmd = proc.info["cmdline"] or []
-                if proc.pid in self.seen or not any(os.path.basename(c) in self.NAMES for c in cmd[:4]):
+                if not any(os.path.basename(c) in self.NAMES for c in cmd[:4]):
                     continue
+                if self.seen.get(proc.pid, ("", []))[1] == cmd:
+                    continue
+                # A pid is re-read whenever its argv changes: a child seen between fork and
+                # exec still shows its parent's argv, and nice/ionice exec into zstd.
                 try:
                     root = proc.environ().get("XENEMU_ROOT", "")
+                    self.priority[proc.pid] = (proc.nice(), int(proc.ionice().ioclass))
                 except psutil.Error:
-                    root = ""
+                    continue
                 self.seen[proc.pid] = (root, cmd)
 
     def stop(self) -> list[tuple[str, list[str]]]:

@@ -3,6 +3,8 @@
     xenguest -debug -domid D -controloutfd 2 -controlinfd 0 -mode listen [-compress true]
     xenguest -mode save -domid D -fd N [-live true] [-compress true]
     xenguest -mode restore -domid D -fd N
+    xenguest -mode inspect -fd N                 (a stream or suspend image, described on stdout)
+    xenguest -mode convert -fd IN -outfd OUT     (compressed records rewritten as upstream PAGE_DATA)
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 
 from xenemu import DomainError, Host
 
-from . import libxc
+from . import convert, inspect, libxc
 from .compressed import CompressedPages
 from .fdio import Truncated
 from .listen import Server
@@ -21,12 +23,13 @@ from .save import Aborted, PlainPages, Policy, Saver
 
 PROG = "xenguest"
 OPTIONS = [
-    Opt("mode", required=True), Opt("domid", "int", required=True), Opt("fd", "int"),
+    Opt("mode", required=True), Opt("domid", "int"), Opt("fd", "int"), Opt("outfd", "int"),
     Opt("live", "bool"), Opt("debug", "flag"), Opt("controlinfd", "int"), Opt("controloutfd", "int"),
     Opt("compress", "bool"), Opt("store_port", "int"), Opt("console_port", "int"), Opt("fork", "str"),
     Opt("mem_pnode", "int"),
 ]
-MODES = ("listen", "save", "hvm_save", "restore", "hvm_restore")
+DOMAIN_MODES = ("listen", "save", "hvm_save", "restore", "hvm_restore")
+MODES = (*DOMAIN_MODES, "inspect", "convert")
 
 
 def _save(host: Host, args: dict, log: Log) -> int:
@@ -61,14 +64,22 @@ def run(argv: list[str]) -> int:
         args = parse(PROG, argv, OPTIONS)
         if args["mode"] not in MODES:
             raise UsageError(f"{PROG}: unknown mode '{args['mode']}' (one of {', '.join(MODES)})")
+        if args["mode"] in DOMAIN_MODES and args["domid"] is None:
+            raise UsageError(f"{PROG}: missing required option -domid")
         if args["mode"] != "listen" and args["fd"] is None:
             raise UsageError(f"{PROG}: -mode {args['mode']} needs -fd")
+        if args["mode"] == "convert" and args["outfd"] is None:
+            raise UsageError(f"{PROG}: -mode convert needs -outfd")
     except UsageError as e:
         print(e, file=sys.stderr)
         return 1
-    log = Log(f"{PROG}[{args['domid']}]", args["controloutfd"] if args["controloutfd"] is not None else 2,
-              debug=bool(args["debug"]))
+    log = Log(PROG if args["domid"] is None else f"{PROG}[{args['domid']}]",
+              args["controloutfd"] if args["controloutfd"] is not None else 2, debug=bool(args["debug"]))
     try:
+        if args["mode"] == "inspect":
+            return inspect.run(args["fd"])
+        if args["mode"] == "convert":
+            return convert.run(args["fd"], args["outfd"])
         host = Host()
         if args["mode"] == "listen":
             return Server(host, args["domid"], compress=bool(args["compress"]), log=log).run()

@@ -115,7 +115,7 @@ def inflate(payload: memoryview, expected: int) -> bytes:
         raise libxc.StreamError(f"COMPRESSED_PAGE_DATA frame claims {params.content_size} bytes, "
                                 f"its pfns need {expected}")
     try:
-        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise libxc.StreamError(f"COMPRESSED_PAGE_DATA payload does not inflate: {e}") from None
     if len(out) != expected:

@@ -19,14 +19,14 @@ from . import compressed, libxc
 from .fdio import Reader, Truncated
 
 # Records that must arrive before END, with the context blob each one fills.
-_CONTEXT_RECORDS = {
+CONTEXT_RECORDS = {
     libxc.REC_TYPE_X86_CPUID_POLICY: "cpuid_policy",
     libxc.REC_TYPE_X86_MSR_POLICY: "msr_policy",
     libxc.REC_TYPE_X86_TSC_INFO: "tsc_info",
     libxc.REC_TYPE_HVM_CONTEXT: "hvm_context",
     libxc.REC_TYPE_HVM_PARAMS: "hvm_params",
 }
-_REQUIRED = {libxc.REC_TYPE_HVM_CONTEXT, libxc.REC_TYPE_HVM_PARAMS, libxc.REC_TYPE_X86_TSC_INFO}
+REQUIRED_RECORDS = {libxc.REC_TYPE_HVM_CONTEXT, libxc.REC_TYPE_HVM_PARAMS, libxc.REC_TYPE_X86_TSC_INFO}
 
 
 @dataclass
@@ -95,14 +95,14 @@ class Restorer:
                 if length:
                     raise libxc.StreamError("STATIC_DATA_END record with a body")
                 static_done = True
-            elif rtype in _CONTEXT_RECORDS:
-                blobs[_CONTEXT_RECORDS[rtype]] = _context_blob(rtype, body)
+            elif rtype in CONTEXT_RECORDS:
+                blobs[CONTEXT_RECORDS[rtype]] = context_blob(rtype, body)
             elif rtype in (libxc.REC_TYPE_VERIFY, libxc.REC_TYPE_CHECKPOINT):
                 raise libxc.StreamError(f"{libxc.record_name(rtype)} record is not supported on a migration")
             elif not rtype & libxc.REC_TYPE_OPTIONAL:
                 raise libxc.StreamError(f"unknown mandatory record type 0x{rtype:08x} at offset {at}")
             seen.add(rtype)
-        missing = _REQUIRED - seen
+        missing = REQUIRED_RECORDS - seen
         if missing:
             raise libxc.StreamError("stream ended without " + ", ".join(sorted(libxc.record_name(t) for t in missing)))
         self.domain.set_context(blobs)
@@ -118,7 +118,7 @@ def _plain_pages(body: memoryview, restorer: Restorer) -> None:
         restorer.write_pages(pd.pfns, frames)
 
 
-def _context_blob(rtype: int, body: memoryview) -> bytes:
+def context_blob(rtype: int, body: memoryview) -> bytes:
     if rtype == libxc.REC_TYPE_X86_TSC_INFO:
         return libxc.check_tsc_info(bytes(body))
     if rtype == libxc.REC_TYPE_HVM_PARAMS:

@@ -202,10 +202,15 @@ def vm_resume(ctx: Ctx, path: Path, name: str | None) -> None:
     """Create a VM from a suspend image (plain or zstd-compressed) and start it; prints its uuid."""
     with open(path, "rb") as f:
         zstd = Zstd(compress=False, far_fd=f.fileno()) if os.pread(f.fileno(), 4, 0) == ZSTD_MAGIC else None
+        domain = None
         try:
             domain = ImageReader(ctx.host, zstd.fd if zstd else f.fileno(), log=ctx.log, name=name).run()
-        except image.ImageError as e:
+            if zstd is not None:
+                zstd.finish()
+        except (image.ImageError, ZstdError) as e:
             failure = zstd.failure() if zstd is not None else None
+            if domain is not None:
+                domain.destroy()
             raise image.ImageError(failure or str(e)) from None
         finally:
             if zstd is not None:

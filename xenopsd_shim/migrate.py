@@ -76,7 +76,8 @@ class SourceMigration:
                 zstd_failure = zstd.failure() if zstd is not None else None
                 if zstd is not None:
                     zstd.stop()
-                reason = self._destination_error(sock) or (MigrationError(zstd_failure) if zstd_failure else e)
+                # Our own zstd's death explains the rest; else the destination's words; else ours.
+                reason = (MigrationError(zstd_failure) if zstd_failure else None) or self._destination_error(sock) or e
                 self._close(sock)
                 self._fall_back(was_running)
                 raise MigrationError(self._describe(reason)) from None

@@ -105,22 +105,27 @@ class IncomingMigration:
             self._fail(f"unknown stream compression {stream!r}")
             return
         try:
-            zstd = Zstd(compress=False, far_fd=self.conn.fileno()) if stream == "zstd" else None
+            zstd = Zstd(compress=False, far_fd=self.conn.fileno(), relay_from=self.conn) if stream == "zstd" else None
         except ZstdError as e:
             self._fail(str(e))
             return
         reader = ImageReader(self.host, zstd.fd if zstd else self.conn.fileno(), log=self.log)
         roots = lambda: [*reader.emu_pids, *([zstd.pid] if zstd else [])]  # noqa: E731
         with CpuAccounting(roots=roots) as cpu:
+            domain = None
             try:
                 domain = reader.run()
+                if zstd is not None:
+                    zstd.finish()      # the frame ended with the image: zstd must exit 0 now
             except Exception as e:
                 failure = zstd.failure() if zstd is not None else None
+                if domain is not None:
+                    domain.destroy()
                 self._fail(f"restore failed: {failure or e}")
                 return
             finally:
                 if zstd is not None:
-                    zstd.stop()       # the image is complete: nothing more is its to read
+                    zstd.stop()
         try:
             stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != "xenopsd-shim"},
                                      "xenopsd-shim": round(time.thread_time() - cpu_start, 3)}}

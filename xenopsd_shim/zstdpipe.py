@@ -8,7 +8,11 @@ from which the image is read. Both as the real xenopsd runs them.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
+
+from .zstdframe import FrameError, relay_one_frame
 
 ZSTD = "/usr/bin/zstd"
 COMPRESS_ARGV = ["nice", "-n", "19", "ionice", "-c", "3", ZSTD, "--fast"]
@@ -23,24 +27,40 @@ class ZstdError(Exception):
 
 class Zstd:
     """One zstd process between `far_fd` (a socket or file) and a pipe; `fd` is our end of the
-    pipe (write end to compress, read end to decompress)."""
+    pipe (write end to compress, read end to decompress). A decompressor reading a socket is
+    fed one frame by a relay thread (`zstdframe`), so it sees end of input where the frame ends."""
 
-    def __init__(self, compress: bool, far_fd: int) -> None:
+    def __init__(self, compress: bool, far_fd: int, relay_from: socket.socket | None = None) -> None:
         self.compress = compress
         self.name = "zstd --fast" if compress else "zstd --decompress"
+        self.relay_error: str | None = None
+        self._relay: threading.Thread | None = None
         r, w = os.pipe()
         ours, theirs = (w, r) if compress else (r, w)
+        feed_r, feed_w = os.pipe() if relay_from is not None else (far_fd, -1)
         try:
             self.proc = subprocess.Popen(COMPRESS_ARGV if compress else DECOMPRESS_ARGV,
-                                         stdin=theirs if compress else far_fd,
+                                         stdin=theirs if compress else feed_r,
                                          stdout=far_fd if compress else theirs,
                                          stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
-            os.close(r)
-            os.close(w)
+            for fd in (r, w, *((feed_r, feed_w) if relay_from is not None else ())):
+                os.close(fd)
             raise ZstdError(f"cannot start zstd: {e.strerror}") from None
         os.close(theirs)
         self.fd: int | None = ours
+        if relay_from is not None:
+            os.close(feed_r)
+            self._relay = threading.Thread(target=self._feed, args=(relay_from, feed_w), daemon=True)
+            self._relay.start()
+
+    def _feed(self, sock: socket.socket, feed_w: int) -> None:
+        try:
+            relay_one_frame(sock, feed_w)
+        except (FrameError, OSError) as e:
+            self.relay_error = f"compressed stream broken: {e}"
+        finally:
+            os.close(feed_w)
 
     @property
     def pid(self) -> int:
@@ -52,28 +72,32 @@ class Zstd:
             self.fd = None
 
     def failure(self) -> str | None:
-        """Why zstd failed, if it has exited with an error."""
+        """Why zstd failed, if it has exited with an error (or its input broke)."""
         code = self.proc.poll()
         if code is None or code == 0:
-            return None
+            return self.relay_error
         detail = self.proc.stderr.read().decode(errors="replace").strip().splitlines() if self.proc.stderr else []
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         return f"{self.name} {how}" + (f": {detail[-1]}" if detail else "")
 
     def finish(self) -> None:
-        """Sender: end of input; wait for zstd to flush and exit cleanly."""
-        self.close_fd()
+        """The stream is complete: let zstd see the end of it and exit; it must exit 0."""
+        if self.compress:
+            self.close_fd()
         try:
             self.proc.wait(timeout=EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.close_fd()
+        if self._relay is not None:
+            self._relay.join(timeout=EXIT_TIMEOUT)
         reason = self.failure()
         if reason:
             raise ZstdError(reason)
 
     def stop(self) -> None:
-        """Receiver, or any failure: the stream is over (or abandoned); end zstd now."""
+        """Any failure: end zstd now (idempotent)."""
         self.close_fd()
         if self.proc.poll() is None:
             self.proc.kill()

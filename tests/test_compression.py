@@ -1,0 +1,199 @@
+"""Both compression methods side by side, xapi's policy, and a receiver that accepts all three streams."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from conftest import HostDir, ProcessWatcher, argv_of, exe
+
+ZSTD_SEND = ["/usr/bin/zstd", "--fast"]
+ZSTD_RECV = ["/usr/bin/zstd", "--decompress", "--stdout"]
+
+
+def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
+    return host.run("xenopsd-shim", *argv, **kw)
+
+
+def configure(host: HostDir, compressor: str) -> None:
+    (host.root / "xenopsd.conf").write_text(f"# written by the test\nmigration-compressor = {compressor}\n")
+
+
+def migrate(host: HostDir, dest: str, *flags: str, check: bool = True) -> tuple[dict, subprocess.CompletedProcess]:
+    proc = shim(host, "vm-migrate", "vm1", "--dest", dest, "--json", *flags, check=check)
+    return (json.loads(proc.stdout) if proc.returncode == 0 else {}), proc
+
+
+def zstd_argv(seen, root) -> list[list[str]]:
+    return [cmd for r, cmd in seen if r == str(root) and cmd[:1] == ["/usr/bin/zstd"]]
+
+
+SENDER = {"none": ("stream", "--no-compress"), "stream": ("stream", "--compress"),
+          "xenguest": ("xenguest", "--compress")}
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live", "nonlive"])
+@pytest.mark.parametrize("receiver_config", ["stream", "xenguest"])
+@pytest.mark.parametrize("method", ["none", "stream", "xenguest"])
+def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_config, live):
+    a, b = hosts("A"), hosts("B")
+    configure(b, receiver_config)
+    r = receiver(b)
+    config, flag = SENDER[method]
+    configure(a, config)
+    shim(a, "vm-create", "vm1", "--memory", "64M", "--image", "mixed", "--workload", "dirty:20MB/s")
+    watcher = ProcessWatcher()
+    summary, _ = migrate(a, r.address, flag, "--verify", "--live" if live else "--non-live")
+    seen = watcher.stop()
+    assert summary["status"] == "success" and summary["mode"] == method and summary["verified"]
+    assert [v["state"] for v in json.loads(shim(b, "vm-list", "--json").stdout)] == ["running"]
+    assert json.loads(shim(a, "vm-list", "--json").stdout) == []
+
+    # -compress true reaches emu-manager and the sending xenguest exactly in xenguest mode.
+    [src_emu] = argv_of(seen, a.root, "emu-manager")
+    [src_xg] = argv_of(seen, a.root, "xenguest")
+    assert (src_emu[-2:] == ["-compress", "true"]) == (method == "xenguest")
+    assert (src_xg[-2:] == ["-compress", "true"]) == (method == "xenguest")
+    # The receiver is never told: it recognises the records by type.
+    assert "-compress" not in argv_of(seen, b.root, "emu-manager")[0] + argv_of(seen, b.root, "xenguest")[0]
+
+    # zstd processes exist exactly in stream mode, with the real command lines and priorities.
+    sent, received = zstd_argv(seen, a.root), zstd_argv(seen, b.root)
+    if method == "stream":
+        assert sent == [ZSTD_SEND] and received == [ZSTD_RECV]
+        [(nice, ioclass)] = [watcher.priority[pid] for pid, (root, cmd) in watcher.seen.items()
+                             if cmd == ZSTD_SEND and root == str(a.root)]
+        assert nice == 19 and ioclass == psutil.IOPRIO_CLASS_IDLE
+        assert "zstd" in summary["cpu_seconds"]["source"] and "zstd" in summary["cpu_seconds"]["destination"]
+    else:
+        assert sent == [] and received == []
+    # The cookie is present exactly in stream mode (the receiver logs what it was told).
+    assert ("(compress=zstd)" in (b.root / "xenopsd.log").read_text()) == (method == "stream")
+    if method != "none":
+        assert summary["compression_ratio"] > 1.3
+    if method == "xenguest":
+        assert summary["zero_pages"] > 0
+
+
+def test_unknown_compressor_warns_with_the_users_value(hosts, receiver):
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b)
+    configure(a, "zztd")
+    shim(a, "vm-create", "vm1", "--memory", "16M")
+    summary, proc = migrate(a, r.address, "--compress")
+    assert 'unknown migration compressor "zztd"' in proc.stderr
+    assert summary["mode"] == "stream"
+
+
+def test_compressor_is_case_insensitive_and_config_path_overrides(hosts, receiver, tmp_path):
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b)
+    configure(a, "stream")
+    other = tmp_path / "other.conf"
+    other.write_text("migration-compressor=XenGuest\n")
+    shim(a, "vm-create", "vm1", "--memory", "16M")
+    proc = shim(a, "--config", str(other), "vm-migrate", "vm1", "--dest", r.address, "--compress", "--json")
+    assert json.loads(proc.stdout)["mode"] == "xenguest" and "warning" not in proc.stderr
+
+
+def test_pool_default_and_per_call_flag(hosts, receiver):
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b)
+    assert shim(a, "pool-param-get", "migration-compression").stdout.strip() == "false"
+    modes = []
+    for pool, flag in (("false", None), ("false", "--compress"), ("true", None), ("true", "--no-compress")):
+        shim(a, "pool-param-set", f"migration-compression={pool}")
+        shim(a, "vm-create", "vm1", "--memory", "16M")
+        summary, _ = migrate(a, r.address, *([flag] if flag else []))
+        modes.append(summary["mode"])
+        shim(b, "vm-destroy", "vm1")
+    assert modes == ["none", "stream", "stream", "none"]
+    bad = shim(a, "pool-param-set", "migration-compression=maybe", check=False)
+    assert bad.returncode != 0 and "true or false" in bad.stderr
+
+
+def test_same_host_migration_defaults_to_no_compression(hosts, receiver):
+    a = hosts("A")
+    r = receiver(a)
+    shim(a, "pool-param-set", "migration-compression=true")
+    uuid = shim(a, "vm-create", "vm1", "--memory", "32M").stdout.strip()
+    summary, _ = migrate(a, r.address, "--verify")
+    assert summary["mode"] == "none"
+    [vm] = json.loads(shim(a, "vm-list", "--json").stdout)
+    assert vm["uuid"] == uuid and vm["state"] == "running" and vm["domid"] == 2
+
+
+def test_inband_is_within_5_percent_of_zstd_fast(hosts, receiver):
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b)
+    configure(a, "xenguest")
+    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "mixed")
+    memory = a.root / "domains" / "1" / "memory"
+    cli = subprocess.run(["/usr/bin/zstd", "--fast", "-c", str(memory)], capture_output=True, check=True).stdout
+    summary, _ = migrate(a, r.address, "--compress", "--non-live")
+    print(f"\nin-band wire {summary['wire_bytes']} bytes, zstd --fast {len(cli)} bytes, "
+          f"ratio {summary['wire_bytes'] / len(cli):.3f}")
+    assert summary["wire_bytes"] <= 1.05 * len(cli)
+
+
+def test_zstd_failure_is_named_and_vm_stays(hosts, receiver):
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b)
+    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random")
+    before = shim(a, "vm-digest", "vm1").stdout
+    mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--compress",
+                            "--max-bandwidth", "40MB/s"], env=a.env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (z := [p for p in a.processes() if p.cmdline()[:2] == ZSTD_SEND]):
+        assert time.monotonic() < deadline, "no zstd appeared"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    z[0].send_signal(signal.SIGKILL)
+    _, err = mig.communicate(timeout=120)
+    assert mig.returncode == 2
+    assert len(err.strip().splitlines()) == 1 and "zstd --fast was killed by signal 9" in err, err
+    [vm] = json.loads(shim(a, "vm-list", "--json").stdout)
+    assert vm["state"] == "running" and shim(a, "vm-digest", "vm1").stdout == before
+    deadline = time.monotonic() + 30
+    while json.loads(shim(b, "vm-list", "--json").stdout):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_suspend_resume_with_each_method(hosts, tmp_path):
+    a, b = hosts("A"), hosts("B")
+    for method in ("stream", "xenguest"):
+        configure(a, method)
+        shim(a, "vm-create", f"vm-{method}", "--memory", "32M", "--image", "mixed")
+        before = shim(a, "vm-digest", f"vm-{method}", "--pages").stdout
+        path = tmp_path / f"{method}.img"
+        shim(a, "vm-suspend", f"vm-{method}", "--to", str(path), "--compress")
+        head = path.read_bytes()[:4]
+        assert (head == b"\x28\xb5\x2f\xfd") == (method == "stream")
+        shim(b, "vm-resume", str(path))
+        assert shim(b, "vm-digest", f"vm-{method}", "--pages").stdout == before
+
+
+def test_inband_suspend_image_converted_to_plain_passes_upstream_check(hosts, tmp_path):
+    from streamcheck import check_stream
+
+    a = hosts("A")
+    configure(a, "xenguest")
+    shim(a, "vm-create", "vm1", "--memory", "32M", "--image", "mixed")
+    packed, plain = tmp_path / "packed.img", tmp_path / "plain.img"
+    shim(a, "vm-suspend", "vm1", "--to", str(packed), "--compress")
+    with open(packed, "rb") as src, open(plain, "wb") as dst:
+        a.run("xenguest", "-mode", "convert", "-fd", "0", "-outfd", "1", stdin=src, stdout=dst)
+    data = plain.read_bytes()
+    # signature, Xenops header + record, Libxc header; then the libxc stream to its END.
+    xenops_len = int.from_bytes(data[15 + 8:15 + 16], "little")
+    libxc_at = 15 + 16 + xenops_len + 16
+    assert int.from_bytes(data[libxc_at - 16:libxc_at - 8], "little") == 0x00F0
+    summary = check_stream(data, offset=libxc_at, allow_trailing=True)
+    assert summary["pages"] == 32 << 8 and summary["page_records"] == 8
+    assert b"\x13\x00\x00\x00" not in data[libxc_at:libxc_at + 64]      # no compressed record type left
+    assert packed.stat().st_size < plain.stat().st_size

@@ -1,0 +1,329 @@
+"""`xenguest -mode inspect`: what a saved stream holds, record by record, without a domain.
+
+Also home of `walk`, the one reader of saved streams that `convert` shares:
+it recognises the input (a bare libxc stream, a suspend image, or either
+zstd-compressed as a whole by the legacy `stream` method), validates every
+record as the restorer does (a pfn bound of 2^52 stands in for the domain)
+and yields the input's parts in order with their exact bytes. It holds one
+record at a time, so memory stays bounded whatever the stream's size.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, TextIO
+
+import numpy as np
+import zstandard
+
+from xenemu.memory import PAGE_SIZE
+from xenopsd_shim import image
+
+from . import compressed, libxc
+from .fdio import Reader, Truncated
+from .restore import CONTEXT_RECORDS, REQUIRED_RECORDS, context_blob
+
+# No domain to check pfns against: any pfn the format can express is accepted.
+NPAGES = 1 << 52
+MAGIC_SIZE = 4
+KINDS = {struct.pack("!Q", libxc.IHDR_MARKER)[:MAGIC_SIZE]: "libxc stream",
+         image.SIGNATURE[:MAGIC_SIZE]: "suspend image"}
+
+# readinto-style source: fills the front of the view, returns the count (0 at the end).
+Source = Callable[[memoryview], int]
+
+
+# Input ----------------------------------------------------------------------
+class Input(Reader):
+    """fdio.Reader's exact reads and offsets over any source (fdio.Reader reads an fd only)."""
+
+    def __init__(self, source: Source) -> None:
+        super().__init__(-1)
+        self.source = source
+
+    def readinto(self, view: memoryview, what: str) -> None:
+        got, size = 0, len(view)
+        while got < size:
+            n = self.source(view[got:])
+            if not n:
+                raise Truncated(f"stream truncated in {what} at offset {self.offset + got}: {got} of {size} bytes")
+            got += n
+        self.offset += size
+
+    def at_end(self) -> bool:
+        return self.source(memoryview(bytearray(1))) == 0
+
+
+class _Replay(io.RawIOBase):
+    """A source whose first bytes were read to recognise it: gives them back, then the rest."""
+
+    def __init__(self, head: bytes, source: Source) -> None:
+        super().__init__()
+        self.head = head
+        self.source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, view) -> int:  # type: ignore[no-untyped-def, override]
+        if not self.head:
+            return self.source(view)
+        n = min(len(view), len(self.head))
+        view[:n] = self.head[:n]
+        self.head = self.head[n:]
+        return n
+
+
+def _zstd_source(raw: io.RawIOBase) -> Source:
+    """Streaming decompression: memory bounded by zstd's window, whatever the ratio."""
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+
+    def readinto(view: memoryview) -> int:
+        try:
+            return reader.readinto(view)
+        except zstandard.ZstdError as e:
+            raise libxc.StreamError(f"zstd: {e}") from None
+    return readinto
+
+
+def open_input(fd: int) -> tuple[Input, str, bool]:
+    """Recognise the input; returns (a reader from its first byte, its kind, zstd-compressed?)."""
+    source: Source = lambda view: os.readv(fd, [view])
+    head = Input(source).read(MAGIC_SIZE, "the first bytes")
+    stream_compressed = head == zstandard.FRAME_HEADER
+    if stream_compressed:
+        source = _zstd_source(_Replay(head, source))
+        head = Input(source).read(MAGIC_SIZE, "the first decompressed bytes")
+    if head not in KINDS:
+        raise libxc.StreamError(f"neither a libxc stream, a suspend image nor zstd (starts with {head.hex(' ')})")
+    return Input(_Replay(head, source).readinto), KINDS[head], stream_compressed
+
+
+# The walk -------------------------------------------------------------------
+@dataclass
+class Start:
+    kind: str                   # "libxc stream" or "suspend image"
+    stream_compressed: bool     # zstd as a whole: offsets below are in the decompressed data
+
+
+@dataclass
+class Framing:
+    """Suspend-image framing: the signature (htype None), or a header and its payload."""
+    offset: int
+    htype: int | None
+    raw: bytes
+
+    @property
+    def payload(self) -> bytes:
+        return self.raw[image.HEADER_SIZE:]
+
+
+@dataclass
+class Headers:
+    """The libxc image and domain headers."""
+    offset: int
+    raw: bytes
+    version: int
+    domain: tuple[int, int, int, int, int]      # type, page_shift, reserved, xen_major, xen_minor
+
+
+@dataclass
+class Pages:
+    """What a page record carries; arrays view the walk's buffer."""
+    entries: np.ndarray         # every pfn entry, in record order
+    data: int                   # entries that carry a page
+    zero: np.ndarray            # over those pages: sent as a bitmap bit (compressed records only)
+    wire: int                   # page bytes on the wire: the pages, or the zstd frame
+    inflated: bytes = b""       # compressed: the frame inflated (the non-zero pages, in order)
+
+
+@dataclass
+class Record:
+    """One libxc record; `raw` (header, body, padding) is valid until the walk moves on."""
+    offset: int
+    rtype: int
+    length: int                 # of the body
+    raw: memoryview
+    pages: Pages | None = None
+
+
+Part = Start | Framing | Headers | Record
+
+
+def walk(fd: int) -> Iterator[Part]:
+    """The input's parts in order, each validated before it is yielded."""
+    try:
+        r, kind, stream_compressed = open_input(fd)
+        yield Start(kind, stream_compressed)
+        yield from _libxc(r) if kind == "libxc stream" else _image(r)
+        if not r.at_end():
+            raise libxc.StreamError(f"data after the end of the {kind} at offset {r.offset}")
+    except Truncated as e:
+        raise libxc.StreamError(str(e)) from None
+    except image.ImageError as e:
+        raise libxc.StreamError(str(e)) from None
+
+
+def _image(r: Input) -> Iterator[Part]:
+    raw = r.read(len(image.SIGNATURE), "signature")
+    image.check_signature(raw)
+    yield Framing(0, None, raw)
+    while True:
+        at = r.offset
+        head = r.read(image.HEADER_SIZE, "image header")
+        htype, length = image.parse_header(head)        # bounds every payload it lets through
+        payload = r.read(length, f"{image.name(htype)} record")
+        if htype == image.XENOPS:
+            try:
+                json.loads(payload)
+            except ValueError:
+                raise image.ImageError(f"Xenops record at offset {at} is not JSON") from None
+        yield Framing(at, htype, head + payload)
+        if htype == image.LIBXC:
+            yield from _libxc(r)
+        elif htype == image.END_OF_IMAGE:
+            return
+
+
+def _libxc(r: Input) -> Iterator[Headers | Record]:
+    """The restorer's rules, record by record (restore.Restorer applies them to a domain)."""
+    at = r.offset
+    ihdr = r.read(libxc.IHDR_SIZE, "image header")
+    version = libxc.parse_image_header(ihdr)
+    dhdr = r.read(libxc.DHDR_SIZE, "domain header")
+    libxc.parse_domain_header(dhdr)
+    yield Headers(at, ihdr + dhdr, version, struct.unpack(libxc.DHDR_FORMAT, dhdr))
+    buf = bytearray(libxc.RH_SIZE + libxc.MAX_RECORD_BODY + 8)
+    seen: set[int] = set()
+    static_done = version < 3
+    while True:
+        at = r.offset
+        head = r.read(libxc.RH_SIZE, "record header")
+        rtype, length = libxc.parse_record_header(head)
+        name = libxc.record_name(rtype)
+        view = memoryview(buf)[:libxc.RH_SIZE + length + libxc.padding(length)]
+        view[:libxc.RH_SIZE] = head
+        r.readinto(view[libxc.RH_SIZE:], f"{name} record")
+        if any(view[libxc.RH_SIZE + length:]):
+            raise libxc.StreamError(f"non-zero padding after {name} record at offset {at}")
+        body = view[libxc.RH_SIZE:libxc.RH_SIZE + length]
+        record = Record(at, rtype, length, view)
+        if rtype in (libxc.REC_TYPE_END, libxc.REC_TYPE_STATIC_DATA_END):
+            if length:
+                raise libxc.StreamError(f"{name} record with a body at offset {at}")
+            if rtype == libxc.REC_TYPE_STATIC_DATA_END:
+                static_done = True
+        elif rtype in _PAGE_RECORDS:
+            if not static_done:
+                raise libxc.StreamError(f"{name} before STATIC_DATA_END at offset {at}")
+            record.pages = _PAGE_RECORDS[rtype](body)
+        elif rtype in CONTEXT_RECORDS:
+            context_blob(rtype, body)
+        elif rtype in (libxc.REC_TYPE_VERIFY, libxc.REC_TYPE_CHECKPOINT):
+            raise libxc.StreamError(f"{name} record is not supported on a migration")
+        elif not rtype & libxc.REC_TYPE_OPTIONAL:
+            raise libxc.StreamError(f"unknown mandatory record type 0x{rtype:08x} at offset {at}")
+        seen.add(rtype)
+        if rtype == libxc.REC_TYPE_END and REQUIRED_RECORDS - seen:
+            raise libxc.StreamError("stream ended without "
+                                    + ", ".join(sorted(libxc.record_name(t) for t in REQUIRED_RECORDS - seen)))
+        yield record
+        if rtype == libxc.REC_TYPE_END:
+            return
+
+
+def _plain_pages(body: memoryview) -> Pages:
+    pd = libxc.parse_page_data(body, NPAGES)
+    count = struct.unpack_from(libxc.PAGE_DATA_FORMAT, body)[0]
+    entries = np.frombuffer(body, dtype="<u8", count=count, offset=libxc.PAGE_DATA_SIZE)
+    return Pages(entries, pd.pfns.size, np.zeros(pd.pfns.size, dtype=bool), PAGE_SIZE * pd.pfns.size)
+
+
+def _compressed_pages(body: memoryview) -> Pages:
+    """Inflated here, as the restorer does: a payload that does not inflate is an invalid stream."""
+    pfns, zero, payload = compressed.parse(body, NPAGES)
+    count = struct.unpack_from(compressed.HEADER_FORMAT, body)[0]
+    entries = np.frombuffer(body, dtype="<u8", count=count, offset=compressed.HEADER_SIZE)
+    nonzero = int((~zero).sum())
+    inflated = compressed.inflate(payload, PAGE_SIZE * nonzero) if nonzero else b""
+    return Pages(entries, pfns.size, zero, len(payload), inflated)
+
+
+_PAGE_RECORDS: dict[int, Callable[[memoryview], Pages]] = {
+    libxc.REC_TYPE_PAGE_DATA: _plain_pages, compressed.REC_TYPE: _compressed_pages}
+
+
+# The report -------------------------------------------------------------------
+@dataclass
+class Totals:
+    records: int = 0
+    pages: int = 0
+    zero: int = 0
+    wire: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+    def add(self, rec: Record) -> None:
+        self.records += 1
+        name = libxc.record_name(rec.rtype)
+        self.by_type[name] = self.by_type.get(name, 0) + 1
+        if rec.pages is not None:
+            self.pages += rec.pages.data
+            self.zero += int(rec.pages.zero.sum())
+            self.wire += rec.pages.wire
+
+
+def _ratio(inflated: int, wire: int) -> str:
+    if not inflated:
+        return "-"
+    return f"{inflated / wire:.2f}" if wire else "inf"
+
+
+_FRAMING_NOTES = {image.LIBXC: ": the libxc stream follows", image.QEMU_TRAD: ": device-model state, skipped",
+                  image.DEMU: ": a vGPU stream, on its own fd (not in this input)"}
+
+
+def describe(part: Part) -> str:
+    """One line per part; offsets are in the (decompressed) input."""
+    if isinstance(part, Start):
+        how = ", zstd-compressed as a whole (legacy stream method); offsets are in the decompressed data"
+        return f"input: {part.kind}" + (how if part.stream_compressed else "")
+    if isinstance(part, Framing):
+        if part.htype is None:
+            return f"{part.offset:>12}  suspend image signature {part.raw!r}"
+        line = f"{part.offset:>12}  image header {image.name(part.htype)}, length {len(part.payload)}"
+        if part.htype == image.XENOPS:
+            return f"{line}: {json.dumps(json.loads(part.payload))}"
+        return line + _FRAMING_NOTES.get(part.htype, "")
+    if isinstance(part, Headers):
+        dtype, page_shift, _, major, minor = part.domain
+        return (f"{part.offset:>12}  libxc stream v{part.version}, {libxc.DHDR_TYPES[dtype]}, "
+                f"page shift {page_shift}, Xen {major}.{minor}\n"
+                f"{'offset':>12}  {'record':<22} {'length':>9}")
+    line = f"{part.offset:>12}  {libxc.record_name(part.rtype):<22} {part.length:>9}"
+    p = part.pages
+    if p is None:
+        return line
+    line += f"  pfns {len(p.entries)}"
+    if part.rtype == compressed.REC_TYPE:
+        line += (f", zero {int(p.zero.sum())}, payload {p.wire}, inflated {PAGE_SIZE * p.data}, "
+                 f"ratio {_ratio(PAGE_SIZE * p.data, p.wire)}")
+    return line
+
+
+def run(fd: int, out: TextIO = sys.stdout) -> int:
+    """Print every part of the input, then the totals; `inflated` counts zero pages as 4096 bytes."""
+    totals = Totals()
+    for part in walk(fd):
+        print(describe(part), file=out)
+        if isinstance(part, Record):
+            totals.add(part)
+    inflated = PAGE_SIZE * totals.pages
+    print(f"totals: records {totals.records}, pages {totals.pages}, zero pages {totals.zero}, "
+          f"page data on the wire {totals.wire} bytes, inflated {inflated} bytes, "
+          f"ratio {_ratio(inflated, totals.wire)}", file=out)
+    print("records by type: " + ", ".join(f"{n} {c}" for n, c in totals.by_type.items()), file=out)
+    return 0
