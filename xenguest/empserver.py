@@ -1,0 +1,208 @@
+"""The emulator side of EMP: serve one emu-manager on a Unix socket in the host's run dir.
+
+Shared by every emulator (xenguest, the vGPU emulator). The main thread
+answers requests; a save or restore runs on a worker thread (the real
+emulators reply to migrate_live/migrate_nonlive/restore first and work
+after), reporting MIGRATION events as it goes. Subclasses supply the work.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from xenemu import DomainError, Host
+
+from . import emp
+from .log import Log
+from .save import Aborted, Progress
+
+ACCEPT_TIMEOUT = float(os.environ.get("XENGUEST_ACCEPT_TIMEOUT", 180))
+Work = Callable[[], str]
+
+
+class EmpServer:
+    """Requests, events and lifetime; `save(live)` and `restore()` return the work to run."""
+
+    def __init__(self, host: Host, domid: int, path: Path, *, log: Log) -> None:
+        self.host = host
+        self.domid = domid
+        self.log = log
+        self.path = path
+        self.stream_fd: int | None = None
+        self.args: dict[str, str] = {}
+        self.progress_events = False
+        self.worker: threading.Thread | None = None
+        self.saving = False
+        self.pause_requested = threading.Event()
+        self.paused = threading.Event()
+        self.abort = threading.Event()
+        self.failed = False
+        self.chan: emp.Channel | None = None
+
+    # -- what an emulator supplies ---------------------------------------------
+    def save(self, live: bool) -> Work:
+        raise NotImplementedError
+
+    def restore(self) -> Work:
+        raise NotImplementedError
+
+    def track_dirty(self) -> None:
+        """Start logging dirty state (nothing to do for an emulator without any)."""
+
+    # -- lifetime -------------------------------------------------------------
+    def run(self) -> int:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.path.unlink(missing_ok=True)
+            listener.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            listener.listen(1)
+            listener.settimeout(ACCEPT_TIMEOUT)
+            print("Ready", flush=True)
+            conn, _ = listener.accept()
+            conn.settimeout(None)
+        except (socket.timeout, TimeoutError):
+            self.log.error(f"no emu-manager connected within {ACCEPT_TIMEOUT:g} s")
+            return 2
+        finally:
+            listener.close()
+            self.path.unlink(missing_ok=True)
+        self.chan = emp.Channel(conn)
+        try:
+            return self._serve()
+        finally:
+            self.abort.set()
+            if self.worker is not None:
+                self.worker.join(timeout=10)
+            self.chan.close()
+            if self.stream_fd is not None:
+                os.close(self.stream_fd)
+
+    def _serve(self) -> int:
+        try:
+            return self._dispatch()
+        except emp.EmpError as e:
+            self.log.error(f"{e}; giving up")
+            return 2
+
+    def _dispatch(self) -> int:
+        assert self.chan is not None
+        while True:
+            message, fds = self.chan.recv()
+            command = message.get("execute")
+            arguments = message.get("arguments", {})
+            self.log.debug(f"<- {command} {arguments if arguments else ''}")
+            handler = self.HANDLERS.get(command) if isinstance(command, str) else None
+            if handler is None or not isinstance(arguments, dict):
+                for fd in fds:
+                    os.close(fd)
+                self.chan.send(emp.reply_error(f"unknown command {command!r}"))
+                continue
+            try:
+                handler(self, arguments, fds)
+            except (ValueError, DomainError) as e:
+                self.chan.send(emp.reply_error(str(e)))
+                continue
+            self.chan.send(emp.reply_ok())
+            if command == emp.CMD_QUIT:
+                return 2 if self.failed else 0
+            if command in (emp.CMD_MIGRATE_LIVE, emp.CMD_MIGRATE_NONLIVE, emp.CMD_RESTORE):
+                assert self.worker is not None
+                self.worker.start()
+
+    # -- requests -------------------------------------------------------------
+    def _set_args(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        self.args.update({str(k): str(v) for k, v in arguments.items()})
+
+    def _migrate_init(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"migrate_init needs exactly one fd, got {len(fds)}")
+        if self.stream_fd is not None:
+            os.close(self.stream_fd)
+        self.stream_fd = fds[0]
+
+    def _track_dirty(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        self.track_dirty()
+
+    def _migrate_progress(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        self.progress_events = True
+
+    def _migrate_live(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        self._stream()
+        self.saving = True
+        self._start(self.save(live=True))
+
+    def _migrate_nonlive(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        self._stream()
+        self.saving = True
+        self._start(self.save(live=False))
+
+    def _migrate_pause(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        if not self.saving:
+            raise ValueError("migrate_pause without a save in progress")
+        self.pause_requested.set()
+
+    def _migrate_paused(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        if not self.saving:
+            raise ValueError("migrate_paused without a save in progress")
+        self.paused.set()
+
+    def _migrate_abort(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        self.abort.set()
+
+    def _restore(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        self._stream()
+        self._start(self.restore())
+
+    def _quit(self, arguments: dict[str, Any], fds: list[int]) -> None:
+        pass
+
+    HANDLERS: dict[str, Callable[["EmpServer", dict[str, Any], list[int]], None]] = {
+        emp.CMD_SET_ARGS: _set_args, emp.CMD_MIGRATE_INIT: _migrate_init, emp.CMD_TRACK_DIRTY: _track_dirty,
+        emp.CMD_MIGRATE_PROGRESS: _migrate_progress, emp.CMD_MIGRATE_LIVE: _migrate_live,
+        emp.CMD_MIGRATE_NONLIVE: _migrate_nonlive, emp.CMD_MIGRATE_PAUSE: _migrate_pause,
+        emp.CMD_MIGRATE_PAUSED: _migrate_paused, emp.CMD_MIGRATE_ABORT: _migrate_abort,
+        emp.CMD_RESTORE: _restore, emp.CMD_QUIT: _quit,
+    }
+
+    # -- work -----------------------------------------------------------------
+    def _stream(self) -> int:
+        if self.stream_fd is None:
+            raise ValueError("no stream fd: migrate_init first")
+        if self.worker is not None:
+            raise ValueError("an operation is already running")
+        return self.stream_fd
+
+    def wait_paused(self) -> None:
+        """The live phase is over: wait for emu-manager to say the domain is paused."""
+        while not self.paused.wait(0.1):
+            if self.abort.is_set():
+                raise Aborted("save aborted while waiting for the domain to pause")
+
+    def progress(self, p: Progress) -> None:
+        if self.progress_events and self.chan is not None:
+            self.chan.send(emp.progress_event(p.sent, p.remaining, p.iteration))
+
+    def _start(self, work: Work) -> None:
+        def body() -> None:
+            assert self.chan is not None
+            try:
+                result = work()
+            except Exception as e:  # noqa: BLE001 - any failure is reported over EMP, never a traceback
+                self.failed = True
+                self.log.error(str(e))
+                try:
+                    self.chan.send(emp.failure_event(str(e)))
+                except emp.EmpError:
+                    pass
+                return
+            try:
+                self.chan.send(emp.completion_event(result))
+            except emp.EmpError:
+                pass
+        self.worker = threading.Thread(target=body, name="emulator-worker", daemon=True)
