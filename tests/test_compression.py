@@ -36,22 +36,26 @@ SENDER = {"none": ("stream", "--no-compress"), "stream": ("stream", "--compress"
           "xenguest": ("xenguest", "--compress")}
 
 
+@pytest.mark.parametrize("vgpu", [False, True], ids=["novgpu", "vgpu"])
 @pytest.mark.parametrize("live", [True, False], ids=["live", "nonlive"])
 @pytest.mark.parametrize("receiver_config", ["stream", "xenguest"])
 @pytest.mark.parametrize("method", ["none", "stream", "xenguest"])
-def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_config, live):
+def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_config, live, vgpu):
     a, b = hosts("A"), hosts("B")
     configure(b, receiver_config)
     r = receiver(b)
     config, flag = SENDER[method]
     configure(a, config)
-    shim(a, "vm-create", "vm1", "--memory", "64M", "--image", "mixed", "--workload", "dirty:20MB/s")
+    shim(a, "vm-create", "vm1", "--memory", "64M", "--image", "mixed", "--workload", "dirty:20MB/s",
+         *(["--vgpu", "16M"] if vgpu else []))
+    vgpu_before = [x for x in a.context_digests("vm1") if x.startswith("vgpu ")]
     watcher = ProcessWatcher()
     summary, _ = migrate(a, r.address, flag, "--verify", "--live" if live else "--non-live")
     seen = watcher.stop()
     assert summary["status"] == "success" and summary["mode"] == method and summary["verified"]
     assert [v["state"] for v in json.loads(shim(b, "vm-list", "--json").stdout)] == ["running"]
     assert json.loads(shim(a, "vm-list", "--json").stdout) == []
+    assert [x for x in b.context_digests("vm1") if x.startswith("vgpu ")] == vgpu_before
 
     # -compress true reaches emu-manager and the sending xenguest exactly in xenguest mode.
     [src_emu] = argv_of(seen, a.root, "emu-manager")
@@ -59,15 +63,22 @@ def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_co
     assert (src_emu[-2:] == ["-compress", "true"]) == (method == "xenguest")
     assert (src_xg[-2:] == ["-compress", "true"]) == (method == "xenguest")
     # The receiver is never told: it recognises the records by type.
-    assert "-compress" not in argv_of(seen, b.root, "emu-manager")[0] + argv_of(seen, b.root, "xenguest")[0]
+    [dst_emu] = argv_of(seen, b.root, "emu-manager")
+    assert "-compress" not in dst_emu + argv_of(seen, b.root, "xenguest")[0]
+    # The vGPU emulator runs on both sides, on its own fd, exactly when the VM has one.
+    for emu_argv, root in ((src_emu, a.root), (dst_emu, b.root)):
+        dms = [emu_argv[i + 1] for i, x in enumerate(emu_argv) if x == "-dm"]
+        assert dms[:-1] == ([f"vgpu:{dms[0].split(':')[-1]}"] if vgpu else []) and dms[-1] == "qemu"
+        assert argv_of(seen, root, "vgpu-emu") == ([["vgpu-emu", "-domid", "1", "-mode", "listen"]] if vgpu else [])
 
-    # zstd processes exist exactly in stream mode, with the real command lines and priorities.
+    # zstd processes exist exactly in stream mode (one pair per stream), with the real command lines.
     sent, received = zstd_argv(seen, a.root), zstd_argv(seen, b.root)
+    streams = 2 if vgpu else 1
     if method == "stream":
-        assert sent == [ZSTD_SEND] and received == [ZSTD_RECV]
-        [(nice, ioclass)] = [watcher.priority[pid] for pid, (root, cmd) in watcher.seen.items()
-                             if cmd == ZSTD_SEND and root == str(a.root)]
-        assert nice == 19 and ioclass == psutil.IOPRIO_CLASS_IDLE
+        assert sent == [ZSTD_SEND] * streams and received == [ZSTD_RECV] * streams
+        priorities = [watcher.priority[pid] for pid, (root, cmd) in watcher.seen.items()
+                      if cmd == ZSTD_SEND and root == str(a.root)]
+        assert priorities == [(19, psutil.IOPRIO_CLASS_IDLE)] * streams
         assert "zstd" in summary["cpu_seconds"]["source"] and "zstd" in summary["cpu_seconds"]["destination"]
     else:
         assert sent == [] and received == []
@@ -77,6 +88,8 @@ def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_co
         assert summary["compression_ratio"] > 1.3
     if method == "xenguest":
         assert summary["zero_pages"] > 0
+    if vgpu:    # the vGPU stream is compressed only by the stream method
+        assert (summary["wire_bytes_per_stream"]["vgpu"] < 16 << 20) == (method == "stream")
 
 
 def test_unknown_compressor_warns_with_the_users_value(hosts, receiver):
@@ -162,6 +175,14 @@ def test_zstd_failure_is_named_and_vm_stays(hosts, receiver):
     while json.loads(shim(b, "vm-list", "--json").stdout):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_vgpu_vm_cannot_be_suspended_to_a_file(hosts, tmp_path):
+    a = hosts("A")
+    shim(a, "vm-create", "vm1", "--memory", "16M", "--vgpu", "4M")
+    proc = shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "x.img"), check=False)
+    assert proc.returncode == 2 and "vGPU" in proc.stderr and not (tmp_path / "x.img").exists()
+    assert [v["state"] for v in json.loads(shim(a, "vm-list", "--json").stdout)] == ["running"]
 
 
 def test_suspend_resume_with_each_method(hosts, tmp_path):

@@ -97,6 +97,8 @@ def digest(host: Host, ref: str, pages: bool, with_context: bool) -> None:
     if with_context:
         for name, blob in sorted(domain.context().items()):
             click.echo(f"{name} {hashlib.blake2b(blob, digest_size=16).hexdigest()}")
+        if domain.vgpu_bytes:
+            click.echo(f"vgpu {hashlib.blake2b(domain.vgpu_memory(), digest_size=16).hexdigest()}")
 
 
 def main() -> None:

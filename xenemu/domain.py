@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 from . import context as ctxmod
 from .memory import CTL_DYING, CTL_PAUSED, GuestMemory
 
 STATES = ("building", "paused", "running", "dying")
+VGPU_FILE = "vgpu"
 
 
 class DomainError(Exception):
@@ -37,6 +39,9 @@ class Domain:
     @staticmethod
     def initialise(directory: Path, info: dict[str, Any]) -> None:
         GuestMemory(directory, info["memory_bytes"], create=True).close()
+        if info.get("vgpu_bytes"):
+            with open(directory / VGPU_FILE, "wb") as f:
+                f.truncate(int(info["vgpu_bytes"]))
         (directory / "ctx").mkdir(mode=0o700)
         _write_json(directory / "meta.json", info)
 
@@ -62,6 +67,16 @@ class Domain:
             self.reload()
             self.meta.update(changes)
             _write_json(self.dir / "meta.json", self.meta)
+
+    @property
+    def vgpu_bytes(self) -> int:
+        return int(self.meta.get("vgpu_bytes") or 0)
+
+    def vgpu_memory(self) -> np.ndarray:
+        """The emulated GPU's memory (its own file: it is not guest RAM and has no dirty log)."""
+        if not self.vgpu_bytes:
+            raise DomainError(f"domain {self.domid} has no vGPU")
+        return np.memmap(self.dir / VGPU_FILE, dtype=np.uint8, mode="r+", shape=(self.vgpu_bytes,))
 
     @property
     def memory(self) -> GuestMemory:

@@ -85,10 +85,12 @@ def pool_param_get(ctx: Ctx, key: str) -> None:
 @click.option("--image", default="mixed", show_default=True, help="zero|idle|mixed|random, or a file")
 @click.option("--workload", default="none", show_default=True, help="none, dirty:RATE, increment[:RATE]")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--vgpu", default=None, help="give the VM an emulated GPU with this much memory, e.g. 64M")
 @click.pass_obj
-def vm_create(ctx: Ctx, name: str, memory: str, image: str, workload: str, seed: int) -> None:
+def vm_create(ctx: Ctx, name: str, memory: str, image: str, workload: str, seed: int, vgpu: str | None) -> None:
     """Create and start a VM; prints its uuid."""
-    domain = build(ctx.host, name, parse_size(memory), image=image, workload=workload, seed=seed)
+    domain = build(ctx.host, name, parse_size(memory), image=image, workload=workload, seed=seed,
+                   vgpu_bytes=parse_size(vgpu) if vgpu else 0)
     click.echo(domain.uuid)
 
 
@@ -169,6 +171,8 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
 def vm_suspend(ctx: Ctx, name: str, path: Path, compress: bool) -> None:
     """Suspend a VM to a suspend image; the VM is gone from the host after."""
     domain = ctx.host.find(name)
+    if domain.vgpu_bytes:
+        raise click.UsageError("a VM with a vGPU cannot be suspended to a file (its stream needs its own fd)")
     mode = policy.compressor(ctx.config, ctx.log) if compress else policy.MODE_NONE
     was_running = domain.state == "running"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

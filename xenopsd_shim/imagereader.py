@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 from emu_manager import control as ctl
 from xenemu import Domain, DomainError, Host, check_name
@@ -41,6 +41,9 @@ def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, A
         raise image.ImageError("Xenops record has an invalid uuid")
     if not isinstance(mem, int) or not 0 < mem <= MAX_MEMORY or mem % 4096:
         raise image.ImageError(f"Xenops record has an invalid memory size {mem!r}")
+    vgpu = rec.get("vgpu_bytes", 0)
+    if not isinstance(vgpu, int) or not 0 <= vgpu <= MAX_MEMORY or vgpu % 4096:
+        raise image.ImageError(f"Xenops record has an invalid vGPU size {vgpu!r}")
     workload = rec.get("workload", "none")
     if not isinstance(workload, str):
         raise image.ImageError("Xenops record has an invalid workload")
@@ -48,14 +51,17 @@ def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, A
         parse_spec(workload)
     except ValueError as e:
         raise image.ImageError(str(e)) from None
-    return {"name": name, "uuid": rec["uuid"], "memory_bytes": mem, "workload": workload}
+    return {"name": name, "uuid": rec["uuid"], "memory_bytes": mem, "workload": workload, "vgpu_bytes": vgpu}
 
 
 class ImageReader:
-    def __init__(self, host: Host, fd: int, *, log: Logger, name: str | None = None) -> None:
+    def __init__(self, host: Host, fd: int, *, log: Logger, name: str | None = None,
+                 vgpu_fd: Callable[[], int] | None = None) -> None:
         self.host = host
         self.reader = Reader(fd)
         self.fd = fd
+        self.get_vgpu_fd = vgpu_fd
+        self.vgpu_fd: int | None = None
         self.log = log
         self.name = name
         self.domain: Domain | None = None
@@ -86,7 +92,7 @@ class ImageReader:
             elif self.domain is None:
                 raise image.ImageError(f"{image.name(htype)} before the Xenops record")
             elif htype == image.LIBXC:
-                self._restore_emu("xenguest")
+                self._restore_emulators()
                 self.restored = True
             elif htype == image.QEMU_TRAD:
                 self.domain.set_context({"device_model": self.reader.read(length, "Qemu_trad record")})
@@ -106,25 +112,45 @@ class ImageReader:
         return self.domain
 
     def _create(self, rec: dict[str, Any]) -> None:
+        extra = ["-store_port", str(STORE_PORT), "-console_port", str(CONSOLE_PORT)]
+        if rec["vgpu_bytes"]:
+            if self.get_vgpu_fd is None:
+                raise image.ImageError("the VM has a vGPU but its stream has no fd here")
+            self.vgpu_fd = self.get_vgpu_fd()
+            extra += ["-dm", f"vgpu:{self.vgpu_fd}"]
         try:
             self.domain = self.host.create_domain(rec["name"], rec["memory_bytes"], uuid=rec["uuid"],
-                                                  meta={"workload": rec["workload"]})
+                                                  meta={"workload": rec["workload"], "vgpu_bytes": rec["vgpu_bytes"]})
         except DomainError as e:
             raise image.ImageError(str(e)) from None
-        self.emu = EmuManager(domid=self.domain.domid, mode="hvm_restore", fd=self.fd,
-                              extra=["-store_port", str(STORE_PORT), "-console_port", str(CONSOLE_PORT)],
-                              log=self.log)
+        self.emu = EmuManager(domid=self.domain.domid, mode="hvm_restore", fd=self.fd, extra=extra, log=self.log,
+                              pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
         self.emu_pids.append(self.emu.pid)
 
-    def _restore_emu(self, emu: str) -> None:
+    def _restore_emulators(self) -> None:
+        """restore:xenguest, then (the vGPU's Demu header read from its fd) restore:vgpu; then both results.
+
+        Both streams flow at once, as the sender writes them at once."""
         assert self.emu is not None and self.domain is not None
-        self.emu.send(f"{ctl.MSG_RESTORE}{emu}")
-        line = self.emu.serve({}, until=lambda l: l.startswith(f"{ctl.MSG_RESULT}{emu}"))
-        if emu == "xenguest":
-            fields = line.split()
-            if len(fields) != 3 or not all(f.isdigit() for f in fields[1:]):
-                raise EmuManagerError(f"malformed result from emu-manager: {line!r}")
-            self.domain.update(store_mfn=int(fields[1]), console_mfn=int(fields[2]))
+        self.emu.send(f"{ctl.MSG_RESTORE}xenguest")
+        pending = {"xenguest"}
+        if self.vgpu_fd is not None:
+            htype, _ = image.parse_header(Reader(self.vgpu_fd).read(image.HEADER_SIZE, "vGPU image header"))
+            if htype != image.DEMU:
+                raise image.ImageError(f"vGPU stream starts with {image.name(htype)}, not Demu")
+            self.emu.send(f"{ctl.MSG_RESTORE}vgpu")
+            pending.add("vgpu")
+        while pending:
+            line = self.emu.serve({}, until=lambda l: l.startswith(ctl.MSG_RESULT))
+            fields = line[len(ctl.MSG_RESULT):].split()
+            emu = fields[0] if fields else ""
+            if emu not in pending:
+                raise EmuManagerError(f"unexpected result from emu-manager: {line!r}")
+            pending.discard(emu)
+            if emu == "xenguest":
+                if len(fields) != 3 or not all(f.isdigit() for f in fields[1:]):
+                    raise EmuManagerError(f"malformed result from emu-manager: {line!r}")
+                self.domain.update(store_mfn=int(fields[1]), console_mfn=int(fields[2]))
 
     def _discard(self) -> None:
         if self.emu is not None:

@@ -25,7 +25,8 @@ def vm_record(domain: Domain) -> bytes:
     """The Xenops record: what the receiver needs to create the domain."""
     meta = domain.reload()
     return json.dumps({"name": meta["name"], "uuid": meta["uuid"], "memory_bytes": meta["memory_bytes"],
-                       "workload": meta.get("workload", "none")}, sort_keys=True).encode()
+                       "workload": meta.get("workload", "none"), "vgpu_bytes": meta.get("vgpu_bytes") or 0},
+                      sort_keys=True).encode()
 
 
 @dataclass
@@ -39,9 +40,10 @@ class SaveStats:
 
 class ImageWriter:
     def __init__(self, domain: Domain, fd: int, *, live: bool, inband: bool, log: Logger,
-                 on_info: Callable[[int], None] = lambda p: None) -> None:
+                 on_info: Callable[[int], None] = lambda p: None, vgpu_fd: int | None = None) -> None:
         self.domain = domain
         self.fd = fd
+        self.vgpu_fd = vgpu_fd
         self.live = live
         self.inband = inband
         self.log = log
@@ -55,15 +57,21 @@ class ImageWriter:
         self.log.info(f"domain {self.domain.domid} paused")
 
     def _prepare(self, emu: str) -> None:
-        if emu != "xenguest":
+        """Each emulator's stream starts with its header, on that emulator's own fd."""
+        if emu == "xenguest":
+            write_all(self.fd, [image.build_header(image.LIBXC)])
+        elif emu == "vgpu" and self.vgpu_fd is not None:
+            write_all(self.vgpu_fd, [image.build_header(image.DEMU)])
+        else:
             raise EmuManagerError(f"protocol error: prepare for unknown emulator {emu!r}")
-        write_all(self.fd, [image.build_header(image.LIBXC)])
 
     def run(self) -> SaveStats:
         record = vm_record(self.domain)
         write_all(self.fd, [image.SIGNATURE, image.build_header(image.XENOPS, len(record)), record])
+        vgpu = ([] if self.vgpu_fd is None else ["-dm", f"vgpu:{self.vgpu_fd}"])
         self.emu = EmuManager(domid=self.domain.domid, mode="hvm_save", fd=self.fd, live=self.live,
-                              compress=self.inband, log=self.log)
+                              compress=self.inband, extra=vgpu, log=self.log,
+                              pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
         self.stats.emu_argv = self.emu.argv
         self.emu.serve({ctl.MSG_SUSPEND: self._suspend, ctl.MSG_PREPARE: self._prepare},
                        until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self.on_info)

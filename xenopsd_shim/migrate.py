@@ -38,6 +38,32 @@ class Options:
     max_bandwidth: int | None = None   # bytes/s, paced by the kernel on the socket
 
 
+class Stream:
+    """One stream's connection, and the external zstd in front of it in `stream` mode."""
+
+    def __init__(self, name: str, sock: socket.socket, compress: bool) -> None:
+        self.name = name
+        self.sock = sock
+        self.zstd = Zstd(compress=True, far_fd=sock.fileno()) if compress else None
+
+    @property
+    def fd(self) -> int:
+        """Where the stream's writers write: zstd's input, or the socket itself."""
+        return self.zstd.fd if self.zstd is not None and self.zstd.fd is not None else self.sock.fileno()
+
+    def finish(self) -> None:
+        if self.zstd is not None:
+            self.zstd.finish()
+
+    def stop(self) -> str | None:
+        """End the stream's zstd; why it had failed, if it had."""
+        if self.zstd is None:
+            return None
+        failure = self.zstd.failure()
+        self.zstd.stop()
+        return failure
+
+
 class SourceMigration:
     def __init__(self, host: Host, domain: Domain, dest: str, options: Options, log: Logger,
                  on_info: Callable[[int], None] = lambda p: None) -> None:
@@ -59,29 +85,34 @@ class SourceMigration:
         if mode == MODE_STREAM:
             cookies["compress"] = "zstd"          # the receiver decides from this alone
         with CpuAccounting() as cpu:
-            sock = transport.open_memory_stream(self.dest, self.domain.uuid, cookies, self.options.max_bandwidth)
-            zstd = Zstd(compress=True, far_fd=sock.fileno()) if mode == MODE_STREAM else None
-            writer = ImageWriter(self.domain, zstd.fd if zstd else sock.fileno(), live=self.options.live,
-                                 inband=mode == MODE_XENGUEST, log=self.log, on_info=self.on_info)
+            streams = [Stream("memory", self._connect(transport.MEMORY_PATH, cookies), mode == MODE_STREAM)]
+            if self.domain.vgpu_bytes:
+                # Its own connection; in-band mode leaves it uncompressed (xenguest compresses memory only).
+                streams.append(Stream("vgpu", self._connect(transport.VGPU_PATH, cookies), mode == MODE_STREAM))
+            main = streams[0]
+            writer = ImageWriter(self.domain, main.fd, live=self.options.live, inband=mode == MODE_XENGUEST,
+                                 log=self.log, on_info=self.on_info,
+                                 vgpu_fd=streams[1].fd if len(streams) > 1 else None)
             try:
                 stats = writer.run()
                 writer.close()
-                if zstd is not None:
-                    zstd.finish()
-                remote = self._handshake(sock)
-                wire = transport.tcp_bytes(sock)[0]
+                for stream in streams:
+                    stream.finish()
+                remote = self._handshake(main.sock)
+                wire = {stream.name: transport.tcp_bytes(stream.sock)[0] for stream in streams}
             except BaseException as e:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)       # finish cleaning up first
                 writer.close()
-                zstd_failure = zstd.failure() if zstd is not None else None
-                if zstd is not None:
-                    zstd.stop()
+                zstd_failure = next(filter(None, (stream.stop() for stream in streams)), None)
                 # Our own zstd's death explains the rest; else the destination's words; else ours.
-                reason = (MigrationError(zstd_failure) if zstd_failure else None) or self._destination_error(sock) or e
-                self._close(sock)
+                reason = (MigrationError(zstd_failure) if zstd_failure else None) or \
+                    self._destination_error(main.sock) or e
+                for stream in streams:
+                    self._close(stream.sock)
                 self._fall_back(was_running)
                 raise MigrationError(self._describe(reason)) from None
-            self._close(sock)
+            for stream in streams:
+                self._close(stream.sock)
         done = time.monotonic()
         self.domain.destroy()
         return {
@@ -90,12 +121,15 @@ class SourceMigration:
             "total_seconds": round(done - t0, 3),
             "downtime_seconds": round(done - stats.paused_at, 3) if stats.paused_at else None,
             "iterations": stats.iterations, "pages_sent": stats.pages, "zero_pages": stats.zero_pages,
-            "memory_bytes": self.domain.memory_bytes, "wire_bytes": wire,
-            "wire_bytes_per_stream": {"memory": wire},
-            "compression_ratio": round(self.domain.memory_bytes / wire, 3) if wire else None,
+            "memory_bytes": self.domain.memory_bytes, "vgpu_bytes": self.domain.vgpu_bytes,
+            "wire_bytes": sum(wire.values()), "wire_bytes_per_stream": wire,
+            "compression_ratio": round(self.domain.memory_bytes / wire["memory"], 3) if wire["memory"] else None,
             "cpu_seconds": {"source": cpu.by_role(), "destination": remote.get("cpu_seconds", {})},
             "emu_manager_argv": stats.emu_argv,
         }
+
+    def _connect(self, path: str, cookies: dict[str, str]) -> socket.socket:
+        return transport.open_stream(self.dest, path + self.domain.uuid, cookies, self.options.max_bandwidth)
 
     def _handshake(self, sock: socket.socket) -> dict[str, Any]:
         """After the image the destination speaks first (so its zstd can be stopped safely)."""

@@ -26,6 +26,7 @@ from .zstdpipe import Zstd, ZstdError
 
 REQUEST_TIMEOUT = 30.0
 COMMIT_TIMEOUT = 300.0
+VGPU_TIMEOUT = 30.0
 
 
 class Receiver:
@@ -38,6 +39,7 @@ class Receiver:
         self.stopping = threading.Event()
         self.active: dict[threading.Thread, socket.socket] = {}
         self._lock = threading.Lock()
+        self.vgpu_streams = VgpuStreams()
 
     def serve_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,18 +76,46 @@ class Receiver:
 
     def _handle(self, conn: socket.socket, peer: Any) -> None:
         try:
-            IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]")).run()
+            IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]"),
+                              self.vgpu_streams).run()
         finally:
             conn.close()
             with self._lock:
                 self.active.pop(threading.current_thread(), None)
 
 
+class VgpuStreams:
+    """vGPU connections, parked until the memory migration of the same VM takes them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: dict[str, tuple[socket.socket, dict[str, str], threading.Event]] = {}
+
+    def park(self, uuid: str, conn: socket.socket, cookies: dict[str, str]) -> None:
+        """Called on the vGPU connection's thread; returns when its migration is over."""
+        done = threading.Event()
+        with self._cond:
+            self._waiting[uuid] = (conn, cookies, done)
+            self._cond.notify_all()
+        if not done.wait(COMMIT_TIMEOUT * 4):
+            with self._cond:
+                self._waiting.pop(uuid, None)
+
+    def take(self, uuid: str) -> tuple[socket.socket, dict[str, str], threading.Event]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: uuid in self._waiting, VGPU_TIMEOUT):
+                raise transport.TransportError(f"no vGPU stream arrived for VM {uuid} within {VGPU_TIMEOUT:g} s")
+            return self._waiting.pop(uuid)
+
+
 class IncomingMigration:
-    def __init__(self, host: Host, conn: socket.socket, log: Logger) -> None:
+    def __init__(self, host: Host, conn: socket.socket, log: Logger, vgpu_streams: VgpuStreams) -> None:
         self.host = host
         self.conn = conn
         self.log = log
+        self.vgpu_streams = vgpu_streams
+        self.vgpu_done: threading.Event | None = None
+        self.vgpu_zstd: Zstd | None = None
 
     def run(self) -> None:
         try:
@@ -93,11 +123,33 @@ class IncomingMigration:
         except transport.TransportError as e:
             self.log.warning(f"bad request: {e}")
             return
+        if request.method == "PUT" and request.path.startswith(transport.VGPU_PATH):
+            transport.send_status(self.conn, 200, "OK")
+            self.vgpu_streams.park(request.vm_uuid, self.conn, request.cookies)
+            return
         if request.method != "PUT" or not request.path.startswith(transport.MEMORY_PATH):
             transport.send_status(self.conn, 404, "Not Found")
             self.log.warning(f"refused {request.method} {request.path[:80]}")
             return
         transport.send_status(self.conn, 200, "OK")
+        try:
+            self._receive(request)
+        finally:
+            if self.vgpu_zstd is not None:
+                self.vgpu_zstd.stop()
+            if self.vgpu_done is not None:
+                self.vgpu_done.set()
+
+    def _vgpu_fd(self, request: transport.Request) -> int:
+        """The vGPU stream's fd: its own connection, through its own zstd in stream mode."""
+        conn, cookies, self.vgpu_done = self.vgpu_streams.take(request.vm_uuid)
+        if cookies.get("compress") == "zstd":
+            self.vgpu_zstd = Zstd(compress=False, far_fd=conn.fileno(), relay_from=conn)
+            assert self.vgpu_zstd.fd is not None
+            return self.vgpu_zstd.fd
+        return conn.fileno()
+
+    def _receive(self, request: transport.Request) -> None:
         stream = request.cookies.get("compress")
         self.log.info(f"incoming migration of VM {request.vm_uuid}" + (f" (compress={stream})" if stream else ""))
         cpu_start = time.thread_time()
@@ -109,16 +161,18 @@ class IncomingMigration:
         except ZstdError as e:
             self._fail(str(e))
             return
-        reader = ImageReader(self.host, zstd.fd if zstd else self.conn.fileno(), log=self.log)
-        roots = lambda: [*reader.emu_pids, *([zstd.pid] if zstd else [])]  # noqa: E731
+        reader = ImageReader(self.host, zstd.fd if zstd else self.conn.fileno(), log=self.log,
+                             vgpu_fd=lambda: self._vgpu_fd(request))
+        roots = lambda: [*reader.emu_pids, *(z.pid for z in (zstd, self.vgpu_zstd) if z)]  # noqa: E731
         with CpuAccounting(roots=roots) as cpu:
             domain = None
             try:
                 domain = reader.run()
-                if zstd is not None:
-                    zstd.finish()      # the frame ended with the image: zstd must exit 0 now
+                for z in (zstd, self.vgpu_zstd):
+                    if z is not None:
+                        z.finish()     # each frame ended with its stream: zstd must exit 0 now
             except Exception as e:
-                failure = zstd.failure() if zstd is not None else None
+                failure = next(filter(None, (z.failure() for z in (zstd, self.vgpu_zstd) if z)), None)
                 if domain is not None:
                     domain.destroy()
                 self._fail(f"restore failed: {failure or e}")

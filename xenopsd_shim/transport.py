@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 MEMORY_PATH = "/services/xenops/memory/"
+VGPU_PATH = "/services/xenops/migrate-vgpu/"     # the vGPU stream's own connection
 MAX_HEAD = 16 << 10
 CONNECT_TIMEOUT = 30.0
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
@@ -38,7 +39,7 @@ class Request:
 
     @property
     def vm_uuid(self) -> str:
-        return self.path[len(MEMORY_PATH):]
+        return self.path.rsplit("/", 1)[-1]
 
 
 def parse_address(text: str, listening: bool = False) -> tuple[str, int]:
@@ -83,8 +84,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 # Client side -------------------------------------------------------------------
-def open_memory_stream(dest: str, vm_uuid: str, cookies: dict[str, str],
-                       max_bandwidth: int | None = None) -> socket.socket:
+def open_stream(dest: str, path: str, cookies: dict[str, str],
+                max_bandwidth: int | None = None) -> socket.socket:
     """Connect and make the request; `max_bandwidth` (bytes/s) paces the socket in the kernel,
     so it holds whoever writes to the fd (xenguest, zstd) with no relay in between."""
     host, port = parse_address(dest)
@@ -96,7 +97,7 @@ def open_memory_stream(dest: str, vm_uuid: str, cookies: dict[str, str],
         raise TransportError(f"cannot connect to {dest}: {e.strerror or e}") from None
     sock.settimeout(None)
     cookie = "; ".join(f"{k}={quote(v)}" for k, v in cookies.items())
-    head = (f"PUT {MEMORY_PATH}{vm_uuid} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    head = (f"PUT {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             + (f"Cookie: {cookie}\r\n" if cookie else "") + "Connection: close\r\n\r\n")
     try:
         sock.sendall(head.encode())

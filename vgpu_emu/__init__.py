@@ -1,0 +1,1 @@
+"""vgpu-emu: an emulated vGPU device model (the role of demu), driven by emu-manager over EMP."""
