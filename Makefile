@@ -24,5 +24,8 @@ check-all: $(STAMP)
 demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.demo
 
+e2e: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.e2e
+
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -104,12 +103,12 @@ class Domain:
 
     # -- lifecycle ----------------------------------------------------------
     def pause(self) -> None:
-        """After this returns no page of the domain changes until unpause."""
-        with self.memory.locked():
-            self.memory.ctl[CTL_PAUSED] = 1
-            pid = self._workload_process()
-            if pid is not None:
-                pid.send_signal(signal.SIGSTOP)
+        """After this returns no page of the domain changes until unpause.
+
+        The flag is set under the lock the workload writes under, so a write in
+        progress finishes first and none starts after. (No SIGSTOP: a process
+        stopped while it holds the lock would hold it for ever.)"""
+        self.memory.set_flag(CTL_PAUSED, True)
         if self.state == "running":
             self.update(state="paused")
 
@@ -118,10 +117,7 @@ class Domain:
         if state not in ("paused", "building"):
             raise DomainError(f"domain {self.domid} is {state}, cannot unpause")
         self.memory.set_flag(CTL_PAUSED, False)
-        proc = self._workload_process()
-        if proc is not None:
-            proc.send_signal(signal.SIGCONT)
-        elif self.meta.get("workload", "none") != "none":
+        if self._workload_process() is None and self.meta.get("workload", "none") != "none":
             self.update(workload_pid=_spawn_workload(self.dir.parent.parent, self.domid))
         self.update(state="running")
 
@@ -142,7 +138,6 @@ class Domain:
         proc = self._workload_process()
         if proc is not None:
             proc.kill()
-            proc.send_signal(signal.SIGCONT)
             psutil.wait_procs([proc], timeout=10)
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -66,7 +66,8 @@ def run(root: Path, domid: int) -> None:
         if n == 0:
             continue
         with mem.locked():
-            if mem.paused:
+            if mem.paused:       # the guest is paused: it writes nothing, and waits
+                budget = 0.0
                 continue
             if workload.kind == "dirty":
                 pfns = rng.integers(0, mem.npages, size=n)
