@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test check-all e2e bench bench-quick clean venv
+BENCH_STAMP := $(VENV)/.bench-installed
 
 venv: $(STAMP)
 
@@ -26,6 +27,17 @@ demo: $(STAMP)
 
 e2e: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.e2e
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench,test]'
+	touch $(BENCH_STAMP)
+
+# The full run (1 GiB VMs, 5 repetitions); bench-quick is the 256 MiB version.
+bench: $(BENCH_STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
