@@ -18,7 +18,9 @@ Body (little-endian):
 """
 from __future__ import annotations
 
+import os
 import struct
+import threading
 
 import numpy as np
 import zstandard
@@ -26,6 +28,7 @@ import zstandard
 from xenemu.memory import PAGE_SIZE
 
 from . import libxc
+from .save import Encoded, PlainPages
 
 REC_TYPE = libxc.REC_TYPE_COMPRESSED_PAGE_DATA
 HEADER_FORMAT = "<IHHII"
@@ -46,24 +49,30 @@ class CompressedPages:
     plain PAGE_DATA, so incompressible memory costs nothing on the wire.
     """
 
-    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+    def __init__(self, level: int = DEFAULT_LEVEL, threads: int | None = None) -> None:
         self.level = level
-        self.zero_pages = 0
-        self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        self.threads = threads or int(os.environ.get("XENGUEST_COMPRESS_THREADS", 0)) or os.cpu_count() or 1
+        self._local = threading.local()      # a zstd context is not thread-safe: one per thread
 
-    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> list:
+    def _compress(self, data: np.ndarray) -> bytes:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        return cctx.compress(data)
+
+    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
         zero = ~pages.view("<u8").any(axis=1)
-        data = pages[~zero]
-        payload = self._cctx.compress(data) if data.size else b""
+        data = pages[~zero] if zero.any() else pages
+        payload = self._compress(data) if data.size else b""
         bitmap = np.packbits(zero, bitorder="little").tobytes()
         head = struct.pack(HEADER_FORMAT, len(pfns), ALGORITHM_ZSTD, 0, int(zero.sum()), len(payload))
         meta = head + pfns.astype("<u8").tobytes() + bitmap + bytes(bitmap_size(len(pfns)) - len(bitmap))
         length = len(meta) + len(payload)
         plain_length = libxc.PAGE_DATA_SIZE + 8 * len(pfns) + PAGE_SIZE * len(pfns)
         if length >= plain_length:
-            return [libxc.page_data_record_header(len(pfns)), libxc.page_data_header(pfns), pages]
-        self.zero_pages += int(zero.sum())
-        return [libxc.record_header(REC_TYPE, length), meta, payload, bytes(libxc.padding(length))]
+            return PlainPages().encode(pfns, pages)
+        return Encoded([libxc.record_header(REC_TYPE, length), meta, payload, bytes(libxc.padding(length))],
+                       int(zero.sum()))
 
 
 # Parse ----------------------------------------------------------------------
