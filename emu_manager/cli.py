@@ -6,7 +6,6 @@ control pipe), 2 the operation failed or was aborted.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from xenemu import Host
@@ -79,7 +78,6 @@ def run(argv: list[str]) -> int:
     log = Log(f"{PROG}[{args['domid']}]", 2, debug=bool(args["debuglog"]))
     set_args = {} if save else {"store_port": str(args["store_port"] or 0),
                                 "console_port": str(args["console_port"] or 0)}
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     orchestrator = Orchestrator(save=save, live=bool(args["live"]), emus=emus,
                                 control=LineChannel(args["controlinfd"], args["controloutfd"]),
                                 set_args=set_args, log=log)

@@ -129,10 +129,6 @@ class Emu:
         self.state = EmuState.EXITED
         return code
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-
     @property
     def percent(self) -> int:
         if self.state in (EmuState.COMPLETED, EmuState.QUIT, EmuState.EXITED):
