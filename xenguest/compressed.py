@@ -132,13 +132,11 @@ def inflate(payload: memoryview, expected: int) -> bytes:
     return out
 
 
-def restore_handler(body: memoryview, restorer) -> None:  # type: ignore[no-untyped-def]
-    """Restorer hook: write the record's pages (zero pages as zeros)."""
-    pfns, zero, payload = parse(body, restorer.mem.npages)
-    if not pfns.size:
-        return
+def decode_frames(body: memoryview | bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """The record's pfns and their 4096-byte frames (zero pages as zeros); thread-safe."""
+    pfns, zero, payload = parse(memoryview(body), npages)
     frames = np.zeros((pfns.size, PAGE_SIZE), dtype=np.uint8)
     nonzero = int((~zero).sum())
     if nonzero:
         frames[~zero] = np.frombuffer(inflate(payload, PAGE_SIZE * nonzero), dtype=np.uint8).reshape(-1, PAGE_SIZE)
-    restorer.write_pages(pfns, frames)
+    return pfns, frames

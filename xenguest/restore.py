@@ -6,6 +6,9 @@ the context records have been applied.
 """
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,8 +41,8 @@ class RestoreResult:
     bytes_read: int
 
 
-# A handler turns a record body into page writes; compressed records plug in here.
-PageHandler = Callable[[memoryview, "Restorer"], None]
+# Page records, recognised by type alone whatever this xenguest was started with.
+PAGE_RECORDS = (libxc.REC_TYPE_PAGE_DATA, compressed.REC_TYPE)
 
 
 class Restorer:
@@ -50,20 +53,44 @@ class Restorer:
         self.on_pages = on_pages
         self.pages = 0
         self._buf = bytearray(libxc.MAX_RECORD_BODY + 8)
-        # Compressed records are recognised by type alone, whatever this xenguest was started with.
-        self.page_handlers: dict[int, PageHandler] = {libxc.REC_TYPE_PAGE_DATA: _plain_pages,
-                                                      compressed.REC_TYPE: compressed.restore_handler}
+        self.threads = int(os.environ.get("XENGUEST_DECOMPRESS_THREADS", 0)) or os.cpu_count() or 1
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
 
     def write_pages(self, pfns: np.ndarray, frames: np.ndarray) -> None:
-        self.mem.pages[pfns] = frames
+        if pfns.size:
+            self.mem.pages[pfns] = frames
         self.pages += len(pfns)
         self.on_pages(self.pages)
+
+    def _page_record(self, rtype: int, body: memoryview) -> None:
+        """Compressed records inflate on a thread pool (zstd releases the GIL); every record's
+        pages are written in stream order, so a later copy of a pfn always wins."""
+        if rtype == libxc.REC_TYPE_PAGE_DATA or self.threads <= 1:
+            self._drain(0)
+            decode = plain_frames if rtype == libxc.REC_TYPE_PAGE_DATA else compressed.decode_frames
+            self.write_pages(*decode(body, self.mem.npages))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="inflate")
+        # The read buffer is reused for the next record: the job gets its own copy.
+        self._pending.append(self._pool.submit(compressed.decode_frames, bytes(body), self.mem.npages))
+        self._drain(2 * self.threads)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            self.write_pages(*self._pending.popleft().result())
 
     def run(self) -> RestoreResult:
         try:
             return self._run()
         except Truncated as e:
             raise libxc.StreamError(str(e)) from None
+        finally:
+            if self._pool is not None:
+                for job in self._pending:
+                    job.cancel()
+                self._pool.shutdown(wait=True)
 
     def _run(self) -> RestoreResult:
         r = self.reader
@@ -86,11 +113,12 @@ class Restorer:
             if rtype == libxc.REC_TYPE_END:
                 if length:
                     raise libxc.StreamError("END record with a body")
+                self._drain(0)
                 break
-            if rtype in self.page_handlers:
+            if rtype in PAGE_RECORDS:
                 if not static_done:
                     raise libxc.StreamError(f"{libxc.record_name(rtype)} before STATIC_DATA_END")
-                self.page_handlers[rtype](body, self)
+                self._page_record(rtype, body)
             elif rtype == libxc.REC_TYPE_STATIC_DATA_END:
                 if length:
                     raise libxc.StreamError("STATIC_DATA_END record with a body")
@@ -111,11 +139,10 @@ class Restorer:
                              self.pages, records, r.offset)
 
 
-def _plain_pages(body: memoryview, restorer: Restorer) -> None:
-    pd = libxc.parse_page_data(body, restorer.mem.npages)
-    if pd.pfns.size:
-        frames = np.frombuffer(body, dtype=np.uint8, offset=pd.data_offset).reshape(-1, PAGE_SIZE)
-        restorer.write_pages(pd.pfns, frames)
+def plain_frames(body: memoryview | bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """A PAGE_DATA record's pfns and frames (views of the body: no copy)."""
+    pd = libxc.parse_page_data(body, npages)
+    return pd.pfns, np.frombuffer(body, dtype=np.uint8, offset=pd.data_offset).reshape(-1, PAGE_SIZE)
 
 
 def context_blob(rtype: int, body: memoryview) -> bytes:
