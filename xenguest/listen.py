@@ -25,8 +25,8 @@ class Server(EmpServer):
         assert self.stream_fd is not None
         saver = Saver(self._domain(), self.stream_fd, live=live, policy=Policy.from_env(),
                       suspend=self.wait_paused if live else (lambda: None), on_progress=self.progress,
-                      encoder=CompressedPages() if self.compress else PlainPages())
-        saver.abort, saver.pause_requested = self.abort, self.pause_requested
+                      encoder=CompressedPages() if self.compress else PlainPages(),
+                      abort=self.abort, pause_requested=self.pause_requested)
 
         def work() -> str:
             self.log.info(saver.run().summary(self.domid))

@@ -92,7 +92,9 @@ def frames(pages: np.ndarray, batch: np.ndarray) -> np.ndarray:
 class Saver:
     def __init__(self, domain: Domain, fd: int, *, live: bool, policy: Policy,
                  suspend: Callable[[], None], on_progress: Callable[[Progress], None] = lambda p: None,
-                 encoder: PageEncoder | None = None) -> None:
+                 encoder: PageEncoder | None = None, abort: threading.Event | None = None,
+                 pause_requested: threading.Event | None = None) -> None:
+        """`abort` and `pause_requested` may be shared with whoever receives those requests."""
         self.domain = domain
         self.mem = domain.memory
         self.fd = fd
@@ -103,8 +105,8 @@ class Saver:
         self.encoder = encoder or PlainPages()
         self.progress = Progress()
         self._pool: ThreadPoolExecutor | None = None
-        self.abort = threading.Event()
-        self.pause_requested = threading.Event()
+        self.abort = abort or threading.Event()
+        self.pause_requested = pause_requested or threading.Event()
 
     def _write(self, buffers: list) -> None:
         if self.abort.is_set():

@@ -59,7 +59,6 @@ class EmuManager:
         self.log.debug("spawned " + " ".join(self.argv))
         self._relay = threading.Thread(target=self._relay_stderr, daemon=True)
         self._relay.start()
-        self.finished = False
 
     @property
     def pid(self) -> int:
