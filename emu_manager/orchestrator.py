@@ -228,7 +228,7 @@ class Orchestrator:
                 try:
                     message, fds = emu.chan.recv(self.timeouts.reply)
                 except emp.EmpError as e:
-                    raise EmuFailure(emu.name, f"{emu.name}: {e}") from None
+                    raise EmuFailure(emu.name, str(e)) from None
                 for extra in fds:
                     os.close(extra)
                 self._on_emu(emu, message)

@@ -35,8 +35,8 @@ class HostDir:
 
     def run(self, *argv: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("stdout", subprocess.PIPE)
-        proc = subprocess.run([exe(argv[0]), *argv[1:]], env=self.env, stderr=subprocess.PIPE, text=True,
-                              timeout=timeout, **kw)
+        kw.setdefault("env", self.env)
+        proc = subprocess.run([exe(argv[0]), *argv[1:]], stderr=subprocess.PIPE, text=True, timeout=timeout, **kw)
         if check and proc.returncode != 0:
             raise AssertionError(f"{argv} exited {proc.returncode}: {proc.stderr}")
         return proc

@@ -129,10 +129,12 @@ def vm_digest(ctx: Ctx, name: str, pages: bool) -> None:
 
 @cli.command()
 @click.option("--listen", default="127.0.0.1:8090", show_default=True, help="HOST:PORT to accept migrations on")
+@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="require this secret of senders (default: ROOT/migration-secret, if it exists)")
 @click.pass_obj
-def serve(ctx: Ctx, listen: str) -> None:
+def serve(ctx: Ctx, listen: str, secret_file: Path | None) -> None:
     """Receive migrations until SIGTERM or SIGINT."""
-    receiver = Receiver(ctx.host, listen, ctx.log)
+    receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file))
     click.echo(f"listening on {receiver.address[0]}:{receiver.address[1]}", err=True)
     receiver.serve_forever()
 
@@ -145,14 +147,18 @@ def serve(ctx: Ctx, listen: str) -> None:
 @click.option("--verify", is_flag=True, help="the destination checks every page against the pause point")
 @click.option("--max-bandwidth", default=None, help="cap the link, e.g. 125MB/s (kernel socket pacing)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary at the end")
+@click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help=f"the destination's migration secret (or ${policy.SECRET_ENV})")
 @click.pass_obj
 def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool, verify: bool,
-               max_bandwidth: str | None, as_json: bool) -> None:
+               max_bandwidth: str | None, as_json: bool, secret_file: Path | None) -> None:
     """Migrate a running VM to another host."""
     domain = ctx.host.find(name)
     mode = policy.decide(ctx.host, dest, compress, ctx.config, ctx.log)
     summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode,
-                                      max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None), ctx.log,
+                                      max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None,
+                                      secret=policy.read_secret(secret_file) if secret_file
+                                      else os.environ.get(policy.SECRET_ENV)), ctx.log,
                               on_info=_progress(f"migrating {name}")).run()
     if as_json:
         click.echo(json.dumps(summary))

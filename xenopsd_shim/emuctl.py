@@ -66,12 +66,18 @@ class EmuManager:
 
     def _relay_stderr(self) -> None:
         assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.log.debug(line)
-            m = _SAVE_SUMMARY.search(line)
-            if m:
-                self.save_summary = dict(zip(("iterations", "pages", "zero_pages", "bytes"), map(int, m.groups())))
+        try:
+            for raw in self.proc.stderr:
+                self._relay_line(raw)
+        except (ValueError, OSError):
+            pass   # closed under us: emu-manager died and an orphaned emulator still held the pipe
+
+    def _relay_line(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip()
+        self.log.debug(line)
+        m = _SAVE_SUMMARY.search(line)
+        if m:
+            self.save_summary = dict(zip(("iterations", "pages", "zero_pages", "bytes"), map(int, m.groups())))
 
     def send(self, line: str) -> None:
         self.log.debug(f"-> emu-manager: {line}")
@@ -85,10 +91,12 @@ class EmuManager:
         try:
             line = self.channel.recv(timeout)
         except ctl.ControlError as e:
-            code = self.proc.poll()
-            if code is not None:
-                raise EmuManagerError(f"emu-manager exited with status {code}") from None
-            raise EmuManagerError(f"emu-manager: {e}") from None
+            try:
+                code = self.proc.wait(timeout=2)      # a closed pipe usually means it has died
+            except subprocess.TimeoutExpired:
+                raise EmuManagerError(f"emu-manager: {e}") from None
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            raise EmuManagerError(f"emu-manager {how}") from None
         self.log.debug(f"<- emu-manager: {line}")
         if line.startswith(ctl.MSG_ERROR):
             raise EmuManagerError(f"emu-manager reported: {line[len(ctl.MSG_ERROR):]}")

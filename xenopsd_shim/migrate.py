@@ -36,6 +36,7 @@ class Options:
     verify: bool = False
     mode: str = MODE_NONE         # none | stream | xenguest
     max_bandwidth: int | None = None   # bytes/s, paced by the kernel on the socket
+    secret: str | None = None          # the destination's migration secret
 
 
 class Stream:
@@ -84,6 +85,8 @@ class SourceMigration:
             cookies["verify"] = "true"
         if mode == MODE_STREAM:
             cookies["compress"] = "zstd"          # the receiver decides from this alone
+        if self.options.secret:
+            cookies[transport.SECRET_COOKIE] = self.options.secret
         with CpuAccounting() as cpu:
             streams = [Stream("memory", self._connect(transport.MEMORY_PATH, cookies), mode == MODE_STREAM)]
             if self.domain.vgpu_bytes:

@@ -20,6 +20,8 @@ POOL_PARAMS = {"migration-compression": "false"}
 CONFIG_NAME = "xenopsd.conf"
 POOL_NAME = "pool.json"
 SERVE_ADDRESS = "serve-address"     # in the host's run dir while `serve` runs
+SECRET_NAME = "migration-secret"    # in the host dir: when present, senders must present it
+SECRET_ENV = "XENOPSD_MIGRATION_SECRET"
 
 
 def config_path(host: Host, override: Path | None) -> Path:
@@ -81,3 +83,18 @@ def decide(host: Host, dest: str, requested: bool | None, config: Path, log: Log
     if requested is None:
         requested = pool_params(host)["migration-compression"] == "true" and not is_same_host(host, dest)
     return compressor(config, log) if requested else MODE_NONE
+
+
+def read_secret(path: Path) -> str | None:
+    """A migration secret from a file (first line), or None when the file does not exist."""
+    try:
+        secret = path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+    except FileNotFoundError:
+        return None
+    if not secret:
+        raise ValueError(f"migration secret file {path} is empty")
+    return secret
+
+
+def receiver_secret(host: Host, override: Path | None) -> str | None:
+    return read_secret(override if override is not None else host.root / SECRET_NAME)

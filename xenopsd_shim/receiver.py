@@ -6,6 +6,7 @@ source commits, so the source can fall back at every earlier step.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import select
 import signal
@@ -30,9 +31,10 @@ VGPU_TIMEOUT = 30.0
 
 
 class Receiver:
-    def __init__(self, host: Host, listen: str, log: Logger) -> None:
+    def __init__(self, host: Host, listen: str, log: Logger, secret: str | None = None) -> None:
         self.host = host
         self.log = log
+        self.secret = secret
         addr, port = transport.parse_address(listen, listening=True)
         self.listener = socket.create_server((addr, port), reuse_port=False)
         self.address = self.listener.getsockname()
@@ -77,7 +79,7 @@ class Receiver:
     def _handle(self, conn: socket.socket, peer: Any) -> None:
         try:
             IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]"),
-                              self.vgpu_streams).run()
+                              self.vgpu_streams, self.secret).run()
         finally:
             conn.close()
             with self._lock:
@@ -109,7 +111,9 @@ class VgpuStreams:
 
 
 class IncomingMigration:
-    def __init__(self, host: Host, conn: socket.socket, log: Logger, vgpu_streams: VgpuStreams) -> None:
+    def __init__(self, host: Host, conn: socket.socket, log: Logger, vgpu_streams: VgpuStreams,
+                 secret: str | None = None) -> None:
+        self.secret = secret
         self.host = host
         self.conn = conn
         self.log = log
@@ -122,6 +126,12 @@ class IncomingMigration:
             request = transport.read_request(self.conn, REQUEST_TIMEOUT)
         except transport.TransportError as e:
             self.log.warning(f"bad request: {e}")
+            return
+        if self.secret is not None and not hmac.compare_digest(
+                request.cookies.get(transport.SECRET_COOKIE, "").encode(), self.secret.encode()):
+            transport.send_status(self.conn, 403, "Forbidden")
+            how = "a wrong" if transport.SECRET_COOKIE in request.cookies else "no"
+            self.log.warning(f"refused {request.method} {request.path[:80]}: {how} migration secret")
             return
         if request.method == "PUT" and request.path.startswith(transport.VGPU_PATH):
             transport.send_status(self.conn, 200, "OK")

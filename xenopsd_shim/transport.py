@@ -21,6 +21,7 @@ CONNECT_TIMEOUT = 30.0
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
 # Handshake lines after the image (xenopsd's Handshake: Success / Error:<msg>).
+SECRET_COOKIE = "secret"     # the destination's migration secret, when it requires one
 HS_SUCCESS = "Success"
 HS_ERROR = "Error:"
 HS_VERIFY = "Verify:"        # + digest of every page at the pause point (sender -> receiver)
