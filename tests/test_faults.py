@@ -70,3 +70,28 @@ def test_sigkill_mid_stream_vm_stays_on_source(hosts, receiver, victim):
     assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
     wait_for(lambda: vms(b) == [], what="the destination to clean up")
     print(f"\n{side} {name}: failed in {recovered:.2f} s: {err.strip()}")
+
+
+def test_receiver_killed_mid_stream(hosts):
+    from conftest import Receiver
+
+    a, b = hosts("A"), hosts("B")
+    r = Receiver(b)
+    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "mixed")
+    before = shim(a, "vm-digest", "vm1").stdout
+    mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
+                            "40MB/s"], env=a.env, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
+    time.sleep(0.5)
+    r.proc.kill()
+    assert r.stop() == -9
+    _, err = mig.communicate(timeout=180)
+    assert mig.returncode == 2 and len(err.strip().splitlines()) == 1 and "keeps running on this host" in err, err
+    assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
+    # The dead receiver's emulators go by themselves; its half-restored domain goes when serve restarts.
+    wait_for(lambda: not procs(b, "xenguest") and not procs(b, "emu-manager"), what="orphans to exit")
+    assert [v["state"] for v in vms(b)] == ["building"]
+    again = Receiver(b)
+    wait_for(lambda: vms(b) == [], what="the restarted receiver to clean up")
+    assert again.stop() == 0
+    assert "left half-restored by an earlier receiver" in (b.root / "xenopsd.log").read_text()

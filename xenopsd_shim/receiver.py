@@ -43,9 +43,19 @@ class Receiver:
         self._lock = threading.Lock()
         self.vgpu_streams = VgpuStreams()
 
+    def _discard_half_restored(self) -> None:
+        """Domains still `building` were being restored by a receiver that died: nothing of
+        them ever ran and their source kept the VM, so they go (as xenopsd cleans up on start)."""
+        for domain in self.host.domains():
+            if domain.state == "building":
+                self.log.warning(f"destroying domain {domain.domid} (VM {domain.name}), "
+                                 "left half-restored by an earlier receiver")
+                domain.destroy()
+
     def serve_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        self._discard_half_restored()
         self.log.info(f"listening on {self.address[0]}:{self.address[1]}")
         marker = self.host.run_dir / SERVE_ADDRESS        # lets a migration see it targets its own host
         marker.write_text(f"{self.address[0]}:{self.address[1]}\n")
