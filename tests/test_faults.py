@@ -48,16 +48,19 @@ def test_receiver_requires_its_secret(hosts, receiver, tmp_path):
     assert vms(a) == [] and [v["state"] for v in vms(b)] == ["running"]
 
 
-@pytest.mark.parametrize("victim", [("A", "xenguest"), ("A", "emu-manager"), ("B", "emu-manager")],
-                         ids=["source-xenguest", "source-emu-manager", "destination-emu-manager"])
+@pytest.mark.parametrize("victim", [("A", "xenguest"), ("A", "emu-manager"), ("B", "emu-manager"),
+                                    ("B", "xenguest"), ("B", "zstd")],
+                         ids=["source-xenguest", "source-emu-manager", "destination-emu-manager",
+                              "destination-xenguest", "destination-zstd"])
 def test_sigkill_mid_stream_vm_stays_on_source(hosts, receiver, victim):
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "mixed")
+    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random")
     before = shim(a, "vm-digest", "vm1").stdout
-    mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
-                            "40MB/s"], env=a.env, stderr=subprocess.PIPE, text=True)
     side, name = victim
+    mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
+                            "40MB/s", "--compress" if name == "zstd" else "--no-compress"],
+                           env=a.env, stderr=subprocess.PIPE, text=True)
     host = a if side == "A" else b
     wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
     time.sleep(0.5)
@@ -69,6 +72,7 @@ def test_sigkill_mid_stream_vm_stays_on_source(hosts, receiver, victim):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "keeps running on this host" in err
     assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
     wait_for(lambda: vms(b) == [], what="the destination to clean up")
+    assert name in err                     # the line names what failed
     print(f"\n{side} {name}: failed in {recovered:.2f} s: {err.strip()}")
 
 

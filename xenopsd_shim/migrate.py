@@ -56,13 +56,15 @@ class Stream:
         if self.zstd is not None:
             self.zstd.finish()
 
-    def stop(self) -> str | None:
-        """End the stream's zstd; why it had failed, if it had."""
+    def stop(self) -> tuple[str | None, bool]:
+        """End the stream's zstd; why it had failed, if it had, and whether a signal killed it
+        (a root cause) rather than an error exit (often a consequence: the peer went away)."""
         if self.zstd is None:
-            return None
+            return None, False
         failure = self.zstd.failure()
+        killed = (self.zstd.proc.returncode or 0) < 0
         self.zstd.stop()
-        return failure
+        return failure, killed
 
 
 class SourceMigration:
@@ -106,10 +108,12 @@ class SourceMigration:
             except BaseException as e:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)       # finish cleaning up first
                 writer.close()
-                zstd_failure = next(filter(None, (stream.stop() for stream in streams)), None)
-                # Our own zstd's death explains the rest; else the destination's words; else ours.
-                reason = (MigrationError(zstd_failure) if zstd_failure else None) or \
-                    self._destination_error(main.sock) or e
+                failures = [f for f in (stream.stop() for stream in streams) if f[0]]
+                killed = [MigrationError(text) for text, by_signal in failures if by_signal]
+                # A zstd of ours killed explains the rest; else the destination's own words;
+                # else our zstd's error; else what we saw.
+                reason = next(iter(killed), None) or self._destination_error(main.sock) or \
+                    next((MigrationError(text) for text, _ in failures), None) or e
                 for stream in streams:
                     self._close(stream.sock)
                 self._fall_back(was_running)
