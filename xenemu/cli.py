@@ -8,7 +8,7 @@ import click
 
 from . import Host, DomainError
 from .build import build
-from .memory import combine_digests
+from .memory import digest_report
 from .units import parse_size
 
 
@@ -88,12 +88,7 @@ def digest(host: Host, ref: str, pages: bool, with_context: bool) -> None:
     import hashlib
 
     domain = host.find(ref)
-    digests = domain.memory.page_digests()
-    if pages:
-        for pfn, d in enumerate(digests):
-            click.echo(f"{pfn:x} {d.hex()}")
-    else:
-        click.echo(combine_digests(digests))
+    click.echo(digest_report(domain.memory, pages))
     if with_context:
         for name, blob in sorted(domain.context().items()):
             click.echo(f"{name} {hashlib.blake2b(blob, digest_size=16).hexdigest()}")

@@ -107,3 +107,19 @@ def combine_digests(page_digests: list[bytes]) -> str:
     import hashlib
 
     return hashlib.blake2b(b"".join(page_digests), digest_size=32).hexdigest()
+
+
+def digest_report(mem: GuestMemory, pages: bool) -> str:
+    """What `digest` commands print: one line per page (pfn, digest), or the combined digest."""
+    digests = mem.page_digests()
+    if pages:
+        return "\n".join(f"{pfn:x} {d.hex()}" for pfn, d in enumerate(digests))
+    return combine_digests(digests)
+
+
+def memory_digest(mem: GuestMemory) -> str:
+    """A digest of all of memory in one BLAKE2b pass (no loop per page), for checks that
+    both sides compute the same way, such as --verify inside the migration's downtime."""
+    import hashlib
+
+    return hashlib.blake2b(memoryview(mem._mm_mem), digest_size=32).hexdigest()

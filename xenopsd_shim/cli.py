@@ -11,7 +11,7 @@ import click
 
 from xenemu import DomainError, Host
 from xenemu.build import build
-from xenemu.memory import combine_digests
+from xenemu.memory import digest_report
 from xenemu.units import format_size, parse_rate, parse_size
 
 from . import image, policy, transport
@@ -120,11 +120,7 @@ def vm_destroy(ctx: Ctx, name: str) -> None:
 @click.pass_obj
 def vm_digest(ctx: Ctx, name: str, pages: bool) -> None:
     """Digest of the VM's memory; stable while it is paused or its workload is none."""
-    digests = ctx.host.find(name).memory.page_digests()
-    if pages:
-        click.echo("\n".join(f"{pfn:x} {d.hex()}" for pfn, d in enumerate(digests)))
-    else:
-        click.echo(combine_digests(digests))
+    click.echo(digest_report(ctx.host.find(name).memory, pages))
 
 
 @cli.command()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from xenemu import Domain, Host
-from xenemu.memory import combine_digests
+from xenemu.memory import memory_digest
 
 from . import transport
 from .accounting import CpuAccounting
@@ -148,7 +148,7 @@ class SourceMigration:
             else:
                 break
         if self.options.verify:
-            digest = combine_digests(self.domain.memory.page_digests())
+            digest = memory_digest(self.domain.memory)
             transport.send_line(sock, f"{transport.HS_VERIFY}{digest}")
             self._expect_success(sock, "the destination's verification")
         transport.send_line(sock, transport.HS_SUCCESS)           # commit: the destination may run it

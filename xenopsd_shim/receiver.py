@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from xenemu import Host
-from xenemu.memory import combine_digests
+from xenemu.memory import memory_digest
 
 from . import transport
 from .accounting import CpuAccounting
@@ -226,7 +226,7 @@ class IncomingMigration:
         line = transport.recv_line(self.conn, COMMIT_TIMEOUT, "the source's digest")
         if not line.startswith(transport.HS_VERIFY):
             raise transport.TransportError(f"expected the source's digest, got {line[:80]!r}")
-        ours = combine_digests(domain.memory.page_digests())
+        ours = memory_digest(domain.memory)
         if line[len(transport.HS_VERIFY):] != ours:
             raise transport.TransportError("verification failed: restored memory differs from the source's "
                                            "memory at the pause point")
