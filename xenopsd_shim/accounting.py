@@ -55,7 +55,7 @@ class CpuAccounting:
                 for pid in self._roots():
                     root = psutil.Process(pid)
                     children += [root, *root.children(recursive=True)]
-        except psutil.Error:
+        except (psutil.Error, OSError):   # processes come and go while /proc is read
             pass
         for child in children:
             try:

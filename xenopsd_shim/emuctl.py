@@ -140,12 +140,12 @@ class EmuManager:
         self.wait(timeout)
 
     def close(self) -> None:
+        """Idempotent: a second close must not close fd numbers that another thread now owns."""
         if self.proc.poll() is None:
             self.abort()
         for fd in (self._to_emu, self._from_emu):
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
+        self._to_emu = self._from_emu = -1
         if self.proc.stderr is not None:
             self.proc.stderr.close()

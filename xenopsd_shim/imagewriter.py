@@ -89,3 +89,4 @@ class ImageWriter:
         """Release emu-manager: `abort` first if it still runs, then wait for it and its emulators."""
         if self.emu is not None:
             self.emu.close()
+            self.emu = None
