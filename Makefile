@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check-all e2e bench bench-quick clean venv
+.PHONY: demo test check-all e2e e2e-netns bench bench-quick clean venv
 BENCH_STAMP := $(VENV)/.bench-installed
 
 venv: $(STAMP)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 e2e: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.e2e
+
+# Every method live across two network namespaces, a veth pair shaped to 1 Gbit/s (root; skips otherwise).
+e2e-netns: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.e2e_netns
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench,test]'
