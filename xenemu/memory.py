@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +53,9 @@ class GuestMemory:
         self._mm_dirty, self.dirty = _map(directory / "dirty", self.npages, create)
         self._mm_ctl, self.ctl = _map(directory / "ctl", CTL_SIZE, create)
         self._lock_fd = os.open(directory / "ctl", os.O_RDWR)
+        # The mappings go when the object does; the lock fd must too, or a long-lived process
+        # (`serve`) that drops a domain without close() keeps one fd per domain for ever.
+        self._close_lock_fd = weakref.finalize(self, os.close, self._lock_fd)
 
     def close(self) -> None:
         # numpy views pin the mmaps; drop them first.
@@ -61,7 +65,7 @@ class GuestMemory:
                 mm.close()
             except BufferError:
                 pass  # an outstanding view elsewhere; the map goes with the process
-        os.close(self._lock_fd)
+        self._close_lock_fd()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
