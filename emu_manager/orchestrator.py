@@ -15,12 +15,10 @@ from typing import Callable
 
 from xenguest import emp
 from xenguest.log import Log
+from xenguest.precopy import Policy
 
 from . import control as ctl
 from .emus import Emu, EmuFailure, EmuState
-
-LIVE_DIRTY_THRESHOLD = 50
-LIVE_MAX_ITERATION = 4
 
 
 def _env_timeout(name: str, default: float) -> float:
@@ -50,6 +48,7 @@ class Orchestrator:
         self.set_args = set_args
         self.log = log
         self.timeouts = timeouts or Timeouts()
+        self.precopy = Policy.from_env()     # the same decision xenguest takes, from the same figures
         self.stage = "new"
         self.awaiting_ack: str | None = None
         self.restore_requests: list[str] = []
@@ -274,9 +273,7 @@ class Orchestrator:
         except (KeyError, ValueError, TypeError):
             raise EmuFailure(emu.name, f"{emu.name} sent a malformed progress event") from None
         self.log.debug(f"{emu.name}: iteration {emu.iteration} sent {emu.sent} remaining {emu.remaining}")
-        if emu.state == EmuState.RUNNING and self.live and (
-                (emu.iteration > 0 and 0 <= emu.remaining < LIVE_DIRTY_THRESHOLD)
-                or emu.iteration >= LIVE_MAX_ITERATION):
+        if emu.state == EmuState.RUNNING and self.live and self.precopy.live_done(emu.iteration, emu.remaining):
             emu.state = EmuState.LIVE_DONE
         self._report_percent()
 

@@ -19,7 +19,8 @@ from .listen import Server
 from .log import Log
 from .longopts import Opt, UsageError, parse
 from .restore import Restorer
-from .save import Aborted, PlainPages, Policy, Saver
+from .precopy import Policy
+from .save import Aborted, PlainPages, Saver
 
 PROG = "xenguest"
 OPTIONS = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,8 @@ from .log import Log
 from .save import Aborted, Progress
 
 ACCEPT_TIMEOUT = float(os.environ.get("XENGUEST_ACCEPT_TIMEOUT", 180))
+# From the end of pre-copy to migrate_paused: longer than emu-manager's wait for xenopsd's ack.
+PAUSE_TIMEOUT = float(os.environ.get("XENGUEST_PAUSE_TIMEOUT", 180))
 Work = Callable[[], str]
 
 
@@ -180,9 +183,12 @@ class EmpServer:
 
     def wait_paused(self) -> None:
         """The live phase is over: wait for emu-manager to say the domain is paused."""
+        deadline = time.monotonic() + PAUSE_TIMEOUT
         while not self.paused.wait(0.1):
             if self.abort.is_set():
                 raise Aborted("save aborted while waiting for the domain to pause")
+            if time.monotonic() > deadline:
+                raise Aborted(f"pre-copy done but the domain was not paused within {PAUSE_TIMEOUT:g} s")
 
     def progress(self, p: Progress) -> None:
         if self.progress_events and self.chan is not None:

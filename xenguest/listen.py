@@ -7,7 +7,8 @@ from .compressed import CompressedPages
 from .empserver import EmpServer, Work
 from .log import Log
 from .restore import Restorer
-from .save import PlainPages, Policy, Saver
+from .precopy import Policy
+from .save import PlainPages, Saver
 
 
 class Server(EmpServer):

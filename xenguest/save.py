@@ -8,7 +8,6 @@ TSC info, HVM params, HVM context and END (the upstream spec's order).
 """
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from collections import deque
@@ -21,24 +20,7 @@ from xenemu import Domain
 
 from . import libxc
 from .fdio import write_all
-
-DEFAULT_MAX_ITERATIONS = 5
-DEFAULT_DIRTY_THRESHOLD = 50
-
-
-@dataclass(frozen=True)
-class Policy:
-    """When pre-copy stops: fewer than `dirty_threshold` dirty pages, or `max_iterations` done."""
-    max_iterations: int = DEFAULT_MAX_ITERATIONS
-    dirty_threshold: int = DEFAULT_DIRTY_THRESHOLD
-
-    @classmethod
-    def from_env(cls) -> "Policy":
-        return cls(int(os.environ.get("XENGUEST_MAX_ITERATIONS", DEFAULT_MAX_ITERATIONS)),
-                   int(os.environ.get("XENGUEST_DIRTY_THRESHOLD", DEFAULT_DIRTY_THRESHOLD)))
-
-    def live_done(self, iteration: int, remaining: int) -> bool:
-        return (iteration > 0 and remaining < self.dirty_threshold) or iteration >= self.max_iterations - 1
+from .precopy import Policy
 
 
 @dataclass
