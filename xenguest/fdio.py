@@ -11,12 +11,20 @@ class Truncated(EOFError):
     """The peer closed the fd before a whole item arrived."""
 
 
+class Stalled(OSError):
+    """The fd's timeout (the toolstack sets SO_SNDTIMEO/SO_RCVTIMEO on a migration socket)
+    expired: the peer stopped moving bytes."""
+
+
 def write_all(fd: int, buffers: Sequence[Buffer]) -> int:
     """writev until every buffer is out; no joining copy of the payload."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     total = sum(len(v) for v in views)
     while views:
-        n = os.writev(fd, views[:1024])
+        try:
+            n = os.writev(fd, views[:1024])
+        except BlockingIOError:
+            raise Stalled("stream stalled: the peer took no data within the socket's timeout") from None
         while n:
             if n >= len(views[0]):
                 n -= len(views[0])
@@ -38,7 +46,11 @@ class Reader:
         got = 0
         size = len(view)
         while got < size:
-            n = os.readv(self.fd, [view[got:]])
+            try:
+                n = os.readv(self.fd, [view[got:]])
+            except BlockingIOError:
+                raise Stalled(f"stream stalled in {what} at offset {self.offset + got}: "
+                              "nothing arrived within the socket's timeout") from None
             if n == 0:
                 raise Truncated(f"stream truncated in {what} at offset {self.offset + got}: "
                                 f"{got} of {size} bytes")

@@ -21,6 +21,7 @@ from .imagewriter import ImageWriter
 from .log import Logger
 from .migrate import MigrationError, Options, SourceMigration
 from .receiver import Receiver
+from .timeouts import TimeoutConfigError, Timeouts
 from .zstdpipe import ZSTD_MAGIC, Zstd, ZstdError
 
 EXIT_FAILED = 2
@@ -32,6 +33,13 @@ class Ctx:
         self.config = policy.config_path(self.host, config)
         os.environ["XENEMU_ROOT"] = str(self.host.root)     # emu-manager and xenguest find the host here
         self.log = Logger(self.host.root / "xenopsd.log", verbose)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        try:
+            return Timeouts.from_config(policy.read_config(self.config))
+        except TimeoutConfigError as e:
+            raise click.ClickException(f"{self.config}: {e}") from None
 
 
 def _progress(label: str):  # type: ignore[no-untyped-def]
@@ -130,7 +138,8 @@ def vm_digest(ctx: Ctx, name: str, pages: bool) -> None:
 @click.pass_obj
 def serve(ctx: Ctx, listen: str, secret_file: Path | None) -> None:
     """Receive migrations until SIGTERM or SIGINT."""
-    receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file))
+    receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file),
+                        timeouts=ctx.timeouts)
     click.echo(f"listening on {receiver.address[0]}:{receiver.address[1]}", err=True)
     receiver.serve_forever()
 
@@ -154,7 +163,7 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
     summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode,
                                       max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None,
                                       secret=policy.read_secret(secret_file) if secret_file
-                                      else os.environ.get(policy.SECRET_ENV)), ctx.log,
+                                      else os.environ.get(policy.SECRET_ENV), timeouts=ctx.timeouts), ctx.log,
                               on_info=_progress(f"migrating {name}")).run()
     if as_json:
         click.echo(json.dumps(summary))

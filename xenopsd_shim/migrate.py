@@ -21,9 +21,8 @@ from .accounting import CpuAccounting
 from .imagewriter import ImageWriter
 from .log import Logger
 from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST
+from .timeouts import Timeouts
 from .zstdpipe import Zstd
-
-HANDSHAKE_TIMEOUT = 300.0
 
 
 class MigrationError(Exception):
@@ -37,6 +36,7 @@ class Options:
     mode: str = MODE_NONE         # none | stream | xenguest
     max_bandwidth: int | None = None   # bytes/s, paced by the kernel on the socket
     secret: str | None = None          # the destination's migration secret
+    timeouts: Timeouts = Timeouts()
 
 
 class Stream:
@@ -136,7 +136,10 @@ class SourceMigration:
         }
 
     def _connect(self, path: str, cookies: dict[str, str]) -> socket.socket:
-        return transport.open_stream(self.dest, path + self.domain.uuid, cookies, self.options.max_bandwidth)
+        sock = transport.open_stream(self.dest, path + self.domain.uuid, cookies, self.options.timeouts.connect,
+                                     self.options.max_bandwidth)
+        self.options.timeouts.arm(sock)
+        return sock
 
     def _handshake(self, sock: socket.socket) -> dict[str, Any]:
         """After the image the destination speaks first (so its zstd can be stopped safely)."""
@@ -153,15 +156,14 @@ class SourceMigration:
             self._expect_success(sock, "the destination's verification")
         transport.send_line(sock, transport.HS_SUCCESS)           # commit: the destination may run it
         self.committed = True
-        line = transport.recv_line(sock, HANDSHAKE_TIMEOUT, "the destination to start the VM")
+        line = transport.recv_line(sock, self.options.timeouts.handshake, "the destination to start the VM")
         if line != transport.HS_SUCCESS:
             raise MigrationError(f"destination did not start the VM: {line[:80]!r}")
         return remote
 
-    @staticmethod
-    def _expect_success(sock: socket.socket, what: str) -> str:
+    def _expect_success(self, sock: socket.socket, what: str) -> str:
         """The next handshake line: Success or Stats pass, Error raises."""
-        line = transport.recv_line(sock, HANDSHAKE_TIMEOUT, what)
+        line = transport.recv_line(sock, self.options.timeouts.handshake, what)
         if line.startswith(transport.HS_ERROR):
             raise MigrationError(f"destination failed: {line[len(transport.HS_ERROR):].strip()}")
         if line != transport.HS_SUCCESS and not line.startswith(transport.HS_STATS):

@@ -23,16 +23,16 @@ from .accounting import CpuAccounting
 from .imagereader import ImageReader
 from .log import Logger
 from .policy import SERVE_ADDRESS
+from .timeouts import Timeouts
 from .zstdpipe import Zstd, ZstdError
 
-REQUEST_TIMEOUT = 30.0
-COMMIT_TIMEOUT = 300.0
-VGPU_TIMEOUT = 30.0
 
 
 class Receiver:
-    def __init__(self, host: Host, listen: str, log: Logger, secret: str | None = None) -> None:
+    def __init__(self, host: Host, listen: str, log: Logger, secret: str | None = None,
+                 timeouts: Timeouts = Timeouts()) -> None:
         self.host = host
+        self.timeouts = timeouts
         self.log = log
         self.secret = secret
         addr, port = transport.parse_address(listen, listening=True)
@@ -41,7 +41,7 @@ class Receiver:
         self.stopping = threading.Event()
         self.active: dict[threading.Thread, socket.socket] = {}
         self._lock = threading.Lock()
-        self.vgpu_streams = VgpuStreams()
+        self.vgpu_streams = VgpuStreams(timeouts)
 
     def _discard_half_restored(self) -> None:
         """Domains still `building` were being restored by a receiver that died: nothing of
@@ -88,8 +88,9 @@ class Receiver:
 
     def _handle(self, conn: socket.socket, peer: Any) -> None:
         try:
+            self.timeouts.arm(conn)
             IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]"),
-                              self.vgpu_streams, self.secret).run()
+                              self.vgpu_streams, self.secret, self.timeouts).run()
         finally:
             conn.close()
             with self._lock:
@@ -99,7 +100,8 @@ class Receiver:
 class VgpuStreams:
     """vGPU connections, parked until the memory migration of the same VM takes them."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
         self._cond = threading.Condition()
         self._waiting: dict[str, tuple[socket.socket, dict[str, str], threading.Event]] = {}
 
@@ -109,21 +111,23 @@ class VgpuStreams:
         with self._cond:
             self._waiting[uuid] = (conn, cookies, done)
             self._cond.notify_all()
-        if not done.wait(COMMIT_TIMEOUT * 4):
+        if not done.wait(self.timeouts.handshake * 4):
             with self._cond:
                 self._waiting.pop(uuid, None)
 
     def take(self, uuid: str) -> tuple[socket.socket, dict[str, str], threading.Event]:
         with self._cond:
-            if not self._cond.wait_for(lambda: uuid in self._waiting, VGPU_TIMEOUT):
-                raise transport.TransportError(f"no vGPU stream arrived for VM {uuid} within {VGPU_TIMEOUT:g} s")
+            if not self._cond.wait_for(lambda: uuid in self._waiting, self.timeouts.vgpu):
+                raise transport.TransportError(f"no vGPU stream arrived for VM {uuid} "
+                                               f"within {self.timeouts.vgpu:g} s")
             return self._waiting.pop(uuid)
 
 
 class IncomingMigration:
     def __init__(self, host: Host, conn: socket.socket, log: Logger, vgpu_streams: VgpuStreams,
-                 secret: str | None = None) -> None:
+                 secret: str | None, timeouts: Timeouts) -> None:
         self.secret = secret
+        self.timeouts = timeouts
         self.host = host
         self.conn = conn
         self.log = log
@@ -133,7 +137,7 @@ class IncomingMigration:
 
     def run(self) -> None:
         try:
-            request = transport.read_request(self.conn, REQUEST_TIMEOUT)
+            request = transport.read_request(self.conn, self.timeouts.request)
         except transport.TransportError as e:
             self.log.warning(f"bad request: {e}")
             return
@@ -208,7 +212,7 @@ class IncomingMigration:
             if request.cookies.get("verify") == "true":
                 self._verify(domain)
                 transport.send_line(self.conn, transport.HS_SUCCESS)
-            commit = transport.recv_line(self.conn, COMMIT_TIMEOUT, "the source's commit")
+            commit = transport.recv_line(self.conn, self.timeouts.handshake, "the source's commit")
             if commit != transport.HS_SUCCESS:
                 raise transport.TransportError(f"source did not commit: {commit[:80]!r}")
             domain.unpause()
@@ -223,7 +227,7 @@ class IncomingMigration:
         self.log.info(f"VM {domain.name} (domid {domain.domid}) restored and running")
 
     def _verify(self, domain: Any) -> None:
-        line = transport.recv_line(self.conn, COMMIT_TIMEOUT, "the source's digest")
+        line = transport.recv_line(self.conn, self.timeouts.handshake, "the source's digest")
         if not line.startswith(transport.HS_VERIFY):
             raise transport.TransportError(f"expected the source's digest, got {line[:80]!r}")
         ours = memory_digest(domain.memory)

@@ -17,7 +17,6 @@ from urllib.parse import quote, unquote
 MEMORY_PATH = "/services/xenops/memory/"
 VGPU_PATH = "/services/xenops/migrate-vgpu/"     # the vGPU stream's own connection
 MAX_HEAD = 16 << 10
-CONNECT_TIMEOUT = 30.0
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
 # Handshake lines after the image (xenopsd's Handshake: Success / Error:<msg>).
@@ -85,13 +84,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 # Client side -------------------------------------------------------------------
-def open_stream(dest: str, path: str, cookies: dict[str, str],
+def open_stream(dest: str, path: str, cookies: dict[str, str], connect_timeout: float,
                 max_bandwidth: int | None = None) -> socket.socket:
     """Connect and make the request; `max_bandwidth` (bytes/s) paces the socket in the kernel,
     so it holds whoever writes to the fd (xenguest, zstd) with no relay in between."""
     host, port = parse_address(dest)
     try:
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock = socket.create_connection((host, port), timeout=connect_timeout)
         if max_bandwidth:
             sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, max_bandwidth)
     except OSError as e:
@@ -102,7 +101,7 @@ def open_stream(dest: str, path: str, cookies: dict[str, str],
             + (f"Cookie: {cookie}\r\n" if cookie else "") + "Connection: close\r\n\r\n")
     try:
         sock.sendall(head.encode())
-        status = _read_until(sock, b"\r\n\r\n", MAX_HEAD, CONNECT_TIMEOUT, "the receiver's response")
+        status = _read_until(sock, b"\r\n\r\n", MAX_HEAD, connect_timeout, "the receiver's response")
     except (OSError, TransportError) as e:
         sock.close()
         raise TransportError(f"{dest}: {e}") from None

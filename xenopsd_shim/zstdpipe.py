@@ -8,6 +8,7 @@ from which the image is read. Both as the real xenopsd runs them.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -57,6 +58,8 @@ class Zstd:
     def _feed(self, sock: socket.socket, feed_w: int) -> None:
         try:
             relay_one_frame(sock, feed_w)
+        except BlockingIOError:         # the socket's SO_RCVTIMEO (see timeouts.arm)
+            self.relay_error = "stream stalled: nothing arrived within the socket's timeout"
         except (FrameError, OSError) as e:
             self.relay_error = f"compressed stream broken: {e}"
         finally:
@@ -84,6 +87,9 @@ class Zstd:
         """The stream is complete: let zstd see the end of it and exit; it must exit 0."""
         if self.compress:
             self.close_fd()
+        elif self.fd is not None and select.select([self.fd], [], [], EXIT_TIMEOUT)[0] and os.read(self.fd, 1):
+            # zstd would block writing what nobody reads: fail now, not after EXIT_TIMEOUT.
+            raise ZstdError("the compressed stream goes on after the end of the image")
         try:
             self.proc.wait(timeout=EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
