@@ -73,6 +73,15 @@ def unpause(host: Host, ref: str) -> None:
 
 @cli.command()
 @click.argument("ref")
+@click.argument("spec")
+@click.pass_obj
+def workload(host: Host, ref: str, spec: str) -> None:
+    """Change the guest's workload: none, dirty:RATE, increment[:RATE]."""
+    host.find(ref).set_workload(spec)
+
+
+@cli.command()
+@click.argument("ref")
 @click.pass_obj
 def destroy(host: Host, ref: str) -> None:
     host.find(ref).destroy()

@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 
 from . import context as ctxmod
+from . import faults
 from .memory import CTL_DYING, CTL_PAUSED, GuestMemory
 
 STATES = ("building", "paused", "running", "dying")
@@ -94,6 +95,9 @@ class Domain:
                 if (self.dir / "ctx" / name).exists()}
 
     def set_context(self, blobs: dict[str, bytes]) -> None:
+        if "hvm_context" in blobs and faults.injected(faults.HVM_SETCONTEXT):
+            raise DomainError(f"domain {self.domid}: xc_domain_hvm_setcontext failed: Invalid argument "
+                              f"(injected by {faults.FAULTS_ENV})")
         for name, data in blobs.items():
             if name not in ctxmod.BLOBS:
                 raise DomainError(f"unknown context blob {name!r}")
@@ -122,10 +126,21 @@ class Domain:
         self.update(state="running")
 
     def set_workload(self, spec: str) -> None:
+        """Change what the guest does from now on (`none` freezes its memory for a digest).
+
+        The old workload is killed under the memory lock, so it stops between two page
+        writes; a paused domain gets its new workload when it is unpaused."""
         from .workload import parse_spec
 
         parse_spec(spec)
-        self.update(workload=spec)
+        with self.memory.locked():
+            proc = self._workload_process()
+            if proc is not None:
+                proc.kill()
+                psutil.wait_procs([proc], timeout=10)
+            self.update(workload=spec, workload_pid=None)
+        if self.state == "running" and spec != "none":
+            self.update(workload_pid=_spawn_workload(self.dir.parent.parent, self.domid))
 
     def destroy(self) -> None:
         """Stop the workload and free everything; safe to call twice."""
