@@ -132,3 +132,58 @@ def test_receiver_killed_mid_stream(hosts):
     wait_for(lambda: vms(b) == [], what="the restarted receiver to clean up")
     assert again.stop() == 0
     assert "left half-restored by an earlier receiver" in (b.root / "xenopsd.log").read_text()
+
+
+@pytest.mark.parametrize("fault", ["cut", "stall"])
+def test_link_cut_or_stalled_mid_stream(hosts, receiver, fault):
+    """A link that breaks, or a peer that stops reading while its connection stays open: both
+    ends give up (a stall after the configured migration-stall-timeout), the source keeps the VM."""
+    from tcpproxy import TcpProxy
+
+    a, b = hosts("A"), hosts("B")
+    for h in (a, b):
+        (h.root / "xenopsd.conf").write_text("migration-stall-timeout = 3\n")
+    r = receiver(b)
+    proxy = TcpProxy(r.address)
+    try:
+        shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random")
+        before = shim(a, "vm-digest", "vm1").stdout
+        mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", proxy.address,
+                                "--max-bandwidth", "40MB/s"], env=a.env, stderr=subprocess.PIPE, text=True)
+        proxy.wait_forwarded(32 << 20)
+        started = time.monotonic()
+        proxy.cut() if fault == "cut" else proxy.stall()
+        _, err = mig.communicate(timeout=120)
+        recovered = time.monotonic() - started
+        assert mig.returncode == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "keeps running on this host" in err
+        if fault == "stall":
+            assert "stalled" in err and recovered >= 3
+        assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
+        wait_for(lambda: vms(b) == [], what="the destination to clean up")
+        wait_for(lambda: "restore failed" in (b.root / "xenopsd.log").read_text(), what="the destination's log")
+        print(f"\nFAULT link {fault}: recovered in {recovered:.2f} s: {err.strip()}")
+    finally:
+        proxy.close()
+
+
+def test_restore_failing_at_the_end(hosts, receiver, tmp_path):
+    """The destination's hypervisor refuses the HVM context (the last step of a restore): the
+    destination never confirmed, so the source keeps the VM; vm-resume fails just as cleanly."""
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b, env={"XENEMU_FAULTS": "hvm_setcontext"})
+    shim(a, "vm-create", "vm1", "--memory", "32M", "--workload", "increment")
+    started = time.monotonic()
+    mig = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
+    assert mig.returncode == 2 and len(mig.stderr.strip().splitlines()) == 1, mig.stderr
+    assert "xc_domain_hvm_setcontext failed" in mig.stderr and "keeps running on this host" in mig.stderr
+    assert [v["state"] for v in vms(a)] == ["running"] and vms(b) == []
+    log = (b.root / "xenopsd.log").read_text()
+    assert "restore failed" in log and "restored and running" not in log
+    print(f"\nFAULT restore fails at the end: failed in {time.monotonic() - started:.2f} s: {mig.stderr.strip()}")
+
+    shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
+    resume = b.run("xenopsd-shim", "vm-resume", str(tmp_path / "vm1.img"), check=False,
+                   env={**b.env, "XENEMU_FAULTS": "hvm_setcontext"})
+    assert resume.returncode != 0 and len(resume.stderr.strip().splitlines()) == 1, resume.stderr
+    assert "xc_domain_hvm_setcontext failed" in resume.stderr and vms(b) == []

@@ -23,8 +23,10 @@ def write_all(fd: int, buffers: Sequence[Buffer]) -> int:
     while views:
         try:
             n = os.writev(fd, views[:1024])
-        except BlockingIOError:
+        except (BlockingIOError, TimeoutError):
             raise Stalled("stream stalled: the peer took no data within the socket's timeout") from None
+        except OSError as e:
+            raise OSError(f"stream write failed: {e.strerror or e}") from None
         while n:
             if n >= len(views[0]):
                 n -= len(views[0])
@@ -48,9 +50,12 @@ class Reader:
         while got < size:
             try:
                 n = os.readv(self.fd, [view[got:]])
-            except BlockingIOError:
+            except (BlockingIOError, TimeoutError):
                 raise Stalled(f"stream stalled in {what} at offset {self.offset + got}: "
                               "nothing arrived within the socket's timeout") from None
+            except OSError as e:
+                raise OSError(f"stream read failed in {what} at offset {self.offset + got}: "
+                              f"{e.strerror or e}") from None
             if n == 0:
                 raise Truncated(f"stream truncated in {what} at offset {self.offset + got}: "
                                 f"{got} of {size} bytes")

@@ -58,7 +58,7 @@ class Zstd:
     def _feed(self, sock: socket.socket, feed_w: int) -> None:
         try:
             relay_one_frame(sock, feed_w)
-        except BlockingIOError:         # the socket's SO_RCVTIMEO (see timeouts.arm)
+        except (BlockingIOError, TimeoutError):    # the socket's timeouts (see timeouts.arm)
             self.relay_error = "stream stalled: nothing arrived within the socket's timeout"
         except (FrameError, OSError) as e:
             self.relay_error = f"compressed stream broken: {e}"
