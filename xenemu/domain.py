@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,7 @@ class Domain:
 
         parse_spec(spec)
         with self.memory.locked():
-            proc = self._workload_process()
-            if proc is not None:
-                proc.kill()
-                psutil.wait_procs([proc], timeout=10)
+            _kill(self._workload_process())
             self.update(workload=spec, workload_pid=None)
         if self.state == "running" and spec != "none":
             self.update(workload_pid=_spawn_workload(self.dir.parent.parent, self.domid))
@@ -150,10 +148,7 @@ class Domain:
             self.memory.set_flag(CTL_DYING, True)
         except OSError:
             pass
-        proc = self._workload_process()
-        if proc is not None:
-            proc.kill()
-            psutil.wait_procs([proc], timeout=10)
+        _kill(self._workload_process())
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -174,6 +169,20 @@ class Domain:
         meta = dict(self.reload())
         meta.pop("workload_pid", None)
         return meta
+
+
+def _kill(proc: psutil.Process | None, timeout: float = 10) -> None:
+    """SIGKILL a workload and wait until it no longer runs. It is not our child (see
+    `_spawn_workload`), so a zombie counts as gone: whoever reaps it may take its time."""
+    if proc is None:
+        return
+    deadline = time.monotonic() + timeout
+    try:
+        proc.kill()
+        while proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.005)
+    except psutil.NoSuchProcess:
+        pass
 
 
 def _spawn_workload(root: Path, domid: int) -> int:

@@ -18,6 +18,7 @@ from typing import Iterator
 from .domain import Domain, DomainError
 
 ROOT_ENV = "XENEMU_ROOT"
+MAX_SOCKET_PATH = 107       # sun_path holds 108 bytes, the last a NUL
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -104,4 +105,8 @@ class Host:
         raise DomainError(f"no VM {ref!r} on host {self.root}")
 
     def xenguest_socket(self, domid: int) -> Path:
-        return self.run_dir / f"xenguest-control-{domid}"
+        path = self.run_dir / f"xenguest-control-{domid}"
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise DomainError(f"host directory {self.root} is too long a path: xenguest's control socket "
+                              f"{path} would exceed the {MAX_SOCKET_PATH}-byte limit of a Unix socket path")
+        return path

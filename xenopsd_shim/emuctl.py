@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from emu_manager import control as ctl
+from xenemu import Host
 
 from .log import Logger
 
@@ -37,6 +38,7 @@ class EmuManager:
     def __init__(self, *, domid: int, mode: str, fd: int, live: bool | None = None, compress: bool = False,
                  extra: list[str] | None = None, pass_fds: tuple[int, ...] = (), env: dict | None = None,
                  log: Logger) -> None:
+        Host().xenguest_socket(domid)       # a host path too long for it fails here, in plain words
         to_emu_r, self._to_emu = os.pipe()
         self._from_emu, from_emu_w = os.pipe()
         self.argv = [executable("emu-manager"), "-controloutfd", str(from_emu_w), "-controlinfd", str(to_emu_r),

@@ -39,7 +39,7 @@ class Receiver:
         self.listener = socket.create_server((addr, port), reuse_port=False)
         self.address = self.listener.getsockname()
         self.stopping = threading.Event()
-        self.active: dict[threading.Thread, socket.socket] = {}
+        self.active: dict[threading.Thread, IncomingMigration] = {}
         self._lock = threading.Lock()
         self.vgpu_streams = VgpuStreams(timeouts)
 
@@ -65,9 +65,11 @@ class Receiver:
                 if not ready:
                     continue
                 conn, peer = self.listener.accept()
-                thread = threading.Thread(target=self._handle, args=(conn, peer), daemon=True)
+                incoming = IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]"),
+                                             self.vgpu_streams, self.secret, self.timeouts)
+                thread = threading.Thread(target=self._handle, args=(incoming,), daemon=True)
                 with self._lock:
-                    self.active[thread] = conn
+                    self.active[thread] = incoming
                 thread.start()
         finally:
             self.listener.close()
@@ -75,24 +77,26 @@ class Receiver:
             self._stop_active()
 
     def _stop_active(self) -> None:
-        """On shutdown, cut in-flight migrations: their sources fall back."""
+        """On shutdown, cut migrations still streaming (their sources fall back); let those
+        whose domain is restored finish their handshake, since their source may have
+        committed already and cutting them then would leave the VM running nowhere."""
         with self._lock:
             items = list(self.active.items())
-        for _, conn in items:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread, _ in items:
-            thread.join(timeout=90)
+        for _, incoming in items:
+            if not incoming.restored:
+                try:
+                    incoming.conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for thread, incoming in items:
+            thread.join(timeout=self.timeouts.handshake * 2 if incoming.restored else 90)
 
-    def _handle(self, conn: socket.socket, peer: Any) -> None:
+    def _handle(self, incoming: "IncomingMigration") -> None:
         try:
-            self.timeouts.arm(conn)
-            IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]"),
-                              self.vgpu_streams, self.secret, self.timeouts).run()
+            self.timeouts.arm(incoming.conn)
+            incoming.run()
         finally:
-            conn.close()
+            incoming.conn.close()
             with self._lock:
                 self.active.pop(threading.current_thread(), None)
 
@@ -134,6 +138,7 @@ class IncomingMigration:
         self.vgpu_streams = vgpu_streams
         self.vgpu_done: threading.Event | None = None
         self.vgpu_zstd: Zstd | None = None
+        self.restored = False      # past the stream: a shutdown lets the handshake finish
 
     def run(self) -> None:
         try:
@@ -204,6 +209,7 @@ class IncomingMigration:
             finally:
                 if zstd is not None:
                     zstd.stop()
+        self.restored = True
         try:
             stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != "xenopsd-shim"},
                                      "xenopsd-shim": round(time.thread_time() - cpu_start, 3)}}
@@ -225,6 +231,7 @@ class IncomingMigration:
         except transport.TransportError:
             pass   # the VM runs here now; the source learns by its own timeout
         self.log.info(f"VM {domain.name} (domid {domain.domid}) restored and running")
+        domain.close()         # the VM belongs to the host now, not to this long-lived process
 
     def _verify(self, domain: Any) -> None:
         line = transport.recv_line(self.conn, self.timeouts.handshake, "the source's digest")
