@@ -18,6 +18,7 @@ class TcpProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
         self.forwarded = 0                 # bytes client -> upstream, all connections
+        self.head = bytearray()            # the first 1 MiB of them, for tests that look at the wire
         self._stalled = threading.Event()
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
@@ -52,6 +53,8 @@ class TcpProxy:
                     peer[s].sendall(data)
                     if s is client:
                         self.forwarded += len(data)
+                        if len(self.head) < 1 << 20:
+                            self.head += data[:(1 << 20) - len(self.head)]
         except OSError:
             return
 

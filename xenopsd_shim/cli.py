@@ -14,7 +14,7 @@ from xenemu.build import build
 from xenemu.memory import digest_report
 from xenemu.units import format_size, parse_rate, parse_size
 
-from . import image, policy, transport
+from . import image, policy, tlstunnel, transport
 from .emuctl import EmuManagerError
 from .imagereader import ImageReader
 from .imagewriter import ImageWriter
@@ -135,11 +135,18 @@ def vm_digest(ctx: Ctx, name: str, pages: bool) -> None:
 @click.option("--listen", default="127.0.0.1:8090", show_default=True, help="HOST:PORT to accept migrations on")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="require this secret of senders (default: ROOT/migration-secret, if it exists)")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="accept only TLS, with this certificate (PEM)")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="the certificate's private key (PEM)")
 @click.pass_obj
-def serve(ctx: Ctx, listen: str, secret_file: Path | None) -> None:
+def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None, tls_key: Path | None) -> None:
     """Receive migrations until SIGTERM or SIGINT."""
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    tls = tlstunnel.server_context(tls_cert, tls_key) if tls_cert and tls_key else None
     receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file),
-                        timeouts=ctx.timeouts)
+                        timeouts=ctx.timeouts, tls=tls)
     click.echo(f"listening on {receiver.address[0]}:{receiver.address[1]}", err=True)
     receiver.serve_forever()
 
@@ -154,16 +161,19 @@ def serve(ctx: Ctx, listen: str, secret_file: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary at the end")
 @click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help=f"the destination's migration secret (or ${policy.SECRET_ENV})")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="use TLS, trusting this CA or self-signed certificate (PEM) for the destination")
 @click.pass_obj
 def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool, verify: bool,
-               max_bandwidth: str | None, as_json: bool, secret_file: Path | None) -> None:
+               max_bandwidth: str | None, as_json: bool, secret_file: Path | None, tls_ca: Path | None) -> None:
     """Migrate a running VM to another host."""
     domain = ctx.host.find(name)
     mode = policy.decide(ctx.host, dest, compress, ctx.config, ctx.log)
     summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode,
                                       max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None,
                                       secret=policy.read_secret(secret_file) if secret_file
-                                      else os.environ.get(policy.SECRET_ENV), timeouts=ctx.timeouts), ctx.log,
+                                      else os.environ.get(policy.SECRET_ENV), timeouts=ctx.timeouts,
+                                      tls=tlstunnel.client_context(tls_ca) if tls_ca else None), ctx.log,
                               on_info=_progress(f"migrating {name}")).run()
     if as_json:
         click.echo(json.dumps(summary))
@@ -248,7 +258,7 @@ def main() -> None:
         click.echo(f"xenopsd-shim: {e}", err=True)
         code = 130 if "aborted by user" in str(e) else EXIT_FAILED
     except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, ZstdError, ValueError,
-            OSError) as e:
+            tlstunnel.TlsError, OSError) as e:
         text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         click.echo(f"xenopsd-shim: {text}", err=True)
         code = EXIT_FAILED

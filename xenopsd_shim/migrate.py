@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,6 +38,7 @@ class Options:
     max_bandwidth: int | None = None   # bytes/s, paced by the kernel on the socket
     secret: str | None = None          # the destination's migration secret
     timeouts: Timeouts = Timeouts()
+    tls: ssl.SSLContext | None = None  # trust for the destination's certificate, when TLS is on
 
 
 class Stream:
@@ -136,10 +138,8 @@ class SourceMigration:
         }
 
     def _connect(self, path: str, cookies: dict[str, str]) -> socket.socket:
-        sock = transport.open_stream(self.dest, path + self.domain.uuid, cookies, self.options.timeouts.connect,
-                                     self.options.max_bandwidth)
-        self.options.timeouts.arm(sock)
-        return sock
+        return transport.open_stream(self.dest, path + self.domain.uuid, cookies, self.options.timeouts,
+                                     self.options.max_bandwidth, self.options.tls)
 
     def _handshake(self, sock: socket.socket) -> dict[str, Any]:
         """After the image the destination speaks first (so its zstd can be stopped safely)."""

@@ -11,6 +11,7 @@ import json
 import select
 import signal
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from xenemu import Host
 from xenemu.memory import memory_digest
 
-from . import transport
+from . import tlstunnel, transport
 from .accounting import CpuAccounting
 from .imagereader import ImageReader
 from .log import Logger
@@ -30,9 +31,10 @@ from .zstdpipe import Zstd, ZstdError
 
 class Receiver:
     def __init__(self, host: Host, listen: str, log: Logger, secret: str | None = None,
-                 timeouts: Timeouts = Timeouts()) -> None:
+                 timeouts: Timeouts = Timeouts(), tls: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.timeouts = timeouts
+        self.tls = tls
         self.log = log
         self.secret = secret
         addr, port = transport.parse_address(listen, listening=True)
@@ -67,7 +69,7 @@ class Receiver:
                 conn, peer = self.listener.accept()
                 incoming = IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]"),
                                              self.vgpu_streams, self.secret, self.timeouts)
-                thread = threading.Thread(target=self._handle, args=(incoming,), daemon=True)
+                thread = threading.Thread(target=self._handle, args=(incoming, peer), daemon=True)
                 with self._lock:
                     self.active[thread] = incoming
                 thread.start()
@@ -91,9 +93,17 @@ class Receiver:
         for thread, incoming in items:
             thread.join(timeout=self.timeouts.handshake * 2 if incoming.restored else 90)
 
-    def _handle(self, incoming: "IncomingMigration") -> None:
+    def _handle(self, incoming: "IncomingMigration", peer: Any) -> None:
         try:
             self.timeouts.arm(incoming.conn)
+            if self.tls is not None:
+                try:
+                    incoming.conn = tlstunnel.server(incoming.conn, self.tls, self.timeouts.request,
+                                                     self.timeouts.stall)
+                except tlstunnel.TlsError as e:
+                    self.log.warning(f"refused a connection from {peer[0]}:{peer[1]}: {e}")
+                    return
+                self.timeouts.arm(incoming.conn)
             incoming.run()
         finally:
             incoming.conn.close()

@@ -52,4 +52,5 @@ class Timeouts:
         timeval = struct.pack("ll", seconds, int((self.stall - seconds) * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(self.stall * 1000))
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(self.stall * 1000))

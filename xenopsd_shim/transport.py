@@ -9,10 +9,14 @@ emulators reading their streams from the same fd.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
+
+from . import tlstunnel
+from .timeouts import Timeouts
 
 MEMORY_PATH = "/services/xenops/memory/"
 VGPU_PATH = "/services/xenops/migrate-vgpu/"     # the vGPU stream's own connection
@@ -84,24 +88,32 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 # Client side -------------------------------------------------------------------
-def open_stream(dest: str, path: str, cookies: dict[str, str], connect_timeout: float,
-                max_bandwidth: int | None = None) -> socket.socket:
+def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeouts,
+                max_bandwidth: int | None = None, tls: ssl.SSLContext | None = None) -> socket.socket:
     """Connect and make the request; `max_bandwidth` (bytes/s) paces the socket in the kernel,
-    so it holds whoever writes to the fd (xenguest, zstd) with no relay in between."""
+    so it holds whoever writes to the fd (xenguest, zstd) with no relay in between. With
+    `tls`, the socket returned is the local end of a TLS tunnel (see tlstunnel)."""
     host, port = parse_address(dest)
     try:
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
+        sock = socket.create_connection((host, port), timeout=timeouts.connect)
         if max_bandwidth:
             sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, max_bandwidth)
     except OSError as e:
         raise TransportError(f"cannot connect to {dest}: {e.strerror or e}") from None
     sock.settimeout(None)
+    timeouts.arm(sock)
+    if tls is not None:
+        try:
+            sock = tlstunnel.client(sock, tls, host, timeouts.connect, timeouts.stall)
+        except tlstunnel.TlsError as e:
+            raise TransportError(f"{dest}: {e}") from None
+        timeouts.arm(sock)
     cookie = "; ".join(f"{k}={quote(v)}" for k, v in cookies.items())
     head = (f"PUT {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             + (f"Cookie: {cookie}\r\n" if cookie else "") + "Connection: close\r\n\r\n")
     try:
         sock.sendall(head.encode())
-        status = _read_until(sock, b"\r\n\r\n", MAX_HEAD, connect_timeout, "the receiver's response")
+        status = _read_until(sock, b"\r\n\r\n", MAX_HEAD, timeouts.connect, "the receiver's response")
     except (OSError, TransportError) as e:
         sock.close()
         raise TransportError(f"{dest}: {e}") from None
@@ -148,7 +160,9 @@ def recv_line(sock: socket.socket, timeout: float | None, what: str) -> str:
 
 
 def tcp_bytes(sock: socket.socket) -> tuple[int, int]:
-    """(bytes acked, bytes received) from the kernel's TCP_INFO: the real wire payload."""
+    """(bytes acked, bytes received) from the kernel's TCP_INFO: the real wire payload
+    (under TLS, of the TCP connection beneath the tunnel)."""
+    sock = getattr(sock, "wire", sock)
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
     except OSError:
