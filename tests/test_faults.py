@@ -187,3 +187,31 @@ def test_restore_failing_at_the_end(hosts, receiver, tmp_path):
                    env={**b.env, "XENEMU_FAULTS": "hvm_setcontext"})
     assert resume.returncode != 0 and len(resume.stderr.strip().splitlines()) == 1, resume.stderr
     assert "xc_domain_hvm_setcontext failed" in resume.stderr and vms(b) == []
+
+
+def test_host_is_private_and_names_cannot_escape_it(hosts, tmp_path):
+    a = hosts("A")
+    fresh = a.root / "made-by-the-shim" / "host"          # the shim makes this host directory itself
+    shim(a, "--root", str(fresh), "vm-create", "vm1", "--memory", "16M", "--workload", "increment")
+    try:
+        for d in [fresh, *(p for p in fresh.rglob("*") if p.is_dir())]:
+            assert d.stat().st_mode & 0o077 == 0, f"{d} is open to others: {oct(d.stat().st_mode)}"
+    finally:
+        shim(a, "--root", str(fresh), "vm-destroy", "vm1")
+    shim(a, "vm-create", "vm1", "--memory", "16M")
+    for bad in ("../escape", "a/b", ".hidden", "x" * 65, "vm\n1"):
+        out = shim(a, "vm-create", bad, "--memory", "16M", check=False)
+        assert out.returncode != 0 and "invalid VM name" in out.stderr and len(out.stderr.splitlines()) == 1
+    # A suspend image whose Xenops record names the VM "../../escape" is refused before anything exists.
+    shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
+    raw = (tmp_path / "vm1.img").read_bytes()
+    evil = raw.replace(b'"name": "vm1"', b'"name": "../../escape"', 1)
+    assert evil != raw
+    from xenopsd_shim import image
+    head = len(image.SIGNATURE)
+    htype, length = image.parse_header(evil[head:head + image.HEADER_SIZE])
+    evil = evil[:head] + image.build_header(htype, length + len(b"../../escape") - len(b"vm1")) + evil[head + image.HEADER_SIZE:]
+    (tmp_path / "evil.img").write_bytes(evil)
+    out = shim(a, "vm-resume", str(tmp_path / "evil.img"), check=False)
+    assert out.returncode != 0 and "invalid VM name '../../escape'" in out.stderr, out.stderr
+    assert vms(a) == [] and not (tmp_path / "escape").exists() and not (a.root.parent / "escape").exists()
