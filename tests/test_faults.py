@@ -215,3 +215,13 @@ def test_host_is_private_and_names_cannot_escape_it(hosts, tmp_path):
     out = shim(a, "vm-resume", str(tmp_path / "evil.img"), check=False)
     assert out.returncode != 0 and "invalid VM name '../../escape'" in out.stderr, out.stderr
     assert vms(a) == [] and not (tmp_path / "escape").exists() and not (a.root.parent / "escape").exists()
+
+
+def test_a_bad_timeout_in_xenopsd_conf_is_one_line(hosts):
+    a = hosts("A")
+    (a.root / "xenopsd.conf").write_text("migration-stall-timeout = soon\n")
+    shim(a, "vm-create", "vm1", "--memory", "16M")
+    out = shim(a, "vm-migrate", "vm1", "--dest", "127.0.0.1:9", check=False)
+    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert "migration-stall-timeout must be a number of seconds, not 'soon'" in out.stderr
+    assert [v["state"] for v in vms(a)] == ["running"]
