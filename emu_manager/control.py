@@ -28,6 +28,10 @@ class ControlError(Exception):
     """The peer broke the control protocol, went away, or was too slow."""
 
 
+class ControlTimeout(ControlError):
+    """No line within the time asked for (the peer may just be busy)."""
+
+
 def info(percent: int) -> str:
     return f"{INFO_PREFIX}{percent}"
 
@@ -80,6 +84,6 @@ class LineChannel:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.infd], [], [], wait)
             if not ready:
-                raise ControlError(f"no control message within {timeout:g} s")
+                raise ControlTimeout(f"no control message within {timeout:g} s")
             self.fill()
         return self.pop()

@@ -233,3 +233,27 @@ def test_a_bad_timeout_in_xenopsd_conf_is_one_line(hosts):
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert "migration-stall-timeout must be a number of seconds, not 'soon'" in out.stderr
     assert [v["state"] for v in vms(a)] == ["running"]
+
+
+def test_source_xenguest_stopped_is_not_waited_for_forever(hosts, receiver):
+    """SIGSTOP the source xenguest mid-stream: nothing fails, everything just waits. The destination
+    gives up after its stall timeout and says so; the source, watching the connection, stops too."""
+    a, b = hosts("A"), hosts("B")
+    for h in (a, b):
+        (h.root / "xenopsd.conf").write_text("migration-stall-timeout = 3\n")
+    r = receiver(b)
+    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random")
+    before = shim(a, "vm-digest", "vm1").stdout
+    mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
+                            "40MB/s"], env={**a.env, "EMU_MANAGER_EXIT_TIMEOUT": "5"}, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
+    time.sleep(0.5)
+    started = time.monotonic()
+    procs(a, "xenguest")[0].suspend()
+    _, err = mig.communicate(timeout=120)
+    recovered = time.monotonic() - started
+    assert mig.returncode == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "destination failed" in err and "stalled" in err and "keeps running on this host" in err
+    assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
+    wait_for(lambda: vms(b) == [], what="the destination to clean up")
+    print(f"\nFAULT source xenguest stopped (SIGSTOP): recovered in {recovered:.2f} s: {err.strip()}")

@@ -34,6 +34,9 @@ def executable(name: str) -> str:
     return shutil.which(name) or name
 
 
+WATCH_INTERVAL = 1.0
+
+
 class EmuManager:
     def __init__(self, *, domid: int, mode: str, fd: int, live: bool | None = None, compress: bool = False,
                  extra: list[str] | None = None, pass_fds: tuple[int, ...] = (), env: dict | None = None,
@@ -92,6 +95,8 @@ class EmuManager:
         """The next control line; an `error:` becomes an exception naming the emulator."""
         try:
             line = self.channel.recv(timeout)
+        except ctl.ControlTimeout:
+            raise
         except ctl.ControlError as e:
             try:
                 code = self.proc.wait(timeout=2)      # a closed pipe usually means it has died
@@ -105,10 +110,16 @@ class EmuManager:
         return line
 
     def serve(self, handlers: dict[str, Callable[[str], None]], until: Callable[[str], bool],
-              on_info: Callable[[int], None] = lambda p: None) -> str:
-        """Answer requests by prefix until a line satisfies `until`; that line is returned."""
+              on_info: Callable[[int], None] = lambda p: None, watch: Callable[[], None] | None = None) -> str:
+        """Answer requests by prefix until a line satisfies `until`; that line is returned.
+        `watch` runs every WATCH_INTERVAL while emu-manager is quiet, and may raise to give up."""
         while True:
-            line = self.next_message()
+            try:
+                line = self.next_message(None if watch is None else WATCH_INTERVAL)
+            except ctl.ControlTimeout:
+                assert watch is not None
+                watch()
+                continue
             percent = ctl.parse_info(line)
             if percent is not None:
                 on_info(percent)

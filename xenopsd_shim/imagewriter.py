@@ -40,8 +40,10 @@ class SaveStats:
 
 class ImageWriter:
     def __init__(self, domain: Domain, fd: int, *, live: bool, inband: bool, log: Logger,
-                 on_info: Callable[[int], None] = lambda p: None, vgpu_fd: int | None = None) -> None:
+                 on_info: Callable[[int], None] = lambda p: None, vgpu_fd: int | None = None,
+                 watch: Callable[[], None] | None = None) -> None:
         self.domain = domain
+        self.watch = watch
         self.fd = fd
         self.vgpu_fd = vgpu_fd
         self.live = live
@@ -74,7 +76,7 @@ class ImageWriter:
                               pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
         self.stats.emu_argv = self.emu.argv
         self.emu.serve({ctl.MSG_SUSPEND: self._suspend, ctl.MSG_PREPARE: self._prepare},
-                       until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self.on_info)
+                       until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self.on_info, watch=self.watch)
         code = self.emu.wait()
         if code != 0:
             raise EmuManagerError(f"emu-manager exited with status {code} after its result")

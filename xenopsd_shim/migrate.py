@@ -99,7 +99,8 @@ class SourceMigration:
             main = streams[0]
             writer = ImageWriter(self.domain, main.fd, live=self.options.live, inband=mode == MODE_XENGUEST,
                                  log=self.log, on_info=self.on_info,
-                                 vgpu_fd=streams[1].fd if len(streams) > 1 else None)
+                                 vgpu_fd=streams[1].fd if len(streams) > 1 else None,
+                                 watch=lambda: self._watch_destination(main.sock))
             try:
                 stats = writer.run()
                 writer.close()
@@ -169,6 +170,25 @@ class SourceMigration:
         if line != transport.HS_SUCCESS and not line.startswith(transport.HS_STATS):
             raise MigrationError(f"unexpected handshake from destination: {line[:80]!r}")
         return line
+
+    @staticmethod
+    def _watch_destination(sock: socket.socket) -> None:
+        """While the image is written the destination says nothing, unless it gives up (an
+        `Error:` line, or it hangs up); then the source stops now instead of when its own
+        writers notice (a writer blocked on something else might never). The destination's
+        results may arrive before emu-manager's: those are left for the handshake."""
+        try:
+            data = sock.recv(len(transport.HS_ERROR), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise MigrationError(f"connection to the destination lost: {e.strerror or e}") from None
+        if not data:
+            raise MigrationError("the destination closed the connection")
+        if transport.HS_ERROR.startswith(data.decode(errors="replace")) and len(data) < len(transport.HS_ERROR):
+            return                           # a partial line: look again next time
+        if data.decode(errors="replace") == transport.HS_ERROR:
+            raise MigrationError("the destination gave up")
 
     @staticmethod
     def _destination_error(sock: socket.socket) -> MigrationError | None:
