@@ -180,8 +180,8 @@ def _image(r: Input) -> Iterator[Part]:
         if htype == image.XENOPS:
             try:
                 json.loads(payload)
-            except ValueError:
-                raise image.ImageError(f"Xenops record at offset {at} is not JSON") from None
+            except (ValueError, RecursionError):
+                raise image.ImageError(f"Xenops record at offset {at} is not JSON (or nested too deeply)") from None
         yield Framing(at, htype, head + payload)
         if htype == image.LIBXC:
             yield from _libxc(r)

@@ -30,6 +30,8 @@ def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, A
         rec = json.loads(raw)
     except ValueError:
         raise image.ImageError("Xenops record is not JSON") from None
+    except RecursionError:       # 1 MiB of "[" is valid framing
+        raise image.ImageError("Xenops record is nested too deeply") from None
     if not isinstance(rec, dict):
         raise image.ImageError("Xenops record is not an object")
     name = name_override or rec.get("name")
