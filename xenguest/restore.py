@@ -43,6 +43,10 @@ class RestoreResult:
 
 # Page records, recognised by type alone whatever this xenguest was started with.
 PAGE_RECORDS = (libxc.REC_TYPE_PAGE_DATA, compressed.REC_TYPE)
+# What compressed records queued for inflation may hold at once (each its body's copy and up to
+# 8 MiB of inflated frames), whatever the CPU count: 16 MiB records must not multiply by it.
+MAX_INFLIGHT_BYTES = 64 << 20
+INFLATED_BYTES = 2 * PAGE_SIZE * libxc.PAGE_DATA_MAX_PFNS
 
 
 class Restorer:
@@ -55,7 +59,8 @@ class Restorer:
         self._buf = bytearray(libxc.MAX_RECORD_BODY + 8)
         self.threads = int(os.environ.get("XENGUEST_DECOMPRESS_THREADS", 0)) or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
+        self._pending: deque[tuple[Future[tuple[np.ndarray, np.ndarray]], int]] = deque()
+        self._inflight = 0
 
     def write_pages(self, pfns: np.ndarray, frames: np.ndarray) -> None:
         if pfns.size:
@@ -74,12 +79,16 @@ class Restorer:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="inflate")
         # The read buffer is reused for the next record: the job gets its own copy.
-        self._pending.append(self._pool.submit(compressed.decode_frames, bytes(body), self.mem.npages))
+        cost = len(body) + INFLATED_BYTES
+        self._pending.append((self._pool.submit(compressed.decode_frames, bytes(body), self.mem.npages), cost))
+        self._inflight += cost
         self._drain(2 * self.threads)
 
     def _drain(self, keep: int) -> None:
-        while len(self._pending) > keep:
-            self.write_pages(*self._pending.popleft().result())
+        while len(self._pending) > keep or self._inflight > MAX_INFLIGHT_BYTES:
+            job, cost = self._pending.popleft()
+            self._inflight -= cost
+            self.write_pages(*job.result())
 
     def run(self) -> RestoreResult:
         try:
@@ -88,7 +97,7 @@ class Restorer:
             raise libxc.StreamError(str(e)) from None
         finally:
             if self._pool is not None:
-                for job in self._pending:
+                for job, _ in self._pending:
                     job.cancel()
                 self._pool.shutdown(wait=True)
 
