@@ -55,12 +55,16 @@ def parse_address(text: str, listening: bool = False) -> tuple[str, int]:
 
 
 def _read_until(sock: socket.socket, terminator: bytes, limit: int, timeout: float | None, what: str) -> bytes:
-    """Consume bytes up to and including `terminator`, and not one more."""
+    """Consume bytes up to and including `terminator`, and not one more.
+
+    What has arrived is peeked at; bytes without the terminator all belong to this line, so
+    they are taken, and the next peek blocks until more arrive or the peer closes."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    got = b""
     while True:
         sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
         try:
-            peek = sock.recv(limit, socket.MSG_PEEK)
+            peek = sock.recv(limit - len(got), socket.MSG_PEEK)
         except (socket.timeout, TimeoutError):
             raise TransportError(f"timed out waiting for {what}") from None
         except OSError as e:
@@ -69,12 +73,13 @@ def _read_until(sock: socket.socket, terminator: bytes, limit: int, timeout: flo
             sock.settimeout(None)
         if not peek:
             raise TransportError(f"connection closed while waiting for {what}")
-        end = peek.find(terminator)
+        start = max(0, len(got) - len(terminator) + 1)         # a terminator may straddle the two
+        end = (got + peek).find(terminator, start)
         if end >= 0:
-            return _recv_exact(sock, end + len(terminator))
-        if len(peek) >= limit:
+            return got + _recv_exact(sock, end + len(terminator) - len(got))
+        got += _recv_exact(sock, len(peek))
+        if len(got) >= limit:
             raise TransportError(f"{what} longer than {limit} bytes")
-        time.sleep(0.005)     # a partial line: let more arrive
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
