@@ -66,6 +66,7 @@ def _assert_nothing_left(short_tmp: Path, pid: int) -> None:
 
 
 @needs_root
+@pytest.mark.slow          # 35 s: `make e2e-netns` itself, run by `make check-all`
 def test_e2e_netns_every_method_across_a_shaped_link(short_tmp):
     t0 = time.monotonic()
     proc = _start(short_tmp)
