@@ -53,11 +53,10 @@ VICTIMS = {"source-xenguest": ("A", "xenguest"), "source-emu-manager": ("A", "em
            "source-zstd": ("A", "zstd"), "destination-emu-manager": ("B", "emu-manager"),
            "destination-xenguest": ("B", "xenguest"), "destination-zstd": ("B", "zstd"),
            "sigint-vm-migrate": ("A", "vm-migrate")}         # SIGINT, as Ctrl-C: abort, not a kill
-# The final copy cases take longer (a dirtying guest, a bigger last round); two run by default.
+# The final copy cases take longer (a dirtying guest, a bigger last round); one runs by default.
 CASES = [pytest.param(victim, "live", id=f"{victim}-live") for victim in VICTIMS] + [
     pytest.param(victim, "final", id=f"{victim}-final",
-                 marks=[] if victim in ("source-emu-manager", "destination-xenguest", "sigint-vm-migrate")
-                 else [pytest.mark.slow])
+                 marks=[] if victim == "destination-xenguest" else [pytest.mark.slow])
     for victim in VICTIMS]
 
 
@@ -245,7 +244,7 @@ def test_source_xenguest_stopped_is_not_waited_for_forever(hosts, receiver):
     shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random")
     before = shim(a, "vm-digest", "vm1").stdout
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
-                            "40MB/s"], env={**a.env, "EMU_MANAGER_EXIT_TIMEOUT": "5"}, stderr=subprocess.PIPE, text=True)
+                            "40MB/s"], env={**a.env, "EMU_MANAGER_EXIT_TIMEOUT": "2"}, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
     time.sleep(0.5)
     started = time.monotonic()
