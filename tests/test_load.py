@@ -142,9 +142,12 @@ class ReceiverProbe:
     def sample(self) -> tuple[int, int, int]:
         return self.proc.num_fds(), self.proc.num_threads(), len(self.proc.children(recursive=True))
 
-    def assert_back_to_baseline(self, timeout: float = 20) -> None:
+    def assert_back_to_baseline(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while (now := self.sample()) != self.baseline or any(held := domain_files_held(self.proc.pid)):
+        while True:
+            now, held = self.sample(), domain_files_held(self.proc.pid)
+            if now == self.baseline and not any(held):
+                return
             assert time.monotonic() < deadline, \
                 f"receiver (fds, threads, children) {now}, before {self.baseline}; holds of domains {held}"
             time.sleep(0.1)
