@@ -495,6 +495,8 @@ def m_page_record(img: Image, data) -> str:
     body = bytearray(r.body)
     if how == "header" or n == 0:
         fmt = libxc.PAGE_DATA_FORMAT if r.rtype == libxc.REC_TYPE_PAGE_DATA else compressed.HEADER_FORMAT
+        if len(body) < struct.calcsize(fmt):
+            return f"{name} too short to edit its header"        # an earlier mutation cut it
         fields = list(struct.unpack_from(fmt, body))
         i = data.draw(st.integers(0, len(fields) - 1))
         width = 8 * struct.calcsize("<" + fmt[1 + i])
