@@ -23,12 +23,17 @@ class TlsError(Exception):
     pass
 
 
+def reason(e: OSError | ssl.SSLError) -> str:
+    """An OSError's bare reason ("No such file or directory"), without errno and path noise."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
+
 def client_context(ca_file: Path) -> ssl.SSLContext:
     """Trust exactly the given CA (or self-signed certificate); check the destination's name."""
     try:
         return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     except (OSError, ssl.SSLError) as e:
-        raise TlsError(f"cannot load TLS CA {ca_file}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+        raise TlsError(f"cannot load TLS CA {ca_file}: {reason(e)}") from None
 
 
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -37,8 +42,7 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file))
     except (OSError, ssl.SSLError) as e:
-        raise TlsError(f"cannot load TLS certificate {cert_file} / key {key_file}: "
-                       f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+        raise TlsError(f"cannot load TLS certificate {cert_file} / key {key_file}: {reason(e)}") from None
     return ctx
 
 
