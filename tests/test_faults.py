@@ -72,6 +72,16 @@ def domain_state(host: HostDir, name: str) -> str | None:
     return None
 
 
+def at_final_copy(a: HostDir, mig: subprocess.Popen) -> str:
+    """Wait for the source's pause, freeze the guest there; its memory digest at the pause point."""
+    wait_for(lambda: domain_state(a, "vm1") == "paused", what="the pause for the final copy")
+    shim(a, "vm-list")                                  # (the pause is visible to the toolstack too)
+    a.xenemu("workload", "vm1", "none")                 # freeze the guest: its memory at the pause point
+    before = shim(a, "vm-digest", "vm1").stdout
+    assert mig.poll() is None, "the final copy ended before the kill"
+    return before
+
+
 @pytest.mark.parametrize("victim,moment", CASES)
 def test_sigkill_vm_stays_on_source(hosts, receiver, victim, moment):
     """SIGKILL one process of the tree in the live phase, or once the source has paused the VM
@@ -92,11 +102,7 @@ def test_sigkill_vm_stays_on_source(hosts, receiver, victim, moment):
     host = a if side == "A" else b
     wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
     if final:
-        wait_for(lambda: domain_state(a, "vm1") == "paused", what="the pause for the final copy")
-        shim(a, "vm-list")                                  # (the pause is visible to the toolstack too)
-        a.xenemu("workload", "vm1", "none")                 # freeze the guest: its memory at the pause point
-        before = shim(a, "vm-digest", "vm1").stdout
-        assert mig.poll() is None, "the final copy ended before the kill"
+        before = at_final_copy(a, mig)
     else:
         time.sleep(0.5)
     started = time.monotonic()
@@ -114,22 +120,29 @@ def test_sigkill_vm_stays_on_source(hosts, receiver, victim, moment):
     print(f"\nFAULT {victim} ({moment}): recovered in {recovered:.2f} s: {err.strip()}")
 
 
-def test_receiver_killed_mid_stream(hosts):
+@pytest.mark.parametrize("moment", ["live", pytest.param("final", marks=pytest.mark.slow)])
+def test_receiver_killed_mid_stream(hosts, moment):
     from conftest import Receiver
 
     a, b = hosts("A"), hosts("B")
     r = Receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "mixed")
-    before = shim(a, "vm-digest", "vm1").stdout
+    final = moment == "final"
+    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random" if final else "mixed",
+         "--workload", "increment" if final else "none")
+    before = None if final else shim(a, "vm-digest", "vm1").stdout
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
-                            "40MB/s"], env=a.env, stderr=subprocess.PIPE, text=True)
+                            "30MB/s" if final else "40MB/s"], env={**a.env, "XENGUEST_MAX_ITERATIONS": "2"},
+                           stderr=subprocess.PIPE, text=True)
     wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
-    time.sleep(0.5)
+    if final:
+        before = at_final_copy(a, mig)
+    else:
+        time.sleep(0.5)
     started = time.monotonic()
     r.proc.kill()
     assert r.stop() == -9
     _, err = mig.communicate(timeout=180)
-    print(f"\nFAULT serve killed (live): recovered in {time.monotonic() - started:.2f} s: {err.strip()}")
+    print(f"\nFAULT serve killed ({moment}): recovered in {time.monotonic() - started:.2f} s: {err.strip()}")
     assert mig.returncode == 2 and len(err.strip().splitlines()) == 1 and "keeps running on this host" in err, err
     assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
     # The dead receiver's emulators go by themselves; its half-restored domain goes when serve restarts.

@@ -850,6 +850,8 @@ class Serve:
         before = dict(self.rss.peaks)
         cookies = {"compress": "zstd"} if img.kind == "stream" else {}
         deadline = time.monotonic() + TIMEOUT
+        log = self.h.root / "xenopsd.log"
+        log_from = log.stat().st_size if log.exists() else 0     # a source port recurs in a long run
         sock = socket.create_connection(self.addr(), timeout=TIMEOUT)
         tag = f"receiver[127.0.0.1:{sock.getsockname()[1]}]"
         try:
@@ -909,8 +911,9 @@ class Serve:
         self.alive()
         # Restored the whole image? Its Success line says so, unless the commit then failed and the
         # receiver, closing on our unread bytes, reset the connection before we read it: its log.
-        warnings = [x for x in (self.h.root / "xenopsd.log").read_text().splitlines()
-                    if f" {tag} warning: " in x]
+        with log.open("rb") as f:
+            f.seek(log_from)
+            warnings = [x for x in f.read().decode(errors="replace").splitlines() if f" {tag} warning: " in x]
         accepted = "Success" in lines or any("commit" in x for x in warnings)
         return Outcome(ok, " | ".join(lines + warnings[-1:])[:400], peaks, tree, accepted=accepted)
 
