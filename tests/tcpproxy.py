@@ -2,7 +2,10 @@
 
 `cut()` closes both sides of every connection at once, as a broken link does;
 `stall()` stops moving bytes while keeping the connections open, as a peer that
-hangs does (the kernels keep acknowledging what fits in their buffers).
+hangs does (the kernels keep acknowledging what fits in their buffers);
+`cut_on_reply(marker, n)` cuts a connection instead of forwarding the reply that
+holds its n-th marker, as a link lost at that moment of a handshake does (and,
+with `then_refuse`, closes every later connection at once: a host gone for good).
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ class TcpProxy:
         self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
         self.forwarded = 0                 # bytes client -> upstream, all connections
         self.head = bytearray()            # the first 1 MiB of them, for tests that look at the wire
+        self._cut_on: tuple[bytes, int] | None = None
+        self._refuse_after_cut = False
+        self._refusing = threading.Event()
         self._stalled = threading.Event()
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
@@ -31,6 +37,9 @@ class TcpProxy:
             if not select.select([self.listener], [], [], 0.05)[0]:
                 continue
             client, _ = self.listener.accept()
+            if self._refusing.is_set():
+                client.close()
+                continue
             server = socket.create_connection(self.upstream)
             with self._lock:
                 self._socks += [client, server]
@@ -40,6 +49,7 @@ class TcpProxy:
 
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         peer = {client: server, server: client}
+        replies = b""
         try:
             while not self._stop.is_set():
                 if self._stalled.is_set():
@@ -50,6 +60,15 @@ class TcpProxy:
                     data = s.recv(1 << 16)
                     if not data:
                         return
+                    if s is server and self._cut_on is not None:
+                        replies += data
+                        marker, n = self._cut_on
+                        if replies.count(marker) >= n:
+                            if self._refuse_after_cut:
+                                self._refusing.set()
+                            for end in (client, server):
+                                end.shutdown(socket.SHUT_RDWR)
+                            return
                     peer[s].sendall(data)
                     if s is client:
                         self.forwarded += len(data)
@@ -65,6 +84,10 @@ class TcpProxy:
                 return
             stop.wait(0.01)
         raise AssertionError(f"only {self.forwarded} of {n} bytes went through the proxy")
+
+    def cut_on_reply(self, marker: bytes, n: int, then_refuse: bool = False) -> None:
+        self._cut_on = (marker, n)
+        self._refuse_after_cut = then_refuse
 
     def stall(self) -> None:
         self._stalled.set()

@@ -209,6 +209,57 @@ def test_restore_failing_at_the_end(hosts, receiver, tmp_path):
     assert "xc_domain_hvm_setcontext failed" in resume.stderr and vms(b) == []
 
 
+def test_start_failing_after_the_commit(hosts, receiver):
+    """The destination cannot start the VM once the source has committed: the source asks what
+    became of it, hears that the destination has no copy, and runs its own again."""
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b, env={"XENEMU_FAULTS": "unpause"})
+    shim(a, "vm-create", "vm1", "--memory", "32M", "--image", "mixed")
+    before = shim(a, "vm-digest", "vm1").stdout
+    started = time.monotonic()
+    mig = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
+    assert mig.returncode == 2 and len(mig.stderr.strip().splitlines()) == 1, mig.stderr
+    assert "xc_domain_unpause failed" in mig.stderr and "keeps running on this host" in mig.stderr, mig.stderr
+    assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
+    assert vms(b) == []
+    assert f"asked for the state of VM {json.loads(shim(a, 'vm-list', '--json').stdout)[0]['uuid']}: absent" \
+        in (b.root / "xenopsd.log").read_text()
+    print(f"\nFAULT start fails after the commit: failed in {time.monotonic() - started:.2f} s: {mig.stderr.strip()}")
+
+
+@pytest.mark.parametrize("reachable", [True, False], ids=["destination-answers", "destination-gone"])
+def test_confirmation_lost_after_the_start(hosts, receiver, reachable):
+    """The link dies just as the destination confirms the start. If the destination can still be
+    asked, it says the VM runs there and the migration completes; if not, the source cannot know
+    and keeps its copy paused (never two running), saying so."""
+    from tcpproxy import TcpProxy
+
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b)
+    proxy = TcpProxy(r.address)
+    try:
+        # The restore result, then the confirmation: cut there (and with it the whole host).
+        proxy.cut_on_reply(b"Success\n", 2, then_refuse=not reachable)
+        shim(a, "vm-create", "vm1", "--memory", "32M", "--image", "mixed")
+        before = shim(a, "vm-digest", "vm1").stdout
+        mig = shim(a, "vm-migrate", "vm1", "--dest", proxy.address, "--json", check=False)
+        assert [v["state"] for v in vms(b)] == ["running"] and shim(b, "vm-digest", "vm1").stdout == before
+        assert "restored and running" in (b.root / "xenopsd.log").read_text()
+        if reachable:
+            [warning] = mig.stderr.splitlines()              # the user hears of it, in one line
+            assert mig.returncode == 0 and json.loads(mig.stdout)["status"] == "success", mig
+            assert "its start was not confirmed (connection closed while waiting for the destination to " \
+                "start the VM), but the destination reports it running" in warning, mig
+            assert vms(a) == []
+        else:
+            assert mig.returncode == 2 and len(mig.stderr.strip().splitlines()) == 1, mig.stderr
+            assert "VM vm1 left paused on this host (the destination was told to start it and cannot say " \
+                "whether it did: no answer: " in mig.stderr, mig.stderr
+            assert [v["state"] for v in vms(a)] == ["paused"]
+    finally:
+        proxy.close()
+
+
 def test_host_is_private_and_names_cannot_escape_it(hosts, tmp_path):
     a = hosts("A")
     fresh = a.root / "made-by-the-shim" / "host"          # the shim makes this host directory itself

@@ -97,8 +97,7 @@ class Domain:
 
     def set_context(self, blobs: dict[str, bytes]) -> None:
         if "hvm_context" in blobs and faults.injected(faults.HVM_SETCONTEXT):
-            raise DomainError(f"domain {self.domid}: xc_domain_hvm_setcontext failed: Invalid argument "
-                              f"(injected by {faults.FAULTS_ENV})")
+            raise DomainError(faults.failure(self.domid, "xc_domain_hvm_setcontext"))
         for name, data in blobs.items():
             if name not in ctxmod.BLOBS:
                 raise DomainError(f"unknown context blob {name!r}")
@@ -121,6 +120,8 @@ class Domain:
         state = self.state
         if state not in ("paused", "building"):
             raise DomainError(f"domain {self.domid} is {state}, cannot unpause")
+        if faults.injected(faults.UNPAUSE):
+            raise DomainError(faults.failure(self.domid, "xc_domain_unpause"))
         self.memory.set_flag(CTL_PAUSED, False)
         if self._workload_process() is None and self.meta.get("workload", "none") != "none":
             self.update(workload_pid=_spawn_workload(self.dir.parent.parent, self.domid))

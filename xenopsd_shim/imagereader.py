@@ -24,6 +24,10 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 STORE_PORT, CONSOLE_PORT = 1, 2
 
 
+def valid_uuid(text: object) -> bool:
+    return isinstance(text, str) and _UUID.match(text) is not None
+
+
 def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, Any]:
     """Validate the Xenops record: it comes from the wire and names files and processes."""
     try:
@@ -39,7 +43,7 @@ def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, A
     if not isinstance(name, str):
         raise image.ImageError("Xenops record has no VM name")
     check_name(name)
-    if not isinstance(rec.get("uuid"), str) or not _UUID.match(rec["uuid"]):
+    if not valid_uuid(rec.get("uuid")):
         raise image.ImageError("Xenops record has an invalid uuid")
     if not isinstance(mem, int) or not 0 < mem <= MAX_MEMORY or mem % 4096:
         raise image.ImageError(f"Xenops record has an invalid memory size {mem!r}")

@@ -1,8 +1,11 @@
 """The sending side of a migration: image over the transport, then the handshake.
 
 The source keeps its (paused) copy until the destination says the VM is
-restored and running; any failure before that unpauses it here, so the VM
-always runs on exactly one host.
+restored and running; any failure before the commit unpauses it here, so the
+VM always runs on exactly one host. After the commit, a lost confirmation is
+settled by asking the destination: running there completes the migration, no
+copy there resumes it here, and no answer leaves it paused here for an
+operator, since running it could make two.
 """
 from __future__ import annotations
 
@@ -78,7 +81,8 @@ class SourceMigration:
         self.options = options
         self.log = log
         self.on_info = on_info
-        self.committed = False
+        self.committed = False       # told the destination to start the VM
+        self.left_paused: str | None = None     # why: it could not say whether it started it
 
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -107,7 +111,6 @@ class SourceMigration:
                 for stream in streams:
                     stream.finish()
                 remote = self._handshake(main.sock)
-                wire = {stream.name: transport.tcp_bytes(stream.sock)[0] for stream in streams}
             except BaseException as e:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)       # finish cleaning up first
                 writer.close()
@@ -117,12 +120,14 @@ class SourceMigration:
                 # else our zstd's error; else what we saw.
                 reason = next(iter(killed), None) or self._destination_error(main.sock) or \
                     next((MigrationError(text) for text, _ in failures), None) or e
-                for stream in streams:
-                    self._close(stream.sock)
-                self._fall_back(was_running)
-                raise MigrationError(self._describe(reason)) from None
-            for stream in streams:
-                self._close(stream.sock)
+                wire = self._end(streams)
+                if not self._fall_back(was_running, cookies):
+                    raise MigrationError(self._describe(reason)) from None
+                self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason or 'interrupted'}), but the "
+                                 f"destination reports it running: the migration is complete")
+                remote = {}
+            else:
+                wire = self._end(streams)
         done = time.monotonic()
         self.domain.destroy()
         return {
@@ -202,25 +207,57 @@ class SourceMigration:
         return None
 
     @staticmethod
-    def _close(sock: socket.socket) -> None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
+    def _end(streams: list[Stream]) -> dict[str, int]:
+        """Close every stream's connection; the bytes each put on the wire."""
+        wire = {}
+        for stream in streams:
+            try:
+                wire[stream.name] = transport.tcp_bytes(stream.sock)[0]
+            except OSError:
+                wire[stream.name] = 0
+            try:
+                stream.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            stream.sock.close()
+        return wire
 
-    def _fall_back(self, was_running: bool) -> None:
+    def _fall_back(self, was_running: bool, cookies: dict[str, str]) -> bool:
+        """After a failure: whether the destination runs the VM after all (a commit whose
+        confirmation was lost); else the source copy runs again, unless the destination may
+        yet start it (it cannot say), when it stays paused so two copies never run."""
         if self.committed:
-            self.log.warning(f"VM {self.domain.name}: destination was told to start it; "
-                             "leaving the source copy paused")
-            return
+            state = self._settled_state(cookies)
+            if state == "running":
+                return True
+            if state != transport.STATE_ABSENT:
+                self.left_paused = f"the destination was told to start it and cannot say whether it did: {state}"
+                self.log.info(f"VM {self.domain.name}: {self.left_paused}; leaving the source copy paused")
+                return False
+            self.log.info(f"VM {self.domain.name}: the destination has no copy after the commit")
         if was_running and self.domain.state == "paused":
             self.domain.unpause()
             self.log.info(f"VM {self.domain.name} unpaused on the source after the failure")
+        return False
+
+    def _settled_state(self, cookies: dict[str, str]) -> str:
+        """The destination's state of the VM once it has decided (running, or absent because it
+        destroyed its copy), polled for up to the connect timeout; or why that is unknown."""
+        query = {k: v for k, v in cookies.items() if k == transport.SECRET_COOKIE}
+        deadline = time.monotonic() + self.options.timeouts.connect
+        while True:
+            try:
+                state = transport.query_state(self.dest, self.domain.uuid, query, self.options.timeouts,
+                                              self.options.tls)
+            except transport.TransportError as e:
+                return f"no answer: {e}"
+            if state in ("running", transport.STATE_ABSENT) or time.monotonic() > deadline:
+                return state
+            time.sleep(0.2)
 
     def _describe(self, e: BaseException) -> str:
-        where = f"VM {self.domain.name} keeps running on this host" if not self.committed else \
-            f"VM {self.domain.name} left paused on this host"
+        where = f"VM {self.domain.name} left paused on this host ({self.left_paused})" if self.left_paused \
+            else f"VM {self.domain.name} keeps running on this host"
         if isinstance(e, KeyboardInterrupt):
             return f"migration aborted by user; {where}"
         return f"migration failed: {e}; {where}"

@@ -16,12 +16,12 @@ import threading
 import time
 from typing import Any
 
-from xenemu import Host
+from xenemu import DomainError, Host
 from xenemu.memory import memory_digest
 
 from . import tlstunnel, transport
 from .accounting import CpuAccounting
-from .imagereader import ImageReader
+from .imagereader import ImageReader, valid_uuid
 from .log import Logger
 from .policy import SERVE_ADDRESS
 from .timeouts import Timeouts
@@ -166,6 +166,10 @@ class IncomingMigration:
             transport.send_status(self.conn, 200, "OK")
             self.vgpu_streams.park(request.vm_uuid, self.conn, request.cookies)
             return
+        if request.method == "GET" and request.path.startswith(transport.STATE_PATH) and valid_uuid(request.vm_uuid):
+            transport.send_status(self.conn, 200, "OK")
+            transport.send_line(self.conn, self._state_of(request.vm_uuid))
+            return
         if request.method != "PUT" or not request.path.startswith(transport.MEMORY_PATH):
             transport.send_status(self.conn, 404, "Not Found")
             self.log.warning(f"refused {request.method} {request.path[:80]}")
@@ -178,6 +182,15 @@ class IncomingMigration:
                 self.vgpu_zstd.stop()
             if self.vgpu_done is not None:
                 self.vgpu_done.set()
+
+    def _state_of(self, vm_uuid: str) -> str:
+        """For a source whose commit went unconfirmed: did the VM start here?"""
+        try:
+            state = self.host.find(vm_uuid).state
+        except DomainError:
+            state = transport.STATE_ABSENT
+        self.log.info(f"asked for the state of VM {vm_uuid}: {state}")
+        return state
 
     def _vgpu_fd(self, request: transport.Request) -> int:
         """The vGPU stream's fd: its own connection, through its own zstd in stream mode."""

@@ -20,6 +20,10 @@ from .timeouts import Timeouts
 
 MEMORY_PATH = "/services/xenops/memory/"
 VGPU_PATH = "/services/xenops/migrate-vgpu/"     # the vGPU stream's own connection
+# Ours, not xenopsd's: where a source whose commit went unconfirmed asks what became of
+# the VM (xapi would ask the destination pool through its API instead).
+STATE_PATH = "/services/xenops/vm-state/"
+STATE_ABSENT = "absent"      # the answer when the destination has no such VM
 MAX_HEAD = 16 << 10
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
@@ -94,7 +98,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 # Client side -------------------------------------------------------------------
 def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeouts,
-                max_bandwidth: int | None = None, tls: ssl.SSLContext | None = None) -> socket.socket:
+                max_bandwidth: int | None = None, tls: ssl.SSLContext | None = None,
+                method: str = "PUT") -> socket.socket:
     """Connect and make the request; `max_bandwidth` (bytes/s) paces the socket in the kernel,
     so it holds whoever writes to the fd (xenguest, zstd) with no relay in between. With
     `tls`, the socket returned is the local end of a TLS tunnel (see tlstunnel)."""
@@ -114,7 +119,7 @@ def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeout
             raise TransportError(f"{dest}: {e}") from None
         timeouts.arm(sock)
     cookie = "; ".join(f"{k}={quote(v)}" for k, v in cookies.items())
-    head = (f"PUT {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    head = (f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             + (f"Cookie: {cookie}\r\n" if cookie else "") + "Connection: close\r\n\r\n")
     try:
         sock.sendall(head.encode())
@@ -126,8 +131,18 @@ def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeout
     parts = line.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
         sock.close()
-        raise TransportError(f"{dest} refused the migration: {line}")
+        raise TransportError(f"{dest} refused the {'migration' if method == 'PUT' else 'request'}: {line}")
     return sock
+
+
+def query_state(dest: str, vm_uuid: str, cookies: dict[str, str], timeouts: Timeouts,
+                tls: ssl.SSLContext | None = None) -> str:
+    """The destination's word on a VM: its domain state, or STATE_ABSENT."""
+    sock = open_stream(dest, STATE_PATH + vm_uuid, cookies, timeouts, tls=tls, method="GET")
+    try:
+        return recv_line(sock, timeouts.connect, "the destination's VM state")
+    finally:
+        sock.close()
 
 
 # Server side -------------------------------------------------------------------
