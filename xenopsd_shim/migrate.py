@@ -163,6 +163,8 @@ class SourceMigration:
         transport.send_line(sock, transport.HS_SUCCESS)           # commit: the destination may run it
         self.committed = True
         line = transport.recv_line(sock, self.options.timeouts.handshake, "the destination to start the VM")
+        if line.startswith(transport.HS_ERROR):
+            raise MigrationError(f"destination failed to start the VM: {line[len(transport.HS_ERROR):].strip()}")
         if line != transport.HS_SUCCESS:
             raise MigrationError(f"destination did not start the VM: {line[:80]!r}")
         return remote
