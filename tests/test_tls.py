@@ -15,14 +15,18 @@ from tcpproxy import TcpProxy
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a certificate")
 
 
-@pytest.fixture
-def cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made now."""
-    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+def self_signed(where: Path, cn: str) -> tuple[Path, Path]:
+    """(certificate, key): self-signed for 127.0.0.1, made now."""
+    key, crt = where / "key.pem", where / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "1", "-subj", "/CN=xenmig-test",
+                    "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "1", "-subj", f"/CN={cn}",
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
     return crt, key
+
+
+@pytest.fixture
+def cert(tmp_path: Path) -> tuple[Path, Path]:
+    return self_signed(tmp_path, "xenmig-test")
 
 
 def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
@@ -74,12 +78,9 @@ def test_sender_refuses_a_receiver_it_does_not_trust(hosts, receiver, cert, tmp_
     r = receiver(b, "--tls-cert", str(crt), "--tls-key", str(key))
     other = tmp_path / "other"
     other.mkdir()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(other / "k.pem"), "-out", str(other / "c.pem"), "-days", "1",
-                    "-subj", "/CN=someone-else", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    other_crt, _ = self_signed(other, "someone-else")
     shim(a, "vm-create", "vm1", "--memory", "16M")
-    out = shim(a, "vm-migrate", "vm1", "--dest", r.address, "--tls-ca", str(other / "c.pem"), check=False)
+    out = shim(a, "vm-migrate", "vm1", "--dest", r.address, "--tls-ca", str(other_crt), check=False)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "TLS handshake failed: CERTIFICATE_VERIFY_FAILED" in out.stderr
     assert [v["state"] for v in vms(a)] == ["running"] and vms(b) == []

@@ -123,8 +123,8 @@ class SourceMigration:
                 wire = self._end(streams)
                 if not self._fall_back(was_running, cookies):
                     raise MigrationError(self._describe(reason)) from None
-                self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason or 'interrupted'}), but the "
-                                 f"destination reports it running: the migration is complete")
+                self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason or 'interrupted'}), "
+                                 "but the destination reports it running: the migration is complete")
                 remote = {}
             else:
                 wire = self._end(streams)
@@ -192,9 +192,7 @@ class SourceMigration:
             raise MigrationError(f"connection to the destination lost: {e.strerror or e}") from None
         if not data:
             raise MigrationError("the destination closed the connection")
-        if transport.HS_ERROR.startswith(data.decode(errors="replace")) and len(data) < len(transport.HS_ERROR):
-            return                           # a partial line: look again next time
-        if data.decode(errors="replace") == transport.HS_ERROR:
+        if data == transport.HS_ERROR.encode():        # (a shorter prefix of it: look again next time)
             raise MigrationError("the destination gave up")
 
     @staticmethod
@@ -213,10 +211,7 @@ class SourceMigration:
         """Close every stream's connection; the bytes each put on the wire."""
         wire = {}
         for stream in streams:
-            try:
-                wire[stream.name] = transport.tcp_bytes(stream.sock)[0]
-            except OSError:
-                wire[stream.name] = 0
+            wire[stream.name] = transport.tcp_bytes(stream.sock)[0]
             try:
                 stream.sock.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -28,7 +28,6 @@ from .timeouts import Timeouts
 from .zstdpipe import Zstd, ZstdError
 
 
-
 class Receiver:
     def __init__(self, host: Host, listen: str, log: Logger, secret: str | None = None,
                  timeouts: Timeouts = Timeouts(), tls: ssl.SSLContext | None = None) -> None:

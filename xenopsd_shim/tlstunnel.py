@@ -110,8 +110,8 @@ class Tunnel:
         try:
             tls_r, tls_w = await self._open_tls()
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
-            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or "timed out"
-            self.error = f"TLS handshake failed: {reason}"
+            why = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or "timed out"
+            self.error = f"TLS handshake failed: {why}"
             return
         local_r, local_w = await asyncio.open_connection(sock=self._ours, limit=CHUNK)
         self._ready.set()
