@@ -9,6 +9,7 @@ import click
 from . import Host, DomainError
 from .build import build
 from .memory import digest_report
+from .profiles import PROFILES
 from .units import parse_size
 
 
@@ -26,7 +27,7 @@ def cli(ctx: click.Context, root: str | None) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--memory", "memory", required=True, help="e.g. 256M, 1G")
-@click.option("--image", default="zero", show_default=True, help="zero|idle|mixed|random or a file")
+@click.option("--image", default="zero", show_default=True, help=f"{'|'.join(PROFILES)} or a file")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workload", default="none", show_default=True, help="none, dirty:RATE, increment[:RATE]")
 @click.option("--empty", is_flag=True, help="leave it in state building (a restore target)")

@@ -12,6 +12,7 @@ import click
 from xenemu import DomainError, Host
 from xenemu.build import build
 from xenemu.memory import digest_report
+from xenemu.profiles import PROFILES
 from xenemu.units import format_size, parse_rate, parse_size
 
 from . import image, policy, tlstunnel, transport
@@ -90,7 +91,7 @@ def pool_param_get(ctx: Ctx, key: str) -> None:
 @cli.command("vm-create")
 @click.argument("name")
 @click.option("--memory", required=True, help="e.g. 512M, 1G")
-@click.option("--image", default="mixed", show_default=True, help="zero|idle|mixed|random, or a file")
+@click.option("--image", default="mixed", show_default=True, help=f"{'|'.join(PROFILES)}, or a file")
 @click.option("--workload", default="none", show_default=True, help="none, dirty:RATE, increment[:RATE]")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--vgpu", default=None, help="give the VM an emulated GPU with this much memory, e.g. 64M")
