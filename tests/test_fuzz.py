@@ -240,7 +240,8 @@ def with_content_size(frame: bytes, size: int) -> bytes:
 
 
 def frame_of(data: bytes, **kw) -> bytes:
-    return zstandard.ZstdCompressor(level=1, **kw).compress(data)
+    """A frame as the sender writes one (content size and checksum) unless `kw` says otherwise."""
+    return zstandard.ZstdCompressor(level=1, **{"write_checksum": True, **kw}).compress(data)
 
 
 def page_fields(r: Rec) -> tuple[int, int]:
@@ -552,7 +553,7 @@ def m_payload(img: Image, data) -> str:
     expected = expected_inflated(r.body)
     how = data.draw(st.sampled_from(["corrupt", "corrupt-header", "truncate", "bomb", "bomb-declared",
                                      "bomb-lies", "extra-frame", "skippable", "empty", "garbage", "checksum",
-                                     "other-data", "no-size"]))
+                                     "other-data", "no-size", "no-checksum", "big-window"]))
     seed = data.draw(st.integers(0, 2**32))
     rng = random.Random(seed)
     if how in ("corrupt", "corrupt-header") and payload:
@@ -578,13 +579,19 @@ def m_payload(img: Image, data) -> str:
     elif how == "garbage":
         payload = rng.randbytes(rng.choice([1, 64, len(payload)]))
     elif how == "checksum":
-        framed = bytearray(frame_of(rng.randbytes(16) * (expected // 16), write_checksum=True))
+        framed = bytearray(frame_of(rng.randbytes(16) * (expected // 16)))
         framed[-1] ^= 0x40
         payload = bytes(framed)
     elif how == "other-data":      # a valid frame of the right size: a harmless change of memory
         payload = frame_of(rng.randbytes(64) * (expected // 64))
-    elif how == "no-size":         # valid, but the frame does not declare its size
+    elif how == "no-size":         # the frame does not declare its size: refused
         payload = frame_of(bytes(expected), write_content_size=False)
+    elif how == "no-checksum":     # the right pages, but nothing to check them by: refused
+        payload = frame_of(rng.randbytes(64) * (expected // 64), write_checksum=False)
+    elif how == "big-window":      # a 128 MiB window (streamed, size unknown): refused before inflating
+        cobj = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(
+            window_log=27, write_checksum=1)).compressobj()
+        payload = cobj.compress(bytes(expected)) + cobj.flush()
     consistent = data.draw(st.booleans()) or how in ("bomb", "bomb-declared", "bomb-lies")
     set_payload(r, payload, consistent)
     return f"compressed record payload: {how} ({len(payload)} bytes, expected {expected}, consistent {consistent})"
@@ -1140,10 +1147,13 @@ def slow_frame(length: int, expected: int) -> bytes:
     def block(last: int, size: int) -> bytes:
         return (last | size << 3).to_bytes(3, "little")
     rng = random.Random(1)
-    head = struct.pack("<IBBI", zstdframe.FRAME_MAGIC, 0x80, (17 - 10) << 3, expected)    # 4-byte size, 128 KiB window
-    data = b"".join(block(0, 128 << 10) + rng.randbytes(128 << 10) for _ in range(expected // (128 << 10)))
-    empty = (length - len(head) - len(data) - 3) // 3
-    frame = head + block(0, 0) * empty + data + block(1, 0)
+    content = rng.randbytes(expected)
+    # 4-byte size, content checksum, 128 KiB window
+    head = struct.pack("<IBBI", zstdframe.FRAME_MAGIC, 0x84, (17 - 10) << 3, expected)
+    data = b"".join(block(0, 128 << 10) + content[at:at + (128 << 10)] for at in range(0, expected, 128 << 10))
+    checksum = zstandard.ZstdCompressor(write_checksum=True).compress(content)[-4:]   # XXH64 of the content
+    empty = (length - len(head) - len(data) - 3 - 4) // 3
+    frame = head + block(0, 0) * empty + data + block(1, 0) + checksum
     assert len(frame) <= length
     return frame
 

@@ -145,7 +145,7 @@ HAND_PAGES = [bytes([1]) * PAGE, bytes([4]) * PAGE]                 # the data o
 def hand_stream(streams: Streams, path: Path, extra: bytes = b"") -> int:
     """The compressed stream with one record built from the documented layout, spliced in after
     STATIC_DATA_END; `extra` is appended to its payload. Returns the record's offset."""
-    payload = zstandard.ZstdCompressor().compress(b"".join(HAND_PAGES)) + extra
+    payload = zstandard.ZstdCompressor(write_checksum=True).compress(b"".join(HAND_PAGES)) + extra
     bitmap = bytes([sum(1 << i for i, z in enumerate(HAND_ZERO) if z)]).ljust(8, b"\0")
     body = struct.pack("<IHHII", 4, 1, 0, 1, len(payload)) + HAND_PFNS.tobytes() + bitmap + payload
     record = struct.pack("<II", COMPRESSED, len(body)) + body + bytes(-len(body) % 8)
@@ -171,7 +171,8 @@ def test_payload_with_data_after_its_frame_is_refused(hosts, streams, tmp_path):
     assert_one_error(inspect(hosts(), tmp_path / "hand.xc", check=False))
 
 
-@pytest.mark.parametrize("kind", ["algorithm", "zero-count", "payload-length", "frame-magic", "frame-size"])
+@pytest.mark.parametrize("kind", ["algorithm", "zero-count", "payload-length", "frame-magic", "frame-size",
+                                  "frame-checksum"])
 def test_corrupted_compressed_record_exits_2_with_one_line(hosts, streams, tmp_path, kind):
     d = bytearray(streams.packed.read_bytes())
     off, length = _first(bytes(d), COMPRESSED)
@@ -186,6 +187,8 @@ def test_corrupted_compressed_record_exits_2_with_one_line(hosts, streams, tmp_p
         struct.pack_into("<I", d, body + 12, payload_length - 1)
     elif kind == "frame-magic":
         d[frame] ^= 0xFF
+    elif kind == "frame-checksum":        # the content checksum, the frame's last 4 bytes
+        d[body + length - 1] ^= 0x01
     else:                   # the frame claims one page too many: refused before inflating
         params = zstandard.get_frame_parameters(bytes(d[frame:frame + 18]))
         size = params.content_size

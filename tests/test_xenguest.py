@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from conftest import HostDir
 from streamcheck import check_file
@@ -45,22 +46,36 @@ def test_256m_save_restore_on_second_host(hosts, tmp_path):
     assert summary["pages"] == 65536
 
 
-@pytest.mark.parametrize("workload", ["increment", "dirty:50MB/s"])
-def test_live_save_is_exact_at_pause_point(hosts, tmp_path, workload):
+# The guest writes while it is saved, and has no zero page (`busy`), so every page of a batch
+# goes to the encoder; pre-copy stops after one dirty iteration (XENGUEST_MAX_ITERATIONS=2), so
+# the final copy always carries the pages dirtied meanwhile and the pause point is really tested.
+ENCODERS = {"plain": (), "inband-1": ("-compress", "true"), "inband-4": ("-compress", "true")}
+
+
+@pytest.mark.parametrize("run", [pytest.param(0), *(pytest.param(i, marks=pytest.mark.slow) for i in range(1, 6))])
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("workload", ["increment:200MB/s", "dirty:200MB/s"])
+def test_live_save_is_exact_at_pause_point(hosts, tmp_path, workload, encoder, run):
     a, b = hosts("A"), hosts("B")
-    src = a.create("vm", "128M", image="mixed", workload=workload)
+    a.env.update(XENGUEST_MAX_ITERATIONS="2", XENGUEST_COMPRESS_THREADS=encoder.partition("-")[2] or "0")
+    src = a.create("vm", "64M", image="busy", workload=workload)
     time.sleep(0.5)
     stream = tmp_path / "vm.xc"
-    m = save(a, src, stream, "-live", "true")
+    m = save(a, src, stream, "-live", "true", *ENCODERS[encoder])
     per_iteration = [int(x) for x in m.group(4).split(",")]
-    assert len(per_iteration) > 2 and per_iteration[1] > 0, per_iteration   # pre-copy really iterated
-    assert int(m.group(2)) > 32768                                           # pages were resent
+    assert len(per_iteration) == 3 and per_iteration[1] > 0, per_iteration   # pre-copy really iterated
+    assert per_iteration[-1] > 0, per_iteration                              # the final copy carried pages
     assert a.domains()[0]["state"] == "paused"     # save paused it: memory now is the pause point
-    dst = b.empty("vm", "128M")
+    dst = b.empty("vm", "64M")
     restore(b, dst, stream)
     src_pages, dst_pages = a.page_digests(src), b.page_digests(dst)
     wrong = [pfn for pfn, (x, y) in enumerate(zip(src_pages, dst_pages)) if x != y]
     assert not wrong, f"{len(wrong)} pages differ, first pfns {wrong[:5]}"
+    if ENCODERS[encoder]:          # the independent checker reads upstream records only
+        upstream = tmp_path / "upstream.xc"
+        with open(stream, "rb") as f, open(upstream, "wb") as g:
+            a.run("xenguest", "-mode", "convert", "-fd", "0", "-outfd", "1", stdin=f, stdout=g)
+        stream = upstream
     check_file(stream)
 
 
@@ -168,6 +183,109 @@ def test_bad_stream_clear_error_and_nothing_left(hosts, tmp_path, small_stream, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "invalid stream" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert b.domains() == []            # no half-restored domain left in the host
+
+
+# -- the compressed record's frame (docs/compressed-page-data.md), rebuilt by hand -------
+COMPRESSED, TSC_INFO, PAGE = 0x13, 0x08, 4096
+
+
+@pytest.fixture(scope="module")
+def small_packed(tmp_path_factory) -> bytes:
+    root = tmp_path_factory.mktemp("packed")
+    h = HostDir(root)
+    domid = h.create("vm", "16M", image="busy")
+    path = root / "vm.xc"
+    save(h, domid, path, "-compress", "true")
+    h.xenemu("destroy", str(domid))
+    return path.read_bytes()
+
+
+def with_frame(data: bytes, change) -> bytes:
+    """The stream with its first COMPRESSED_PAGE_DATA frame replaced by change(frame, inflated)."""
+    off, length = _first(data, COMPRESSED)
+    body = data[off + 8:off + 8 + length]
+    count, _, _, zero_count, payload_length = struct.unpack_from("<IHHII", body)
+    meta = 16 + 8 * count + ((count + 7) // 8 + 7 & ~7)
+    frame = body[meta:]
+    inflated = zstandard.ZstdDecompressor().decompress(frame)
+    new = change(frame, inflated)
+    body = body[:12] + struct.pack("<I", len(new)) + body[16:meta] + new
+    record = struct.pack("<II", COMPRESSED, len(body)) + body + bytes(-len(body) % 8)
+    return data[:off] + record + data[off + 8 + length + (-length % 8):]
+
+
+def _flip_checksum(frame: bytes, inflated: bytes) -> bytes:
+    return frame[:-1] + bytes([frame[-1] ^ 0x10])        # the frame's last 4 bytes: XXH64 of the content
+
+
+def _streamed(window_log: int):
+    def change(frame: bytes, inflated: bytes) -> bytes:
+        cobj = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(
+            window_log=window_log, write_checksum=1)).compressobj()
+        return cobj.compress(inflated) + cobj.flush()
+    return change
+
+
+def _with_dictionary_id(frame: bytes) -> bytes:
+    """The frame header claiming dictionary 7 (a one-byte Dictionary_ID after the window byte, if any)."""
+    fhd = frame[4]
+    at = 5 + (0 if fhd & 0x20 else 1)
+    return frame[:4] + bytes([fhd | 1]) + frame[5:at] + bytes([7]) + frame[at:]
+
+
+FRAMES = {
+    "checksum-mismatch": (_flip_checksum, "checksum mismatch"),
+    "no-checksum": (lambda f, data: zstandard.ZstdCompressor().compress(data), "no content checksum"),
+    "no-content-size": (lambda f, data: zstandard.ZstdCompressor(write_checksum=True, write_content_size=False)
+                        .compress(data), "does not declare its content size"),
+    "window-128m": (_streamed(27), "does not declare its content size"),
+    "skippable-frame": (lambda f, data: struct.pack("<II", 0x184D2A50, 4) + bytes(4) + f, "skippable frames"),
+    "dictionary": (lambda f, data: _with_dictionary_id(f), "dictionary"),
+}
+
+
+@pytest.mark.parametrize("kind", FRAMES)
+def test_compressed_frame_that_is_not_what_the_sender_meant_fails_restore(hosts, tmp_path, small_packed, kind):
+    change, words = FRAMES[kind]
+    bad = tmp_path / "bad.xc"
+    bad.write_bytes(with_frame(small_packed, change))
+    b = hosts("B")
+    dst = b.empty("vm", "16M")
+    proc = restore(b, dst, bad, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert b.domains() == []
+
+
+def test_the_frame_rules_accept_what_the_sender_writes(hosts, tmp_path, small_packed):
+    """The same splice with an unchanged frame restores: the refusals above are the rules'."""
+    good = tmp_path / "good.xc"
+    good.write_bytes(with_frame(small_packed, lambda frame, data: frame))
+    assert good.read_bytes() == small_packed
+    b = hosts("B")
+    restore(b, b.empty("vm", "16M"), good)
+
+
+@pytest.mark.parametrize("rtype", ["PAGE_DATA", "COMPRESSED_PAGE_DATA"])
+def test_repeated_pfn_within_a_record_last_copy_wins(hosts, tmp_path, small_stream, rtype):
+    """Stream order decides: a pfn twice in one record ends with its later copy, as libxc applies them."""
+    first, last = bytes([0xA1]) * PAGE, bytes([0xB2]) * PAGE
+    entries = struct.pack("<3Q", 5, 6, 5)
+    if rtype == "PAGE_DATA":
+        body = struct.pack("<II", 3, 0) + entries + first + bytes([0xC3]) * PAGE + last
+        record = struct.pack("<II", 0x01, len(body)) + body
+    else:
+        frame = zstandard.ZstdCompressor(write_checksum=True).compress(first + last)
+        body = struct.pack("<IHHII", 3, 1, 0, 1, len(frame)) + entries + bytes([0b010]).ljust(8, b"\0") + frame
+        record = struct.pack("<II", COMPRESSED, len(body)) + body + bytes(-len(body) % 8)
+    off, _ = _first(small_stream, TSC_INFO)                     # after every page record
+    (tmp_path / "s.xc").write_bytes(small_stream[:off] + record + small_stream[off:])
+    b = hosts("B")
+    dst = b.empty("vm", "16M")
+    restore(b, dst, tmp_path / "s.xc")
+    pages = b.page_digests(dst)
+    h = lambda data: __import__("hashlib").blake2b(data, digest_size=16).hexdigest()  # noqa: E731
+    assert pages[5] == h(last) and pages[6] == h(bytes(PAGE) if rtype != "PAGE_DATA" else bytes([0xC3]) * PAGE)
 
 
 def test_stream_into_smaller_domain_is_refused(hosts, tmp_path, small_stream):

@@ -14,7 +14,9 @@ Body (little-endian):
     ..  ceil(count/8) bytes   zero-page bitmap (bit i of byte i//8 set: entry i is a zero page),
                               zero-padded to a multiple of 8 bytes
     ..  payload               one zstd frame: the 4096-byte frames of the other data-carrying
-                              entries, in entry order; exactly 4096 x (data pages - zero_count) bytes
+                              entries, in entry order; exactly 4096 x (data pages - zero_count) bytes;
+                              its header declares that size, a content checksum, no dictionary and
+                              a window of at most 4 MiB
 """
 from __future__ import annotations
 
@@ -46,8 +48,11 @@ class CompressedPages:
     """Encoder for the saver: zero pages as bits, the rest as one zstd frame.
 
     A batch whose frame would not be smaller than plain PAGE_DATA goes out as
-    plain PAGE_DATA, so incompressible memory costs nothing on the wire.
+    plain PAGE_DATA, so incompressible memory costs nothing on the wire. zstd reads
+    its input more than once, so `pages` must be a private snapshot (`snapshot`).
     """
+
+    snapshot = True
 
     def __init__(self, level: int = DEFAULT_LEVEL, threads: int | None = None) -> None:
         self.level = level
@@ -57,7 +62,8 @@ class CompressedPages:
     def _compress(self, data: np.ndarray) -> bytes:
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
-            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True,
+                                                               write_checksum=True)
         return cctx.compress(data)
 
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
@@ -114,18 +120,42 @@ def parse(body: memoryview, npages: int) -> tuple[np.ndarray, np.ndarray, memory
     return pd.pfns, zero_all[carries], payload
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_WINDOW = libxc.PAGE_DATA_MAX_PFNS * PAGE_SIZE     # 4 MiB: a record's pages, and never more
+
+
 def inflate(payload: memoryview, expected: int) -> bytes:
-    """Decompress one frame to exactly `expected` bytes, never allocating more."""
+    """Decompress one frame to exactly `expected` bytes, never allocating more.
+
+    The frame must declare its size, carry a content checksum (so a record that is not what
+    the sender compressed fails the restore instead of writing wrong pages) and need no
+    dictionary and no window beyond MAX_WINDOW.
+    """
+    if bytes(payload[:4]) != ZSTD_MAGIC:
+        raise libxc.StreamError("COMPRESSED_PAGE_DATA payload is not a zstd frame (skippable frames are refused)")
     try:
         params = zstandard.get_frame_parameters(payload)
     except zstandard.ZstdError as e:
         raise libxc.StreamError(f"COMPRESSED_PAGE_DATA payload is not a zstd frame: {e}") from None
-    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
+    if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise libxc.StreamError("COMPRESSED_PAGE_DATA frame does not declare its content size")
+    if params.content_size != expected:
         raise libxc.StreamError(f"COMPRESSED_PAGE_DATA frame claims {params.content_size} bytes, "
                                 f"its pfns need {expected}")
+    if not params.has_checksum:
+        raise libxc.StreamError("COMPRESSED_PAGE_DATA frame has no content checksum")
+    if params.dict_id:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA frame needs dictionary {params.dict_id}")
+    if params.window_size > MAX_WINDOW:
+        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA frame window {params.window_size} bytes "
+                                f"exceeds {MAX_WINDOW}")
     try:
-        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected, allow_extra_data=False)
+        out = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompress(
+            payload, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
+        if "checksum" in str(e):
+            raise libxc.StreamError("COMPRESSED_PAGE_DATA checksum mismatch: the record's pages are not "
+                                    "what its sender compressed") from None
         raise libxc.StreamError(f"COMPRESSED_PAGE_DATA payload does not inflate: {e}") from None
     if len(out) != expected:
         raise libxc.StreamError(f"COMPRESSED_PAGE_DATA inflates to {len(out)} bytes, its pfns need {expected}")

@@ -64,7 +64,8 @@ class Restorer:
 
     def write_pages(self, pfns: np.ndarray, frames: np.ndarray) -> None:
         if pfns.size:
-            self.mem.pages[pfns] = frames
+            keep = last_copies(pfns)
+            self.mem.pages[pfns[keep]] = frames[keep]
         self.pages += len(pfns)
         self.on_pages(self.pages)
 
@@ -146,6 +147,15 @@ class Restorer:
         params = blobs["hvm_params"]
         return RestoreResult(hvm_param(params, HVM_PARAM_STORE_PFN), hvm_param(params, HVM_PARAM_CONSOLE_PFN),
                              self.pages, records, r.offset)
+
+
+def last_copies(pfns: np.ndarray) -> np.ndarray | slice:
+    """Which entries to write so that a pfn repeated within a record ends with its last copy
+    (stream order, as libxc applies them; numpy's fancy assignment promises no order)."""
+    reverse_first = np.unique(pfns[::-1], return_index=True)[1]
+    if reverse_first.size == pfns.size:
+        return slice(None)
+    return pfns.size - 1 - reverse_first
 
 
 def plain_frames(body: memoryview | bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
