@@ -185,7 +185,7 @@ def main() -> int:
     args = ap.parse_args()
     size = args.size or ("256M" if args.quick else "1G")
     reps = args.reps or (3 if args.quick else 5)
-    profiles = ("idle", "mixed", "random")
+    profiles = ("idle", "mixed", "busy", "random")       # busy: no zero page left, every page compressed
     cases = [(p, w, link) for link in LINKS for p in profiles for w in ("none", "dirty:50MB/s")
              if not (args.quick and w != "none" and (p != "mixed" or link != "unlimited"))]
     link = make_link(args.pacing)

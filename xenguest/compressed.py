@@ -48,11 +48,8 @@ class CompressedPages:
     """Encoder for the saver: zero pages as bits, the rest as one zstd frame.
 
     A batch whose frame would not be smaller than plain PAGE_DATA goes out as
-    plain PAGE_DATA, so incompressible memory costs nothing on the wire. zstd reads
-    its input more than once, so `pages` must be a private snapshot (`snapshot`).
+    plain PAGE_DATA, so incompressible memory costs nothing on the wire.
     """
-
-    snapshot = True
 
     def __init__(self, level: int = DEFAULT_LEVEL, threads: int | None = None) -> None:
         self.level = level
@@ -67,8 +64,12 @@ class CompressedPages:
         return cctx.compress(data)
 
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
+        # `pages` may be live guest memory (PageEncoder). Each page is read once for the zero
+        # test and once by the boolean index, which copies the data pages out in one pass (also
+        # when none is zero): zstd and its checksum read only that snapshot. A page written
+        # between the two reads is dirty, and is resent whichever way it went this time.
         zero = ~pages.view("<u8").any(axis=1)
-        data = pages[~zero] if zero.any() else pages
+        data = pages[~zero]
         payload = self._compress(data) if data.size else b""
         bitmap = np.packbits(zero, bitorder="little").tobytes()
         head = struct.pack(HEADER_FORMAT, len(pfns), ALGORITHM_ZSTD, 0, int(zero.sum()), len(payload))

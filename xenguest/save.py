@@ -48,8 +48,13 @@ class Encoded(NamedTuple):
 
 
 class PageEncoder(Protocol):
+    """`pages` may be a view of memory the guest is writing. A page read once is safe: if the
+    guest wrote it meanwhile, it is dirty and a later iteration sends it again. An encoder that
+    reads a page more than once (zstd: match finding, then literals and checksum) must first
+    copy it out in one pass and encode only the copy, or a write between two reads could give
+    *other* pages content they never had, and those are not dirty."""
+
     threads: int             # batches it may encode at once (it must then be thread-safe)
-    snapshot: bool           # reads a batch more than once: give it a private copy, never live memory
 
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded: ...
 
@@ -57,26 +62,18 @@ class PageEncoder(Protocol):
 class PlainPages:
     """Upstream PAGE_DATA: every page of the batch, uncompressed."""
 
-    threads = 1
-    snapshot = False         # writev reads each byte once
+    threads = 1              # (writev reads each byte once)
 
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
         return Encoded([libxc.page_data_record_header(len(pfns)), libxc.page_data_header(pfns), pages], 0)
 
 
-def frames(pages: np.ndarray, batch: np.ndarray, snapshot: bool) -> np.ndarray:
-    """The batch's page frames, read from memory the guest may be writing.
-
-    Contiguous pfns (iteration 0) give a view of guest memory, which writev reads once: a page
-    torn by a guest write is dirty, so a later iteration sends it again. An encoder that reads
-    its input twice (zstd: match finding, then literals and checksum) must not see a write in
-    between, or the frame would give *other* pages content they never had, and those are not
-    dirty: it gets a copy taken in one pass. A gather of scattered pfns is such a copy already.
-    """
+def frames(pages: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """The batch's page frames: a view of guest memory when the pfns are contiguous
+    (iteration 0), so they go to writev or the encoder without a gather copy."""
     first, last = int(batch[0]), int(batch[-1])
     if last - first + 1 == len(batch):
-        view = pages[first:last + 1]
-        return view.copy() if snapshot else view
+        return pages[first:last + 1]
     return pages[batch]
 
 
@@ -108,7 +105,7 @@ class Saver:
         self._write([libxc.build_record(rtype, body)])
 
     def _encode(self, batch: np.ndarray) -> Encoded:
-        return self.encoder.encode(batch, frames(self.mem.pages, batch, self.encoder.snapshot))
+        return self.encoder.encode(batch, frames(self.mem.pages, batch))
 
     def _emit(self, batch: np.ndarray, encoded: Encoded) -> None:
         self._write(encoded.buffers)
