@@ -159,17 +159,19 @@ BAD = ["magic", "ident", "version", "reserved-option", "page-shift", "truncated"
        "padding", "unknown-mandatory", "pfn-reserved-bits", "pfn-beyond-domain", "page-count-zero", "missing-end"]
 
 
-@pytest.fixture(scope="module")
-def small_stream(tmp_path_factory) -> bytes:
-    from conftest import HostDir
-
-    root = tmp_path_factory.mktemp("src")
+def saved_stream(root: Path, image: str, *extra: str) -> bytes:
+    """The stream of a 16 MiB domain saved on a host of its own, which is then emptied."""
     h = HostDir(root)
-    domid = h.create("vm", "16M", image="mixed")
+    domid = h.create("vm", "16M", image=image)
     path = root / "vm.xc"
-    save(h, domid, path)
+    save(h, domid, path, *extra)
     h.xenemu("destroy", str(domid))
     return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def small_stream(tmp_path_factory) -> bytes:
+    return saved_stream(tmp_path_factory.mktemp("src"), "mixed")
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -191,13 +193,7 @@ COMPRESSED, TSC_INFO, PAGE = 0x13, 0x08, 4096
 
 @pytest.fixture(scope="module")
 def small_packed(tmp_path_factory) -> bytes:
-    root = tmp_path_factory.mktemp("packed")
-    h = HostDir(root)
-    domid = h.create("vm", "16M", image="busy")
-    path = root / "vm.xc"
-    save(h, domid, path, "-compress", "true")
-    h.xenemu("destroy", str(domid))
-    return path.read_bytes()
+    return saved_stream(tmp_path_factory.mktemp("packed"), "busy", "-compress", "true")
 
 
 def with_frame(data: bytes, change) -> bytes:
