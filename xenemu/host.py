@@ -76,7 +76,7 @@ class Host:
                     "workload_pid": None, **(meta or {})}
             try:
                 Domain.initialise(directory, info)
-            except Exception:
+            except BaseException:      # a cancelled create (SIGTERM, SIGINT) leaves nothing either
                 shutil.rmtree(directory, ignore_errors=True)
                 raise
         return Domain(directory)

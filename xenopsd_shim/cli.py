@@ -14,7 +14,7 @@ from xenemu.build import build
 from xenemu.memory import digest_report
 from xenemu.units import format_size, parse_rate, parse_size
 
-from . import image, policy, tlstunnel, transport
+from . import cancel, image, policy, tlstunnel, transport
 from .emuctl import EmuManagerError
 from .imagereader import ImageReader
 from .imagewriter import ImageWriter
@@ -244,27 +244,32 @@ def vm_resume(ctx: Ctx, path: Path, name: str | None) -> None:
     click.echo(domain.uuid)
 
 
+def _cancelled(e: BaseException) -> int:
+    signalled = cancel.of(e)
+    click.echo(f"xenopsd-shim: cancelled by {signalled.signame}", err=True)
+    return signalled.exit_code
+
+
 def main() -> None:
+    cancel.install()
     code = 0
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("xenopsd-shim: interrupted", err=True)
-        code = 130
+    except click.exceptions.Abort as e:
+        code = _cancelled(e)
     except click.ClickException as e:
         e.show()
         code = e.exit_code
     except MigrationError as e:
         click.echo(f"xenopsd-shim: {e}", err=True)
-        code = 130 if "aborted by user" in str(e) else EXIT_FAILED
+        code = e.exit_code or EXIT_FAILED
     except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, ZstdError, ValueError,
             tlstunnel.TlsError, OSError) as e:
         text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         click.echo(f"xenopsd-shim: {text}", err=True)
         code = EXIT_FAILED
-    except KeyboardInterrupt:
-        click.echo("xenopsd-shim: interrupted", err=True)
-        code = 130
+    except KeyboardInterrupt as e:
+        code = _cancelled(e)
     sys.exit(code)
 
 

@@ -10,7 +10,6 @@ operator, since running it could make two.
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import ssl
 import time
@@ -20,7 +19,7 @@ from typing import Any, Callable
 from xenemu import Domain, Host
 from xenemu.memory import memory_digest
 
-from . import transport
+from . import cancel, transport
 from .accounting import CpuAccounting
 from .imagewriter import ImageWriter
 from .log import Logger
@@ -30,7 +29,12 @@ from .zstdpipe import Zstd
 
 
 class MigrationError(Exception):
-    """A migration failed; the text is the one line the user sees."""
+    """A migration failed; the text is the one line the user sees, `exit_code` the status
+    (None: the ordinary failure status; a cancelled migration exits as its signal says)."""
+
+    def __init__(self, text: str, exit_code: int | None = None) -> None:
+        super().__init__(text)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -112,17 +116,18 @@ class SourceMigration:
                     stream.finish()
                 remote = self._handshake(main.sock)
             except BaseException as e:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)       # finish cleaning up first
+                cancel.ignore()                                    # finish cleaning up first
                 writer.close()
                 failures = [f for f in (stream.stop() for stream in streams) if f[0]]
                 killed = [MigrationError(text) for text, by_signal in failures if by_signal]
-                # A zstd of ours killed explains the rest; else the destination's own words;
-                # else our zstd's error; else what we saw.
-                reason = next(iter(killed), None) or self._destination_error(main.sock) or \
+                # A cancellation is what the user did; else a zstd of ours killed explains the
+                # rest; else the destination's own words; else our zstd's error; else what we saw.
+                cancelled = cancel.of(e) if isinstance(e, KeyboardInterrupt) else None
+                reason = cancelled or next(iter(killed), None) or self._destination_error(main.sock) or \
                     next((MigrationError(text) for text, _ in failures), None) or e
                 wire = self._end(streams)
                 if not self._fall_back(was_running, cookies):
-                    raise MigrationError(self._describe(reason)) from None
+                    raise MigrationError(self._describe(reason), cancelled.exit_code if cancelled else None) from None
                 self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason or 'interrupted'}), "
                                  "but the destination reports it running: the migration is complete")
                 remote = {}
@@ -255,6 +260,6 @@ class SourceMigration:
     def _describe(self, e: BaseException) -> str:
         where = f"VM {self.domain.name} left paused on this host ({self.left_paused})" if self.left_paused \
             else f"VM {self.domain.name} keeps running on this host"
-        if isinstance(e, KeyboardInterrupt):
-            return f"migration aborted by user; {where}"
+        if isinstance(e, cancel.Cancelled):
+            return f"migration cancelled by {e.signame}; {where}"
         return f"migration failed: {e}; {where}"
