@@ -65,9 +65,16 @@ class Host:
         """A new domain in state `building`: memory allocated, not yet running."""
         check_name(name)
         with self._locked():
-            # The same VM (same uuid) may exist twice while it migrates to its own host.
-            if any(d.name == name and d.uuid != uuid and d.state != "dying" for d in self.domains()):
-                raise DomainError(f"a VM named {name!r} already exists on this host")
+            for d in self.domains():
+                if d.state == "dying":
+                    continue
+                if d.name == name and d.uuid != uuid:
+                    raise DomainError(f"a VM named {name!r} already exists on this host")
+                # One uuid runs once per host; only a migration to its own host makes a second
+                # copy, which it destroys when done (or when it fails).
+                if d.uuid == uuid and not d.outgoing:
+                    raise DomainError(f"VM {uuid} already exists on this host, as domain {d.domid} "
+                                      f"({d.name}, {d.state})")
             domid = self._next_domid()
             directory = self.domains_dir / str(domid)
             directory.mkdir(mode=0o700)

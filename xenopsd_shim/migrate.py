@@ -23,7 +23,7 @@ from . import cancel, transport
 from .accounting import CpuAccounting
 from .imagewriter import ImageWriter
 from .log import Logger
-from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST
+from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST, is_same_host
 from .timeouts import Timeouts
 from .zstdpipe import Zstd
 
@@ -99,6 +99,8 @@ class SourceMigration:
             cookies["compress"] = "zstd"          # the receiver decides from this alone
         if self.options.secret:
             cookies[transport.SECRET_COOKIE] = self.options.secret
+        if is_same_host(self.host, self.dest):
+            self.domain.mark_outgoing(True)     # lets this host's receiver restore a copy beside it
         with CpuAccounting() as cpu:
             streams = [Stream("memory", self._connect(transport.MEMORY_PATH, cookies), mode == MODE_STREAM)]
             if self.domain.vgpu_bytes:
@@ -118,6 +120,8 @@ class SourceMigration:
             except BaseException as e:
                 cancel.ignore()                                    # finish cleaning up first
                 writer.close()
+                if self.domain.outgoing:
+                    self.domain.mark_outgoing(False)
                 failures = [f for f in (stream.stop() for stream in streams) if f[0]]
                 killed = [MigrationError(text) for text, by_signal in failures if by_signal]
                 # A cancellation is what the user did; else a zstd of ours killed explains the
