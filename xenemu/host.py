@@ -105,11 +105,14 @@ class Host:
         return found
 
     def find(self, ref: str) -> Domain:
-        """A domain by name, uuid or domid, as `xl` accepts."""
-        for d in self.domains():
-            if ref in (d.name, d.uuid, str(d.domid)) and d.state != "dying":
-                return d
-        raise DomainError(f"no VM {ref!r} on host {self.root}")
+        """A domain by name, uuid or domid, as `xl` accepts. A name or uuid wins over a domid,
+        so the VM named "14" is never mistaken for domain 14; a number that names no VM is a domid."""
+        live = [d for d in self.domains() if d.state != "dying"]
+        found = next((d for d in live if ref in (d.name, d.uuid)), None) or \
+            next((d for d in live if str(d.domid) == ref), None)
+        if found is None:
+            raise DomainError(f"no VM {ref!r} on host {self.root}")
+        return found
 
     def xenguest_socket(self, domid: int) -> Path:
         path = self.run_dir / f"xenguest-control-{domid}"
