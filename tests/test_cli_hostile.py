@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 
+import pytest
+
 from conftest import exe
 from test_faults import domain_state, procs, shim, vms, wait_for
 
@@ -69,3 +71,52 @@ def test_migration_to_its_own_host_still_shares_the_uuid(hosts, receiver):
     uuid = shim(a, "vm-create", "vm1", "--memory", "16M").stdout.strip()
     shim(a, "vm-migrate", "vm1", "--dest", r.address)
     assert [(v["uuid"], v["state"], v["domid"]) for v in vms(a)] == [(uuid, "running", 2)]
+
+
+def test_a_vm_named_like_a_domid_is_found_by_its_name(hosts):
+    """`vm-destroy 14` with a VM named "14" destroys that VM, not domain 14; once no VM is named
+    "14", the number means domain 14."""
+    a = hosts("A")
+    (a.root / "next-domid").write_text("14")           # the hypervisor's counter: the next domid is 14
+    shim(a, "vm-create", "other", "--memory", "16M")
+    shim(a, "vm-create", "14", "--memory", "16M")
+    assert [(v["name"], v["domid"]) for v in vms(a)] == [("other", 14), ("14", 15)]
+    shim(a, "vm-destroy", "14")
+    assert [(v["name"], v["domid"]) for v in vms(a)] == [("other", 14)]
+    shim(a, "vm-destroy", "14")
+    assert vms(a) == []
+
+
+@pytest.mark.parametrize("content", [None, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"migration-\xff\xfe = 3\n"],
+                         ids=["missing", "binary", "undecodable"])
+def test_an_unusable_config_file_is_one_line_naming_it(hosts, tmp_path, content):
+    """`--config FILE` that does not exist, or a config that is not text: one line naming the file,
+    before anything is done (no VM created)."""
+    a = hosts("A")
+    config = tmp_path / "no" / "such.conf"
+    if content is not None:
+        config = a.root / "xenopsd.conf"                # the host's own, read without --config
+        config.write_bytes(content)
+    out = shim(a, *(["--config", str(config)] if content is None else []), "vm-create", "vm1", "--memory", "16M",
+               check=False)
+    why = "does not exist" if content is None else "is not a text file of `key = value` lines"
+    assert out.returncode == 2 and out.stderr == f"xenopsd-shim: config file {config} {why}\n", out
+    assert out.stdout == "" and list((a.root / "domains").iterdir()) == []
+
+
+def test_unknown_config_keys_are_warned_of_by_name(hosts):
+    """A misspelt key would leave its default in force without a word: each unknown key is one
+    warning naming it and the file; known keys still work and draw none."""
+    a = hosts("A")
+    config = a.root / "xenopsd.conf"
+    config.write_text("# tuned\nmigration-stall-timout = 3\nmigration-connect-timeout = 0\n")
+    create = shim(a, "vm-create", "vm1", "--memory", "16M")
+    [warning] = create.stderr.splitlines()
+    assert warning.endswith(f'warning: {config}: unknown key "migration-stall-timout" ignored (known: '
+                            "migration-compressor, migration-connect-timeout, migration-request-timeout, "
+                            "migration-stall-timeout, migration-handshake-timeout, migration-vgpu-timeout)"), create
+    out = shim(a, "vm-migrate", "vm1", "--dest", "127.0.0.1:9", check=False)
+    [again, error] = out.stderr.splitlines()
+    assert out.returncode != 0 and again.split(" ", 1)[1] == warning.split(" ", 1)[1]   # timestamp aside
+    assert "migration-connect-timeout must be a number of seconds, not '0'" in error, out
+    assert [v["state"] for v in vms(a)] == ["running"]

@@ -33,11 +33,12 @@ class Ctx:
         self.config = policy.config_path(self.host, config)
         os.environ["XENEMU_ROOT"] = str(self.host.root)     # emu-manager and xenguest find the host here
         self.log = Logger(self.host.root / "xenopsd.log", verbose)
+        self.conf = policy.load_config(self.config, explicit=config is not None, log=self.log)
 
     @property
     def timeouts(self) -> Timeouts:
         try:
-            return Timeouts.from_config(policy.read_config(self.config))
+            return Timeouts.from_config(self.conf)
         except TimeoutConfigError as e:
             raise click.ClickException(f"{self.config}: {e}") from None
 
@@ -168,7 +169,7 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
                max_bandwidth: str | None, as_json: bool, secret_file: Path | None, tls_ca: Path | None) -> None:
     """Migrate a running VM to another host."""
     domain = ctx.host.find(name)
-    mode = policy.decide(ctx.host, dest, compress, ctx.config, ctx.log)
+    mode = policy.decide(ctx.host, dest, compress, ctx.conf, ctx.log)
     summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode,
                                       max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None,
                                       secret=policy.read_secret(secret_file) if secret_file
@@ -194,7 +195,7 @@ def vm_suspend(ctx: Ctx, name: str, path: Path, compress: bool) -> None:
     domain = ctx.host.find(name)
     if domain.vgpu_bytes:
         raise click.UsageError("a VM with a vGPU cannot be suspended to a file (its stream needs its own fd)")
-    mode = policy.compressor(ctx.config, ctx.log) if compress else policy.MODE_NONE
+    mode = policy.compressor(ctx.conf, ctx.log) if compress else policy.MODE_NONE
     was_running = domain.state == "running"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     zstd = Zstd(compress=True, far_fd=fd) if mode == policy.MODE_STREAM else None
