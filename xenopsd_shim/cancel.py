@@ -12,10 +12,13 @@ from types import FrameType
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Cancelled(KeyboardInterrupt):
-    """The command was cancelled by a signal; its exit status is 128 + the signal number."""
+class Cancelled(BaseException):
+    """The command was cancelled by a signal; its exit status is 128 + the signal number.
 
-    def __init__(self, signum: int = signal.SIGINT) -> None:
+    Like KeyboardInterrupt, no `except Exception` stops it; unlike it, click does not turn it
+    into an Abort with a blank line, so the user sees one line."""
+
+    def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
@@ -41,11 +44,3 @@ def ignore() -> None:
     """While a cancellation is being cleaned up, a second signal must not cut the clean-up short."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-
-
-def of(error: BaseException) -> Cancelled:
-    """The cancellation behind an interrupt (click wraps it in Abort); a bare one was SIGINT."""
-    for e in (error, error.__cause__, error.__context__):
-        if isinstance(e, Cancelled):
-            return e
-    return Cancelled(signal.SIGINT)

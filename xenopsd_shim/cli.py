@@ -245,19 +245,17 @@ def vm_resume(ctx: Ctx, path: Path, name: str | None) -> None:
     click.echo(domain.uuid)
 
 
-def _cancelled(e: BaseException) -> int:
-    signalled = cancel.of(e)
-    click.echo(f"xenopsd-shim: cancelled by {signalled.signame}", err=True)
-    return signalled.exit_code
-
-
 def main() -> None:
     cancel.install()
     code = 0
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort as e:
-        code = _cancelled(e)
+    except cancel.Cancelled as e:
+        click.echo(f"xenopsd-shim: cancelled by {e.signame}", err=True)
+        code = e.exit_code
+    except click.exceptions.Abort:          # an end of input at a prompt
+        click.echo("xenopsd-shim: interrupted", err=True)
+        code = 130
     except click.ClickException as e:
         e.show()
         code = e.exit_code
@@ -269,8 +267,6 @@ def main() -> None:
         text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         click.echo(f"xenopsd-shim: {text}", err=True)
         code = EXIT_FAILED
-    except KeyboardInterrupt as e:
-        code = _cancelled(e)
     sys.exit(code)
 
 

@@ -126,7 +126,7 @@ class SourceMigration:
                 killed = [MigrationError(text) for text, by_signal in failures if by_signal]
                 # A cancellation is what the user did; else a zstd of ours killed explains the
                 # rest; else the destination's own words; else our zstd's error; else what we saw.
-                cancelled = cancel.of(e) if isinstance(e, KeyboardInterrupt) else None
+                cancelled = e if isinstance(e, cancel.Cancelled) else None
                 reason = cancelled or next(iter(killed), None) or self._destination_error(main.sock) or \
                     next((MigrationError(text) for text, _ in failures), None) or e
                 wire = self._end(streams)
