@@ -87,19 +87,21 @@ def test_a_vm_named_like_a_domid_is_found_by_its_name(hosts):
     assert vms(a) == []
 
 
-@pytest.mark.parametrize("content", [None, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"migration-\xff\xfe = 3\n"],
-                         ids=["missing", "binary", "undecodable"])
-def test_an_unusable_config_file_is_one_line_naming_it(hosts, tmp_path, content):
-    """`--config FILE` that does not exist, or a config that is not text: one line naming the file,
-    before anything is done (no VM created)."""
+@pytest.mark.parametrize("given,content,why", [
+    ("no/such.conf", None, "does not exist"),
+    ("/dev/zero", None, "is larger than 64 KiB"),
+    ("", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not a text file of `key = value` lines"),
+    ("", b"migration-\xff\xfe = 3\n", "is not a text file of `key = value` lines"),
+], ids=["missing", "endless", "binary", "undecodable"])
+def test_an_unusable_config_file_is_one_line_naming_it(hosts, tmp_path, given, content, why):
+    """`--config FILE` that does not exist or never ends, or a host config that is not text: one
+    line naming the file, before anything is done (no VM created)."""
     a = hosts("A")
-    config = tmp_path / "no" / "such.conf"
+    config = tmp_path / given if given else a.root / "xenopsd.conf"     # (the host's own: no --config)
     if content is not None:
-        config = a.root / "xenopsd.conf"                # the host's own, read without --config
         config.write_bytes(content)
-    out = shim(a, *(["--config", str(config)] if content is None else []), "vm-create", "vm1", "--memory", "16M",
+    out = shim(a, *(["--config", str(config)] if given else []), "vm-create", "vm1", "--memory", "16M",
                check=False)
-    why = "does not exist" if content is None else "is not a text file of `key = value` lines"
     assert out.returncode == 2 and out.stderr == f"xenopsd-shim: config file {config} {why}\n", out
     assert out.stdout == "" and list((a.root / "domains").iterdir()) == []
 

@@ -25,6 +25,7 @@ SECRET_NAME = "migration-secret"    # in the host dir: when present, senders mus
 SECRET_ENV = "XENOPSD_MIGRATION_SECRET"
 COMPRESSOR_KEY = "migration-compressor"
 CONFIG_KEYS = (COMPRESSOR_KEY, *Timeouts.keys().values())
+MAX_CONFIG = 64 << 10
 
 
 class ConfigError(ValueError):
@@ -40,15 +41,20 @@ def load_config(path: Path, explicit: bool, log: Logger) -> dict[str, str]:
     config), a file named on the command line may not. An unknown key is warned of, not fatal:
     a misspelt one would otherwise leave its default in force without a word."""
     try:
-        text = path.read_bytes().decode()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG + 1)        # bounded: --config /dev/zero must not eat memory
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist") from None
         return {}
-    except UnicodeDecodeError:
-        text = "\0"
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG >> 10} KiB")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        text = "\0"
     if "\0" in text:
         raise ConfigError(f"config file {path} is not a text file of `key = value` lines")
     conf: dict[str, str] = {}
