@@ -321,3 +321,22 @@ def test_restore_into_running_domain_is_refused(hosts, small_stream, tmp_path):
     assert h.domains()[0]["state"] == "running"
 
 
+
+
+def test_listen_removes_its_socket_on_sigterm(hosts):
+    """Stopped by SIGTERM before any emu-manager came, `xenguest -mode listen` removes its control
+    socket (as on SIGINT) and exits with one line, instead of dying and leaving it in the run dir."""
+    import signal
+    import subprocess
+
+    from conftest import exe
+
+    a = hosts("A")
+    listen = subprocess.Popen([exe("xenguest"), "-mode", "listen", "-domid", "7", "-controloutfd", "2"],
+                              env=a.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert listen.stdout is not None and listen.stdout.readline() == "Ready\n"
+    assert (a.root / "run" / "xenguest-control-7").exists()
+    listen.send_signal(signal.SIGTERM)
+    _, err = listen.communicate(timeout=30)
+    assert listen.returncode == 2 and err.strip().endswith("interrupted") and len(err.splitlines()) == 1, err
+    assert list((a.root / "run").iterdir()) == []

@@ -1,6 +1,7 @@
 """The domain builder: a new domain with its initial memory and context."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from . import context, profiles
@@ -17,9 +18,15 @@ def build(host: Host, name: str, memory_bytes: int, *, image: str = "zero", seed
     parse_spec(workload)
     if vgpu_bytes % PAGE_SIZE:
         raise ValueError(f"vGPU memory {vgpu_bytes} is not a multiple of {PAGE_SIZE}")
-    domain = host.create_domain(name, memory_bytes,
-                                meta={"workload": workload, "vgpu_bytes": vgpu_bytes, **(meta or {})})
+    domain = None
     try:
+        # A SIGINT or SIGTERM waits until `domain` is set, so a cancelled build can destroy it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            domain = host.create_domain(name, memory_bytes,
+                                        meta={"workload": workload, "vgpu_bytes": vgpu_bytes, **(meta or {})})
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         mem = domain.memory
         if image in profiles.PROFILES:
             profiles.fill(mem.pages, image, seed)
@@ -34,6 +41,7 @@ def build(host: Host, name: str, memory_bytes: int, *, image: str = "zero", seed
         if start:
             domain.unpause()
     except BaseException:
-        domain.destroy()
+        if domain is not None:
+            domain.destroy()
         raise
     return domain

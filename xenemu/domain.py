@@ -69,6 +69,17 @@ class Domain:
             self.meta.update(changes)
             _write_json(self.dir / "meta.json", self.meta)
 
+    def mark_outgoing(self, outgoing: bool) -> None:
+        """This process migrates the VM to its own host, whose copy may then share its uuid."""
+        self.update(outgoing_pid=os.getpid() if outgoing else None)
+
+    @property
+    def outgoing(self) -> bool:
+        """Whether a migration to this very host is under way (its process still runs: one that
+        died mid-migration leaves a stale mark, which must not let a second copy in)."""
+        pid = self.meta.get("outgoing_pid")
+        return bool(pid) and psutil.pid_exists(pid)
+
     @property
     def vgpu_bytes(self) -> int:
         return int(self.meta.get("vgpu_bytes") or 0)

@@ -65,9 +65,16 @@ class Host:
         """A new domain in state `building`: memory allocated, not yet running."""
         check_name(name)
         with self._locked():
-            # The same VM (same uuid) may exist twice while it migrates to its own host.
-            if any(d.name == name and d.uuid != uuid and d.state != "dying" for d in self.domains()):
-                raise DomainError(f"a VM named {name!r} already exists on this host")
+            for d in self.domains():
+                if d.state == "dying":
+                    continue
+                if d.name == name and d.uuid != uuid:
+                    raise DomainError(f"a VM named {name!r} already exists on this host")
+                # One uuid runs once per host; only a migration to its own host makes a second
+                # copy, which it destroys when done (or when it fails).
+                if d.uuid == uuid and not d.outgoing:
+                    raise DomainError(f"VM {uuid} already exists on this host, as domain {d.domid} "
+                                      f"({d.name}, {d.state})")
             domid = self._next_domid()
             directory = self.domains_dir / str(domid)
             directory.mkdir(mode=0o700)
@@ -76,7 +83,7 @@ class Host:
                     "workload_pid": None, **(meta or {})}
             try:
                 Domain.initialise(directory, info)
-            except Exception:
+            except BaseException:      # a cancelled create (SIGTERM, SIGINT) leaves nothing either
                 shutil.rmtree(directory, ignore_errors=True)
                 raise
         return Domain(directory)
@@ -98,11 +105,14 @@ class Host:
         return found
 
     def find(self, ref: str) -> Domain:
-        """A domain by name, uuid or domid, as `xl` accepts."""
-        for d in self.domains():
-            if ref in (d.name, d.uuid, str(d.domid)) and d.state != "dying":
-                return d
-        raise DomainError(f"no VM {ref!r} on host {self.root}")
+        """A domain by name, uuid or domid, as `xl` accepts. A name or uuid wins over a domid,
+        so the VM named "14" is never mistaken for domain 14; a number that names no VM is a domid."""
+        live = [d for d in self.domains() if d.state != "dying"]
+        found = next((d for d in live if ref in (d.name, d.uuid)), None) or \
+            next((d for d in live if str(d.domid) == ref), None)
+        if found is None:
+            raise DomainError(f"no VM {ref!r} on host {self.root}")
+        return found
 
     def xenguest_socket(self, domid: int) -> Path:
         path = self.run_dir / f"xenguest-control-{domid}"

@@ -8,6 +8,7 @@ after), reporting MIGRATION events as it goes. Subclasses supply the work.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -57,6 +58,16 @@ class EmpServer:
 
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
+        """Serve one emu-manager; SIGTERM stops it as SIGINT does, through the clean-up that
+        removes the socket (the default SIGTERM death would leave it in the run dir)."""
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self.log.error("interrupted")
+            return 2
+
+    def _run(self) -> int:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.path.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from xenemu.memory import digest_report
 from xenemu.profiles import PROFILES
 from xenemu.units import format_size, parse_rate, parse_size
 
-from . import image, policy, tlstunnel, transport
+from . import cancel, image, policy, tlstunnel, transport
 from .emuctl import EmuManagerError
 from .imagereader import ImageReader
 from .imagewriter import ImageWriter
@@ -34,11 +34,12 @@ class Ctx:
         self.config = policy.config_path(self.host, config)
         os.environ["XENEMU_ROOT"] = str(self.host.root)     # emu-manager and xenguest find the host here
         self.log = Logger(self.host.root / "xenopsd.log", verbose)
+        self.conf = policy.load_config(self.config, explicit=config is not None, log=self.log)
 
     @property
     def timeouts(self) -> Timeouts:
         try:
-            return Timeouts.from_config(policy.read_config(self.config))
+            return Timeouts.from_config(self.conf)
         except TimeoutConfigError as e:
             raise click.ClickException(f"{self.config}: {e}") from None
 
@@ -169,7 +170,7 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
                max_bandwidth: str | None, as_json: bool, secret_file: Path | None, tls_ca: Path | None) -> None:
     """Migrate a running VM to another host."""
     domain = ctx.host.find(name)
-    mode = policy.decide(ctx.host, dest, compress, ctx.config, ctx.log)
+    mode = policy.decide(ctx.host, dest, compress, ctx.conf, ctx.log)
     summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode,
                                       max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None,
                                       secret=policy.read_secret(secret_file) if secret_file
@@ -195,7 +196,7 @@ def vm_suspend(ctx: Ctx, name: str, path: Path, compress: bool) -> None:
     domain = ctx.host.find(name)
     if domain.vgpu_bytes:
         raise click.UsageError("a VM with a vGPU cannot be suspended to a file (its stream needs its own fd)")
-    mode = policy.compressor(ctx.config, ctx.log) if compress else policy.MODE_NONE
+    mode = policy.compressor(ctx.conf, ctx.log) if compress else policy.MODE_NONE
     was_running = domain.state == "running"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     zstd = Zstd(compress=True, far_fd=fd) if mode == policy.MODE_STREAM else None
@@ -246,10 +247,14 @@ def vm_resume(ctx: Ctx, path: Path, name: str | None) -> None:
 
 
 def main() -> None:
+    cancel.install()
     code = 0
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except cancel.Cancelled as e:
+        click.echo(f"xenopsd-shim: cancelled by {e.signame}", err=True)
+        code = e.exit_code
+    except click.exceptions.Abort:          # an end of input at a prompt
         click.echo("xenopsd-shim: interrupted", err=True)
         code = 130
     except click.ClickException as e:
@@ -257,15 +262,12 @@ def main() -> None:
         code = e.exit_code
     except MigrationError as e:
         click.echo(f"xenopsd-shim: {e}", err=True)
-        code = 130 if "aborted by user" in str(e) else EXIT_FAILED
+        code = e.exit_code or EXIT_FAILED
     except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, ZstdError, ValueError,
             tlstunnel.TlsError, OSError) as e:
         text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         click.echo(f"xenopsd-shim: {text}", err=True)
         code = EXIT_FAILED
-    except KeyboardInterrupt:
-        click.echo("xenopsd-shim: interrupted", err=True)
-        code = 130
     sys.exit(code)
 
 

@@ -10,7 +10,6 @@ operator, since running it could make two.
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import ssl
 import time
@@ -20,17 +19,22 @@ from typing import Any, Callable
 from xenemu import Domain, Host
 from xenemu.memory import memory_digest
 
-from . import transport
+from . import cancel, transport
 from .accounting import CpuAccounting
 from .imagewriter import ImageWriter
 from .log import Logger
-from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST
+from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST, is_same_host
 from .timeouts import Timeouts
 from .zstdpipe import Zstd
 
 
 class MigrationError(Exception):
-    """A migration failed; the text is the one line the user sees."""
+    """A migration failed; the text is the one line the user sees, `exit_code` the status
+    (None: the ordinary failure status; a cancelled migration exits as its signal says)."""
+
+    def __init__(self, text: str, exit_code: int | None = None) -> None:
+        super().__init__(text)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class SourceMigration:
             cookies["compress"] = "zstd"          # the receiver decides from this alone
         if self.options.secret:
             cookies[transport.SECRET_COOKIE] = self.options.secret
+        if is_same_host(self.host, self.dest):
+            self.domain.mark_outgoing(True)     # lets this host's receiver restore a copy beside it
         with CpuAccounting() as cpu:
             streams = [Stream("memory", self._connect(transport.MEMORY_PATH, cookies), mode == MODE_STREAM)]
             if self.domain.vgpu_bytes:
@@ -112,17 +118,20 @@ class SourceMigration:
                     stream.finish()
                 remote = self._handshake(main.sock)
             except BaseException as e:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)       # finish cleaning up first
+                cancel.ignore()                                    # finish cleaning up first
                 writer.close()
+                if self.domain.outgoing:
+                    self.domain.mark_outgoing(False)
                 failures = [f for f in (stream.stop() for stream in streams) if f[0]]
                 killed = [MigrationError(text) for text, by_signal in failures if by_signal]
-                # A zstd of ours killed explains the rest; else the destination's own words;
-                # else our zstd's error; else what we saw.
-                reason = next(iter(killed), None) or self._destination_error(main.sock) or \
+                # A cancellation is what the user did; else a zstd of ours killed explains the
+                # rest; else the destination's own words; else our zstd's error; else what we saw.
+                cancelled = e if isinstance(e, cancel.Cancelled) else None
+                reason = cancelled or next(iter(killed), None) or self._destination_error(main.sock) or \
                     next((MigrationError(text) for text, _ in failures), None) or e
                 wire = self._end(streams)
                 if not self._fall_back(was_running, cookies):
-                    raise MigrationError(self._describe(reason)) from None
+                    raise MigrationError(self._describe(reason), cancelled.exit_code if cancelled else None) from None
                 self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason or 'interrupted'}), "
                                  "but the destination reports it running: the migration is complete")
                 remote = {}
@@ -255,6 +264,6 @@ class SourceMigration:
     def _describe(self, e: BaseException) -> str:
         where = f"VM {self.domain.name} left paused on this host ({self.left_paused})" if self.left_paused \
             else f"VM {self.domain.name} keeps running on this host"
-        if isinstance(e, KeyboardInterrupt):
-            return f"migration aborted by user; {where}"
+        if isinstance(e, cancel.Cancelled):
+            return f"migration cancelled by {e.signame}; {where}"
         return f"migration failed: {e}; {where}"

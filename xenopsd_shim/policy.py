@@ -13,6 +13,7 @@ from pathlib import Path
 from xenemu import Host
 
 from .log import Logger
+from .timeouts import Timeouts
 
 MODE_NONE, MODE_STREAM, MODE_XENGUEST = "none", "stream", "xenguest"
 COMPRESSORS = (MODE_STREAM, MODE_XENGUEST)
@@ -22,29 +23,54 @@ POOL_NAME = "pool.json"
 SERVE_ADDRESS = "serve-address"     # in the host's run dir while `serve` runs
 SECRET_NAME = "migration-secret"    # in the host dir: when present, senders must present it
 SECRET_ENV = "XENOPSD_MIGRATION_SECRET"
+COMPRESSOR_KEY = "migration-compressor"
+CONFIG_KEYS = (COMPRESSOR_KEY, *Timeouts.keys().values())
+MAX_CONFIG = 64 << 10
+
+
+class ConfigError(ValueError):
+    """xenopsd.conf cannot be used; the text names the file."""
 
 
 def config_path(host: Host, override: Path | None) -> Path:
     return override if override is not None else host.root / CONFIG_NAME
 
 
-def read_config(path: Path) -> dict[str, str]:
-    """xenopsd.conf: `key = value` lines, `#` comments; a missing file is an empty config."""
+def load_config(path: Path, explicit: bool, log: Logger) -> dict[str, str]:
+    """xenopsd.conf: `key = value` lines, `#` comments. The host's own may be missing (an empty
+    config), a file named on the command line may not. An unknown key is warned of, not fatal:
+    a misspelt one would otherwise leave its default in force without a word."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG + 1)        # bounded: --config /dev/zero must not eat memory
     except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
         return {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG >> 10} KiB")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise ConfigError(f"config file {path} is not a text file of `key = value` lines")
     conf: dict[str, str] = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if "=" in line:
             key, _, value = line.partition("=")
             conf[key.strip()] = value.strip().strip('"')
+    for key in conf:
+        if key not in CONFIG_KEYS:
+            log.warning(f'{path}: unknown key "{key}" ignored (known: {", ".join(CONFIG_KEYS)})')
     return conf
 
 
-def compressor(path: Path, log: Logger) -> str:
-    value = read_config(path).get("migration-compressor", MODE_STREAM)
+def compressor(conf: dict[str, str], log: Logger) -> str:
+    value = conf.get(COMPRESSOR_KEY, MODE_STREAM)
     if value.lower() in COMPRESSORS:
         return value.lower()
     log.warning(f'unknown migration compressor "{value}", using "{MODE_STREAM}"')
@@ -78,11 +104,11 @@ def is_same_host(host: Host, dest: str) -> bool:
         return False
 
 
-def decide(host: Host, dest: str, requested: bool | None, config: Path, log: Logger) -> str:
+def decide(host: Host, dest: str, requested: bool | None, conf: dict[str, str], log: Logger) -> str:
     """The method for one migration: none, stream or xenguest."""
     if requested is None:
         requested = pool_params(host)["migration-compression"] == "true" and not is_same_host(host, dest)
-    return compressor(config, log) if requested else MODE_NONE
+    return compressor(conf, log) if requested else MODE_NONE
 
 
 def read_secret(path: Path) -> str | None:

@@ -28,17 +28,21 @@ class Timeouts:
     vgpu: float = 30.0        # a VM's vGPU connection arriving after its memory one
 
     @classmethod
+    def keys(cls) -> dict[str, str]:
+        """Each timeout's xenopsd.conf key, by field name."""
+        return {f.name: f"migration-{f.name}-timeout" for f in fields(cls)}
+
+    @classmethod
     def from_config(cls, conf: dict[str, str]) -> "Timeouts":
         values: dict[str, float] = {}
-        for f in fields(cls):
-            key = f"migration-{f.name}-timeout"
+        for name, key in cls.keys().items():
             if key not in conf:
                 continue
             try:
-                values[f.name] = float(conf[key])
+                values[name] = float(conf[key])
             except ValueError:
-                values[f.name] = -1.0
-            if not 0 < values[f.name] < 1e6:
+                values[name] = -1.0
+            if not 0 < values[name] < 1e6:
                 raise TimeoutConfigError(f"{key} must be a number of seconds, not {conf[key]!r}")
         return cls(**values)
 
