@@ -20,7 +20,7 @@ import psutil
 
 from . import context as ctxmod
 from . import faults
-from .memory import CTL_DYING, CTL_PAUSED, GuestMemory
+from .memory import CTL_PAUSED, CTL_SIZE, PAGE_SIZE, GuestMemory, mark_dying, open_reserved
 
 STATES = ("building", "paused", "running", "dying")
 VGPU_FILE = "vgpu"
@@ -38,11 +38,15 @@ class Domain:
 
     # -- creation -----------------------------------------------------------
     @staticmethod
+    def space_needed(memory_bytes: int, vgpu_bytes: int) -> int:
+        """The bytes `initialise` reserves: memory, dirty log, control page and vGPU memory."""
+        return memory_bytes + memory_bytes // PAGE_SIZE + CTL_SIZE + vgpu_bytes
+
+    @staticmethod
     def initialise(directory: Path, info: dict[str, Any]) -> None:
         GuestMemory(directory, info["memory_bytes"], create=True).close()
         if info.get("vgpu_bytes"):
-            with open(directory / VGPU_FILE, "wb") as f:
-                f.truncate(int(info["vgpu_bytes"]))
+            os.close(open_reserved(directory / VGPU_FILE, int(info["vgpu_bytes"]), create=True))
         (directory / "ctx").mkdir(mode=0o700)
         _write_json(directory / "meta.json", info)
 
@@ -88,6 +92,7 @@ class Domain:
         """The emulated GPU's memory (its own file: it is not guest RAM and has no dirty log)."""
         if not self.vgpu_bytes:
             raise DomainError(f"domain {self.domid} has no vGPU")
+        os.close(open_reserved(self.dir / VGPU_FILE, self.vgpu_bytes, create=False))   # no SIGBUS on writes
         return np.memmap(self.dir / VGPU_FILE, dtype=np.uint8, mode="r+", shape=(self.vgpu_bytes,))
 
     @property
@@ -153,11 +158,12 @@ class Domain:
             self.update(workload_pid=_spawn_workload(self.dir.parent.parent, self.domid))
 
     def destroy(self) -> None:
-        """Stop the workload and free everything; safe to call twice."""
+        """Stop the workload and free everything; safe to call twice. Nothing here maps or
+        reserves the domain's files: it must work on a full disk, on any domain's leftovers."""
         if not self.dir.exists():
             return
         try:
-            self.memory.set_flag(CTL_DYING, True)
+            mark_dying(self.dir)
         except OSError:
             pass
         _kill(self._workload_process())

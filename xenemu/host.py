@@ -5,6 +5,7 @@ host through `XENEMU_ROOT`, as a real process finds its hypervisor.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .domain import Domain, DomainError
+from .memory import check_size
+from .units import format_size
 
 ROOT_ENV = "XENEMU_ROOT"
 MAX_SOCKET_PATH = 107       # sun_path holds 108 bytes, the last a NUL
@@ -62,8 +65,11 @@ class Host:
 
     def create_domain(self, name: str, memory_bytes: int, *, uuid: str | None = None,
                       meta: dict | None = None) -> Domain:
-        """A new domain in state `building`: memory allocated, not yet running."""
+        """A new domain in state `building`: its space reserved (a full disk is one error now,
+        never a SIGBUS later), not yet running."""
         check_name(name)
+        check_size(memory_bytes)
+        vgpu_bytes = check_size((meta or {}).get("vgpu_bytes") or 0, "vGPU", optional=True)
         with self._locked():
             for d in self.domains():
                 if d.state == "dying":
@@ -75,16 +81,25 @@ class Host:
                 if d.uuid == uuid and not d.outgoing:
                     raise DomainError(f"VM {uuid} already exists on this host, as domain {d.domid} "
                                       f"({d.name}, {d.state})")
-            domid = self._next_domid()
-            directory = self.domains_dir / str(domid)
-            directory.mkdir(mode=0o700)
-            info = {"domid": domid, "uuid": uuid or str(uuidlib.uuid4()), "name": name,
-                    "memory_bytes": memory_bytes, "state": "building", "workload": "none",
-                    "workload_pid": None, **(meta or {})}
+            need, free = Domain.space_needed(memory_bytes, vgpu_bytes), shutil.disk_usage(self.domains_dir).free
+            if need > free:
+                raise DomainError(f"cannot create domain for VM {name!r}: {os.strerror(errno.ENOSPC)} "
+                                  f"({format_size(need)} needed, {format_size(free)} free in {self.root})")
+            made: Path | None = None
             try:
+                domid = self._next_domid()
+                directory = self.domains_dir / str(domid)
+                directory.mkdir(mode=0o700)
+                made = directory
+                info = {"domid": domid, "uuid": uuid or str(uuidlib.uuid4()), "name": name,
+                        "memory_bytes": memory_bytes, "state": "building", "workload": "none",
+                        "workload_pid": None, **(meta or {})}
                 Domain.initialise(directory, info)
-            except BaseException:      # a cancelled create (SIGTERM, SIGINT) leaves nothing either
-                shutil.rmtree(directory, ignore_errors=True)
+            except BaseException as e:      # a cancelled create (SIGTERM, SIGINT) leaves nothing either
+                if made is not None:
+                    shutil.rmtree(made, ignore_errors=True)
+                if isinstance(e, OSError):
+                    raise DomainError(f"cannot create domain for VM {name!r}: {e.strerror or e}") from None
                 raise
         return Domain(directory)
 

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .units import format_size
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
@@ -27,27 +29,79 @@ CTL_DYING = 1
 CTL_SIZE = PAGE_SIZE
 
 
-def _map(path: Path, size: int, create: bool) -> tuple[mmap.mmap, np.ndarray]:
-    flags = os.O_RDWR | (os.O_CREAT if create else 0)
-    fd = os.open(path, flags, 0o600)
+# One limit for every way a domain is made (vm-create, xenemu create, a received Xenops record),
+# so no side accepts a size another refuses.
+MAX_MEMORY = 64 << 30
+
+
+def check_size(nbytes: object, what: str = "memory", *, optional: bool = False) -> int:
+    """A memory (or vGPU) size in bytes, or ValueError: it may come from the wire."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes % PAGE_SIZE or \
+            not (0 if optional else PAGE_SIZE) <= nbytes <= MAX_MEMORY:
+        shown = f"{nbytes} bytes ({format_size(nbytes)})" if isinstance(nbytes, int) else repr(nbytes)
+        raise ValueError(f"invalid {what} size {shown}: a multiple of {PAGE_SIZE} bytes, "
+                         f"at most {format_size(MAX_MEMORY)}")
+    return nbytes
+
+
+def open_reserved(path: Path, size: int, create: bool) -> int:
+    """An fd on a file of `size` bytes whose blocks are all allocated.
+
+    A write through a mapping of a sparse file on a full filesystem is a SIGBUS that kills
+    the writer; reserving the blocks turns it into ENOSPC here, before any byte is written.
+    An existing sparse file (a domain made before this) is reserved on first open."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
     try:
+        st = os.fstat(fd)
         if create:
             os.ftruncate(fd, size)
-        elif os.fstat(fd).st_size != size:
-            raise OSError(f"{path}: size {os.fstat(fd).st_size}, expected {size}")
+        elif st.st_size != size:
+            raise OSError(f"{path}: size {st.st_size}, expected {size}")
+        if create or st.st_blocks * 512 < size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(path)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _map(path: Path, size: int, create: bool) -> tuple[mmap.mmap, np.ndarray]:
+    fd = open_reserved(path, size, create)
+    try:
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     return mm, np.frombuffer(mm, dtype=np.uint8)
 
 
+def _write_flag(fd: int, offset: int, value: bool) -> None:
+    """By write(2) under the domain's lock, not through the mapping: on a full disk a control
+    page that was never written is ENOSPC here, where a store to the mapping is a SIGBUS."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        os.pwrite(fd, b"\x01" if value else b"\x00", offset)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def mark_dying(directory: Path) -> None:
+    """Tell a domain's workload to stop, without mapping (or reserving) any of its files:
+    destroy must work on any domain, even a sparse one left by an older version on a full disk."""
+    fd = os.open(directory / "ctl", os.O_RDWR)
+    try:
+        _write_flag(fd, CTL_DYING, True)
+    finally:
+        os.close(fd)
+
+
 class GuestMemory:
     """Memory frames, a byte-per-pfn dirty log and the control page of one domain."""
 
     def __init__(self, directory: Path, memory_bytes: int, create: bool = False) -> None:
-        if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
-            raise ValueError(f"memory size {memory_bytes} is not a positive multiple of {PAGE_SIZE}")
-        self.npages = memory_bytes // PAGE_SIZE
+        self.npages = check_size(memory_bytes) // PAGE_SIZE
         self._mm_mem, flat = _map(directory / "memory", memory_bytes, create)
         self.pages = flat.reshape(self.npages, PAGE_SIZE)
         self._mm_dirty, self.dirty = _map(directory / "dirty", self.npages, create)
@@ -80,8 +134,7 @@ class GuestMemory:
         return bool(self.ctl[CTL_PAUSED])
 
     def set_flag(self, offset: int, value: bool) -> None:
-        with self.locked():
-            self.ctl[offset] = 1 if value else 0
+        _write_flag(self._lock_fd, offset, value)
 
     def peek_and_clean(self) -> np.ndarray:
         """The pfns written since the last clean, as a sorted uint64 array."""

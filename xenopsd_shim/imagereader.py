@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from emu_manager import control as ctl
 from xenemu import Domain, DomainError, Host, check_name
+from xenemu.memory import check_size
 from xenemu.workload import parse_spec
 from xenguest.fdio import Reader, Truncated
 
@@ -19,7 +20,6 @@ from . import image
 from .emuctl import EmuManager, EmuManagerError
 from .log import Logger
 
-MAX_MEMORY = 64 << 30
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 STORE_PORT, CONSOLE_PORT = 1, 2
 
@@ -45,11 +45,12 @@ def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, A
     check_name(name)
     if not valid_uuid(rec.get("uuid")):
         raise image.ImageError("Xenops record has an invalid uuid")
-    if not isinstance(mem, int) or not 0 < mem <= MAX_MEMORY or mem % 4096:
-        raise image.ImageError(f"Xenops record has an invalid memory size {mem!r}")
     vgpu = rec.get("vgpu_bytes", 0)
-    if not isinstance(vgpu, int) or not 0 <= vgpu <= MAX_MEMORY or vgpu % 4096:
-        raise image.ImageError(f"Xenops record has an invalid vGPU size {vgpu!r}")
+    try:
+        check_size(mem)
+        check_size(vgpu, "vGPU", optional=True)
+    except ValueError as e:
+        raise image.ImageError(f"Xenops record has an {e}") from None
     workload = rec.get("workload", "none")
     if not isinstance(workload, str):
         raise image.ImageError("Xenops record has an invalid workload")
