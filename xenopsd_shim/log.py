@@ -21,8 +21,11 @@ class Logger:
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.tag} {level}: {text}\n"
         with self._lock:
             if self.path is not None:
-                with open(self.path, "a") as f:
-                    f.write(line)
+                try:
+                    with open(self.path, "a") as f:
+                        f.write(line)
+                except OSError:
+                    pass    # a full disk: the command (or `serve`) goes on, and says so itself
             if to_stderr:
                 sys.stderr.write(line)
                 sys.stderr.flush()
