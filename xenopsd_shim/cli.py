@@ -210,12 +210,15 @@ def vm_suspend(ctx: Ctx, name: str, path: Path, compress: bool) -> None:
         os.fsync(fd)
     except BaseException:
         writer.close()
+        failure = zstd.settle() if zstd is not None else None
         if zstd is not None:
             zstd.stop()
         os.close(fd)
         path.unlink(missing_ok=True)
         if was_running and domain.state == "paused":
             domain.unpause()
+        if failure:
+            raise ZstdError(failure) from None
         raise
     os.close(fd)
     domain.destroy()

@@ -83,6 +83,18 @@ class Zstd:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         return f"{self.name} {how}" + (f": {detail[-1]}" if detail else "")
 
+    def settle(self, timeout: float = EXIT_TIMEOUT) -> str | None:
+        """A compressor, after its writer failed: why zstd failed first, if it did (a full disk
+        under it is the cause, the writer's EPIPE only its echo). The writer can see EPIPE before
+        zstd can be reaped, so our end is closed and zstd waited for; a healthy one exits 0."""
+        assert self.compress
+        self.close_fd()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.failure()
+
     def finish(self) -> None:
         """The stream is complete: let zstd see the end of it and exit; it must exit 0."""
         if self.compress:
