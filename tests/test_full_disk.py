@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 from conftest import HostDir, Receiver
+from xenopsd_shim import image
 
 NO_SPACE = os.strerror(errno.ENOSPC)
 SIGBUS_CODES = (128 + 7, -7)
@@ -159,7 +160,9 @@ def test_old_sparse_half_made_domain_on_a_full_disk(tmpfs, hosts, receiver, tmp_
     assert len(list((disk / "domains").iterdir())) == 1
 
 
-def test_vm_create_on_a_full_disk_and_past_the_limit(tmpfs, hosts):
+def test_vm_create_on_a_full_disk_and_past_the_limit(tmpfs, hosts, tmp_path):
+    """Too big for the disk, or for the one limit that vm-create, xenemu create and a received
+    Xenops record share."""
     disk = tmpfs("A", "64m")
     a = hosts("A")
     err = one_line_error(shim(a, "vm-create", "vm1", "--memory", "128M", check=False))
@@ -168,6 +171,10 @@ def test_vm_create_on_a_full_disk_and_past_the_limit(tmpfs, hosts):
                        (["xenemu", "create", "vm1", "--memory", "65G"], 1)):
         err = one_line_error(a.run(*argv, check=False), code=code)
         assert "invalid memory size" in err and "at most 64.0 GiB" in err, err
+    record = json.dumps({"name": "vm1", "uuid": str(uuidlib.uuid4()), "memory_bytes": 2 ** 1000}).encode()
+    (tmp_path / "huge.img").write_bytes(image.SIGNATURE + image.build_header(image.XENOPS, len(record)) + record)
+    err = one_line_error(shim(a, "vm-resume", str(tmp_path / "huge.img"), check=False))
+    assert "Xenops record has an invalid memory size" in err and "at most 64.0 GiB" in err, err
     assert list((disk / "domains").iterdir()) == []
     shim(a, "vm-create", "vm1", "--memory", "32M")
     assert [v["state"] for v in vms(a)] == ["running"]

@@ -36,9 +36,10 @@ MAX_MEMORY = 64 << 30
 
 def check_size(nbytes: object, what: str = "memory", *, optional: bool = False) -> int:
     """A memory (or vGPU) size in bytes, or ValueError: it may come from the wire."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes % PAGE_SIZE or \
-            not (0 if optional else PAGE_SIZE) <= nbytes <= MAX_MEMORY:
-        shown = f"{nbytes} bytes ({format_size(nbytes)})" if isinstance(nbytes, int) else repr(nbytes)
+    if type(nbytes) is not int or nbytes % PAGE_SIZE or not (0 if optional else PAGE_SIZE) <= nbytes <= MAX_MEMORY:
+        shown = repr(nbytes) if len(repr(nbytes)) <= 40 else repr(nbytes)[:37] + "..."
+        if type(nbytes) is int and 0 < nbytes < 1 << 60:
+            shown += f" bytes ({format_size(nbytes)})"
         raise ValueError(f"invalid {what} size {shown}: a multiple of {PAGE_SIZE} bytes, "
                          f"at most {format_size(MAX_MEMORY)}")
     return nbytes
