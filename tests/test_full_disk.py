@@ -137,6 +137,9 @@ def test_old_sparse_half_made_domain_on_a_full_disk(tmpfs, hosts, receiver, tmp_
     a, b = hosts("A"), hosts("B")
     old_half_made_domain(b, 1, "old1", 128 << 20)
     old_half_made_domain(b, 2, "old2", 128 << 20)
+    unfinished = disk / "domains" / "3"                # its creator was killed before meta.json
+    unfinished.mkdir()
+    (unfinished / "memory").write_bytes(b"\xff" * (8 << 20))
     filler = fill(disk)
     shim(a, "vm-create", "vm1", "--memory", "16M")
     shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
@@ -157,6 +160,7 @@ def test_old_sparse_half_made_domain_on_a_full_disk(tmpfs, hosts, receiver, tmp_
     filler.unlink()
     assert_serves_a_vm_that_fits(a, b, r)
     assert "destroying domain 2 (VM old2), left half-restored" in r.log
+    assert f"removed {unfinished}, a domain whose creation never finished" in r.log
     assert len(list((disk / "domains").iterdir())) == 1
 
 

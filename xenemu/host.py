@@ -103,6 +103,16 @@ class Host:
                 raise
         return Domain(directory)
 
+    def discard_unfinished(self) -> list[Path]:
+        """Remove domain directories without meta.json: their creator was killed while it held
+        the host lock (meta.json is written last, under it), so no command sees them, and their
+        reserved space would stay taken for ever. What was removed, for the log."""
+        with self._locked():
+            gone = [d for d in self.domains_dir.iterdir() if d.name.isdigit() and not (d / "meta.json").exists()]
+            for directory in gone:
+                shutil.rmtree(directory, ignore_errors=True)
+        return gone
+
     def domain(self, domid: int) -> Domain:
         directory = self.domains_dir / str(int(domid))
         if not (directory / "meta.json").exists():

@@ -46,7 +46,10 @@ class Receiver:
 
     def _discard_half_restored(self) -> None:
         """Domains still `building` were being restored by a receiver that died: nothing of
-        them ever ran and their source kept the VM, so they go (as xenopsd cleans up on start)."""
+        them ever ran and their source kept the VM, so they go (as xenopsd cleans up on start),
+        with any whose creation was cut short."""
+        for directory in self.host.discard_unfinished():
+            self.log.warning(f"removed {directory}, a domain whose creation never finished")
         for domain in self.host.domains():
             if domain.state == "building":
                 self.log.warning(f"destroying domain {domain.domid} (VM {domain.name}), "
