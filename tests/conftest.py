@@ -127,10 +127,12 @@ def hosts(tmp_path: Path) -> Iterator[callable]:
 class Receiver:
     """A `xenopsd-shim serve` process on a host, on an ephemeral loopback port."""
 
-    def __init__(self, host: HostDir, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, host: HostDir, *extra: str, env: dict[str, str] | None = None,
+                 listen: str = "127.0.0.1:0", preexec_fn=None) -> None:
         self.host = host
-        self.proc = subprocess.Popen([exe("xenopsd-shim"), "-v", "serve", "--listen", "127.0.0.1:0", *extra],
-                                     env={**host.env, **(env or {})}, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([exe("xenopsd-shim"), "-v", "serve", "--listen", listen, *extra],
+                                     env={**host.env, **(env or {})}, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=preexec_fn)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline()
         assert line.startswith("listening on "), line
@@ -157,8 +159,8 @@ class Receiver:
 def receiver() -> Iterator[callable]:
     started: list[Receiver] = []
 
-    def start(host: HostDir, *extra: str, env: dict[str, str] | None = None) -> Receiver:
-        r = Receiver(host, *extra, env=env)
+    def start(host: HostDir, *extra: str, env: dict[str, str] | None = None, **kw) -> Receiver:
+        r = Receiver(host, *extra, env=env, **kw)
         started.append(r)
         return r
 

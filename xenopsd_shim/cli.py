@@ -21,7 +21,7 @@ from .imagereader import ImageReader
 from .imagewriter import ImageWriter
 from .log import Logger
 from .migrate import MigrationError, Options, SourceMigration
-from .receiver import Receiver
+from .receiver import Receiver, ReceiverError
 from .timeouts import TimeoutConfigError, Timeouts
 from .zstdpipe import ZSTD_MAGIC, Zstd, ZstdError
 
@@ -135,8 +135,9 @@ def vm_digest(ctx: Ctx, name: str, pages: bool) -> None:
 
 @cli.command()
 @click.option("--listen", default="127.0.0.1:8090", show_default=True, help="HOST:PORT to accept migrations on")
-@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="require this secret of senders (default: ROOT/migration-secret, if it exists)")
+@click.option("--secret-file", type=click.Path(path_type=Path), default=None,
+              help="require this secret of senders; it must exist and be readable "
+                   "(default: ROOT/migration-secret, if it exists)")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="accept only TLS, with this certificate (PEM)")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -149,7 +150,7 @@ def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None
     tls = tlstunnel.server_context(tls_cert, tls_key) if tls_cert and tls_key else None
     receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file),
                         timeouts=ctx.timeouts, tls=tls)
-    click.echo(f"listening on {receiver.address[0]}:{receiver.address[1]}", err=True)
+    click.echo(f"listening on {receiver.address}", err=True)
     receiver.serve_forever()
 
 
@@ -267,7 +268,7 @@ def main() -> None:
         click.echo(f"xenopsd-shim: {e}", err=True)
         code = e.exit_code or EXIT_FAILED
     except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, ZstdError, ValueError,
-            tlstunnel.TlsError, OSError) as e:
+            tlstunnel.TlsError, ReceiverError, OSError) as e:
         text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         click.echo(f"xenopsd-shim: {text}", err=True)
         code = EXIT_FAILED

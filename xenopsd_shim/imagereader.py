@@ -63,8 +63,10 @@ def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, A
 
 class ImageReader:
     def __init__(self, host: Host, fd: int, *, log: Logger, name: str | None = None,
-                 vgpu_fd: Callable[[], int] | None = None) -> None:
+                 vgpu_fd: Callable[[], int] | None = None, uuid: str | None = None) -> None:
+        """`uuid`: the VM the stream must carry (the one a request named), when it is known."""
         self.host = host
+        self.uuid = uuid
         self.reader = Reader(fd)
         self.fd = fd
         self.get_vgpu_fd = vgpu_fd
@@ -119,6 +121,8 @@ class ImageReader:
         return self.domain
 
     def _create(self, rec: dict[str, Any]) -> None:
+        if self.uuid is not None and rec["uuid"] != self.uuid:
+            raise image.ImageError(f"the stream carries VM {rec['uuid']}, not VM {self.uuid} as its request says")
         extra = ["-store_port", str(STORE_PORT), "-console_port", str(CONSOLE_PORT)]
         if rec["vgpu_bytes"]:
             if self.get_vgpu_fd is None:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 from xenemu import Host
@@ -111,16 +112,26 @@ def decide(host: Host, dest: str, requested: bool | None, conf: dict[str, str], 
     return compressor(conf, log) if requested else MODE_NONE
 
 
-def read_secret(path: Path) -> str | None:
-    """A migration secret from a file (first line), or None when the file does not exist."""
+def read_secret(path: Path, required: bool = True) -> str | None:
+    """A migration secret from a file (first line). A file that is missing (unless not
+    `required`), empty or unreadable is an error: a secret named must never be silently off."""
     try:
-        secret = path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ValueError(f"migration secret file {path} is not a regular file")
+        text = path.read_text()
     except FileNotFoundError:
-        return None
+        if not required:
+            return None
+        raise ValueError(f"migration secret file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read migration secret file {path}: {getattr(e, 'strerror', None) or e}") from None
+    secret = text.splitlines()[0].strip() if text.strip() else ""
     if not secret:
         raise ValueError(f"migration secret file {path} is empty")
     return secret
 
 
 def receiver_secret(host: Host, override: Path | None) -> str | None:
-    return read_secret(override if override is not None else host.root / SECRET_NAME)
+    """The secret `serve` requires: a file named is required, the host's own only if present."""
+    return read_secret(override, required=True) if override is not None \
+        else read_secret(host.root / SECRET_NAME, required=False)

@@ -6,8 +6,11 @@ source commits, so the source can fall back at every earlier step.
 """
 from __future__ import annotations
 
+import fcntl
 import hmac
+import ipaddress
 import json
+import os
 import select
 import signal
 import socket
@@ -23,9 +26,26 @@ from . import tlstunnel, transport
 from .accounting import CpuAccounting
 from .imagereader import ImageReader, valid_uuid
 from .log import Logger
-from .policy import SERVE_ADDRESS
+from .policy import SECRET_NAME, SERVE_ADDRESS
 from .timeouts import Timeouts
 from .zstdpipe import Zstd, ZstdError
+
+
+class ReceiverError(Exception):
+    """`serve` cannot start; the text is the one line the user sees."""
+
+
+def claim_host(host: Host) -> int:
+    """Lock the host directory itself (flock on its fd, kept open) for this `serve`'s lifetime:
+    a second one would destroy the first's half-restored domains and remove its address file.
+    The directory, not a file in it: nothing is left behind and nothing can unlink the lock."""
+    fd = os.open(host.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ReceiverError(f"another serve already runs on host directory {host.root}") from None
+    return fd
 
 
 class Receiver:
@@ -37,8 +57,14 @@ class Receiver:
         self.log = log
         self.secret = secret
         addr, port = transport.parse_address(listen, listening=True)
-        self.listener = socket.create_server((addr, port), reuse_port=False)
-        self.address = self.listener.getsockname()
+        self.lock_fd = claim_host(host)
+        try:
+            self.listener = socket.create_server((addr, port),
+                                                 family=socket.AF_INET6 if ":" in addr else socket.AF_INET)
+        except OSError as e:
+            os.close(self.lock_fd)
+            raise ReceiverError(f"cannot listen on {listen}: {e.strerror or e}") from None
+        self.address = transport.format_address(*self.listener.getsockname()[:2])
         self.stopping = threading.Event()
         self.active: dict[threading.Thread, IncomingMigration] = {}
         self._lock = threading.Lock()
@@ -56,13 +82,21 @@ class Receiver:
                                  "left half-restored by an earlier receiver")
                 domain.destroy()
 
+    def _warn_if_open(self) -> None:
+        """Without a secret anyone who reaches the port can migrate a VM in: fine on loopback only."""
+        host = self.address.rpartition(":")[0].strip("[]")
+        if self.secret is None and not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            self.log.warning(f"listening on {self.address} without a migration secret: anyone who can reach "
+                             f"it can migrate a VM here (give {self.host.root / SECRET_NAME} or --secret-file)")
+
     def serve_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self._discard_half_restored()
-        self.log.info(f"listening on {self.address[0]}:{self.address[1]}")
+        self.log.info(f"listening on {self.address}")
+        self._warn_if_open()
         marker = self.host.run_dir / SERVE_ADDRESS        # lets a migration see it targets its own host
-        marker.write_text(f"{self.address[0]}:{self.address[1]}\n")
+        marker.write_text(f"{self.address}\n")
         try:
             while not self.stopping.is_set():
                 ready, _, _ = select.select([self.listener], [], [], 0.2)
@@ -107,6 +141,10 @@ class Receiver:
                     return
                 self.timeouts.arm(incoming.conn)
             incoming.run()
+        except transport.TransportError as e:
+            incoming.log.warning(str(e))
+        except OSError as e:
+            incoming.log.warning(f"connection lost: {e.strerror or e}")
         finally:
             incoming.conn.close()
             with self._lock:
@@ -164,6 +202,11 @@ class IncomingMigration:
             how = "a wrong" if transport.SECRET_COOKIE in request.cookies else "no"
             self.log.warning(f"refused {request.method} {request.path[:80]}: {how} migration secret")
             return
+        if request.method == "PUT" and request.path.startswith((transport.VGPU_PATH, transport.MEMORY_PATH)) \
+                and not valid_uuid(request.vm_uuid):
+            transport.send_status(self.conn, 400, "Bad Request")
+            self.log.warning(f"refused {request.method} {request.path[:80]}: not a VM uuid")
+            return
         if request.method == "PUT" and request.path.startswith(transport.VGPU_PATH):
             transport.send_status(self.conn, 200, "OK")
             self.vgpu_streams.park(request.vm_uuid, self.conn, request.cookies)
@@ -216,7 +259,7 @@ class IncomingMigration:
             self._fail(str(e))
             return
         reader = ImageReader(self.host, zstd.fd if zstd else self.conn.fileno(), log=self.log,
-                             vgpu_fd=lambda: self._vgpu_fd(request))
+                             vgpu_fd=lambda: self._vgpu_fd(request), uuid=request.vm_uuid)
         roots = lambda: [*reader.emu_pids, *(z.pid for z in (zstd, self.vgpu_zstd) if z)]  # noqa: E731
         with CpuAccounting(roots=roots) as cpu:
             domain = None

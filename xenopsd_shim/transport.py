@@ -58,6 +58,11 @@ def parse_address(text: str, listening: bool = False) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def format_address(host: str, port: int) -> str:
+    """HOST:PORT as parse_address reads it back: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _read_until(sock: socket.socket, terminator: bytes, limit: int, timeout: float | None, what: str) -> bytes:
     """Consume bytes up to and including `terminator`, and not one more.
 
@@ -119,7 +124,7 @@ def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeout
             raise TransportError(f"{dest}: {e}") from None
         timeouts.arm(sock)
     cookie = "; ".join(f"{k}={quote(v)}" for k, v in cookies.items())
-    head = (f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    head = (f"{method} {path} HTTP/1.1\r\nHost: {format_address(host, port)}\r\n"
             + (f"Cookie: {cookie}\r\n" if cookie else "") + "Connection: close\r\n\r\n")
     try:
         sock.sendall(head.encode())
@@ -164,13 +169,18 @@ def read_request(sock: socket.socket, timeout: float) -> Request:
 
 
 def send_status(sock: socket.socket, code: int, reason: str) -> None:
-    sock.sendall(f"HTTP/1.1 {code} {reason}\r\nConnection: close\r\n\r\n".encode())
+    _send(sock, f"HTTP/1.1 {code} {reason}\r\nConnection: close\r\n\r\n".encode())
 
 
 # Handshake lines -----------------------------------------------------------------
 def send_line(sock: socket.socket, line: str) -> None:
+    _send(sock, line.encode() + b"\n")
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    """A peer gone is a TransportError, as on the reading side."""
     try:
-        sock.sendall(line.encode() + b"\n")
+        sock.sendall(data)
     except OSError as e:
         raise TransportError(f"connection lost: {e.strerror or e}") from None
 
