@@ -116,7 +116,8 @@ def test_unknown_config_keys_are_warned_of_by_name(hosts):
     [warning] = create.stderr.splitlines()
     assert warning.endswith(f'warning: {config}: unknown key "migration-stall-timout" ignored (known: '
                             "migration-compressor, migration-connect-timeout, migration-request-timeout, "
-                            "migration-stall-timeout, migration-handshake-timeout, migration-vgpu-timeout)"), create
+                            "migration-stall-timeout, migration-handshake-timeout, migration-vgpu-timeout, "
+                            "migration-max-connections)"), create
     out = shim(a, "vm-migrate", "vm1", "--dest", "127.0.0.1:9", check=False)
     [again, error] = out.stderr.splitlines()
     assert out.returncode != 0 and again.split(" ", 1)[1] == warning.split(" ", 1)[1]   # timestamp aside

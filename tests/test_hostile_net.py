@@ -1,21 +1,26 @@
-"""`serve` against hostile peers, and authentication that cannot be off by accident.
+"""`serve` against hostile connections, and authentication that cannot be off by accident.
 
-A peer that resets, a second `serve` on the same host directory, a request whose
-path names another VM, secret files that are missing, empty or unreadable, a
-listener on every address, IPv6. A legitimate migration still succeeds page-exact
-(`--verify`), and SIGTERM ends the receiver with 0.
+Floods of idle connections (under a low fd limit, and past it), parked vGPU
+requests, a peer that resets, a second `serve` on the same host directory, a
+request whose path names another VM, secret files that are missing, empty or
+unreadable, a listener on every address, IPv6. In each, a legitimate migration
+still succeeds page-exact (`--verify`), the receiver's fds and threads come back
+to where they were, and SIGTERM ends it with 0.
 """
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid as uuidlib
 from typing import Iterator
 
+import psutil
 import pytest
 
 from conftest import HostDir, Receiver, exe
@@ -24,16 +29,93 @@ from test_faults import shim, vms, wait_for
 SECRET = "s3cret-of-B"
 SETTLE = 30.0       # bound on waits for the receiver to catch up (never an assertion on speed)
 
+
+def low_fd_limit(n: int):  # type: ignore[no-untyped-def]
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def usage(r: Receiver) -> tuple[int, int]:
+    """The receiver's (fds, threads)."""
+    proc = psutil.Process(r.proc.pid)
+    return proc.num_fds(), proc.num_threads()
+
+
+class Peak:
+    """The receiver's highest fd and thread counts while it runs, sampled in the background."""
+
+    def __init__(self, r: Receiver) -> None:
+        self.r = r
+        self.fds, self.threads = usage(r)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            try:
+                fds, threads = usage(self.r)
+            except psutil.Error:
+                return
+            self.fds, self.threads = max(self.fds, fds), max(self.threads, threads)
+
+    def stop(self) -> tuple[int, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.fds, self.threads
+
+
 def connect(address: str) -> socket.socket:
     host, _, port = address.rpartition(":")
     return socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+
+
+def flood(address: str, count: int, first: bytes = b"") -> list[socket.socket]:
+    """`count` connections that say nothing (or only `first`, never a whole request)."""
+    socks = []
+    for _ in range(count):
+        s = connect(address)
+        if first:
+            try:
+                s.send(first)
+            except OSError:
+                pass          # closed by the receiver already: it may shed connections
+        socks.append(s)
+    return socks
+
+
+def put(address: str, path: str, secret: str | None = SECRET) -> tuple[socket.socket, str]:
+    """A request, by hand; the socket and the receiver's status line."""
+    s = connect(address)
+    cookie = f"Cookie: secret={secret}\r\n" if secret else ""
+    s.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\n{cookie}\r\n".encode())
+    status = b""
+    while not status.endswith(b"\r\n\r\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        status += chunk
+    return s, status.decode().split("\r\n", 1)[0]
+
+
+def vgpu_path(vm_uuid: str) -> str:
+    return f"/services/xenops/migrate-vgpu/{vm_uuid}"
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        s.close()
 
 
 def migrate(a: HostDir, r: Receiver, name: str, secret: str | None = SECRET) -> None:
     """A legitimate live migration, every page checked by the destination."""
     env = {**a.env, "XENOPSD_MIGRATION_SECRET": secret} if secret else a.env
     shim(a, "vm-migrate", name, "--dest", r.address, "--verify", env=env)
-    assert vms(a) == []
+    assert name not in [v["name"] for v in vms(a)]
+
+
+def back_to(r: Receiver, base: tuple[int, int]) -> None:
+    wait_for(lambda: usage(r)[0] <= base[0] and usage(r)[1] <= base[1], SETTLE,
+             f"the receiver's fds and threads to return to {base} (now {usage(r)})")
 
 
 def stop_promptly(r: Receiver) -> float:
@@ -44,11 +126,124 @@ def stop_promptly(r: Receiver) -> float:
     return time.monotonic() - t0
 
 
+def configure(host: HostDir, **keys: object) -> None:
+    host.root.joinpath("xenopsd.conf").write_text("".join(f"migration-{k.replace('_', '-')} = {v}\n"
+                                                          for k, v in keys.items()))
+
+
 @pytest.fixture
 def ab(hosts) -> Iterator[tuple[HostDir, HostDir]]:
     a, b = hosts("A"), hosts("B")
     (b.root / "migration-secret").write_text(SECRET + "\n")
     yield a, b
+
+
+def test_idle_flood_under_a_low_fd_limit(ab, receiver):
+    """250 silent connections under `ulimit -n 200`: the receiver holds a bounded number
+    (1/4 of its fds), the oldest silent ones make room, a migration still gets in."""
+    a, b = ab
+    configure(b, request_timeout=3)
+    r = receiver(b, preexec_fn=low_fd_limit(200))
+    shim(a, "vm-create", "vm1", "--memory", "16M")
+    base = usage(r)
+    peak = Peak(r)
+    idle = flood(r.address, 250)
+    try:
+        assert r.proc.poll() is None, r.log[-2000:]
+        migrate(a, r, "vm1")
+        fds, threads = peak.stop()
+        assert fds - base[0] <= 200 // 4 + 20, (base, fds)     # the bound, plus one migration's own
+        back_to(r, base)
+    finally:
+        close_all(idle)
+    assert [v["state"] for v in vms(b)] == ["running"]
+    log = r.log
+    assert "closing the oldest silent connections to make room (at the bound of 50" in log
+    assert "sent no request within 3 s" in log
+    assert log.count("closing the oldest silent connections to make room (") <= 2, log[-2000:]  # one a burst
+    stop_promptly(r)
+
+
+def test_accept_survives_running_out_of_fds(ab, receiver):
+    """accept() failing with EMFILE, every fd held by a connection that sent a byte (none
+    silent to close instead): logged once, the excess accepted and closed with a spare fd,
+    and the receiver serves again once the fds are back."""
+    a, b = ab
+    configure(b, request_timeout=4)
+    r = receiver(b)
+    shim(a, "vm-create", "vm1", "--memory", "16M")
+    base = usage(r)
+    proc = psutil.Process(r.proc.pid)
+    limits = proc.rlimit(resource.RLIMIT_NOFILE)
+    slow = flood(r.address, 10, first=b"P")
+    excess: list[socket.socket] = []
+    try:
+        wait_for(lambda: usage(r)[1] == base[1] + 10, SETTLE, "a thread for each partial request")
+        proc.rlimit(resource.RLIMIT_NOFILE, (usage(r)[0], limits[1]))     # not one fd more
+        excess = flood(r.address, 20)
+        wait_for(lambda: "out of file descriptors in accept()" in r.log, SETTLE, "EMFILE in accept()")
+        assert r.proc.poll() is None, r.log[-2000:]
+        back_to(r, base)             # the partial requests time out
+    finally:
+        close_all(slow + excess)
+        proc.rlimit(resource.RLIMIT_NOFILE, limits)
+    migrate(a, r, "vm1")
+    back_to(r, base)
+    assert 1 <= r.log.count("out of file descriptors in accept(): closing new connections at once (") <= 3
+    assert "Traceback" not in r.log
+    stop_promptly(r)
+
+
+def test_parked_vgpu_connections_are_bounded(ab, receiver):
+    """vGPU PUTs: authenticated before anything is held, one per VM, a few at once,
+    dropped when their peer hangs up or nothing takes them in the vGPU timeout."""
+    a, b = ab
+    configure(b, max_connections=16, vgpu_timeout=3)            # up to 16 / 2 parked at once
+    r = receiver(b)
+    shim(a, "vm-create", "vm1", "--memory", "16M", "--vgpu", "8M")
+    base = usage(r)
+    nosecret, status = put(r.address, vgpu_path(str(uuidlib.uuid4())), secret=None)
+    assert status == "HTTP/1.1 403 Forbidden" and nosecret.recv(1) == b""
+    badpath, status = put(r.address, vgpu_path("../../etc"))
+    assert status == "HTTP/1.1 400 Bad Request"
+    uuids = [str(uuidlib.uuid4()) for _ in range(8)]
+    parked = [put(r.address, vgpu_path(u)) for u in uuids]
+    assert [status for _, status in parked] == ["HTTP/1.1 200 OK"] * 8
+    over, status = put(r.address, vgpu_path(str(uuidlib.uuid4())))
+    assert status == "HTTP/1.1 503 Service Unavailable"
+    twice, status = put(r.address, vgpu_path(uuids[0]))
+    assert status == "HTTP/1.1 409 Conflict"
+    close_all([nosecret, badpath, over, twice])
+    close_all([s for s, _ in parked[:4]])
+    wait_for(lambda: r.log.count("its peer closed the connection") == 4, SETTLE, "hung-up vGPU streams dropped")
+    migrate(a, r, "vm1")                                        # its own vGPU connection finds room
+    wait_for(lambda: r.log.count("took it within 3 s") == 4, SETTLE, "unmatched vGPU streams dropped")
+    close_all([s for s, _ in parked[4:]])
+    back_to(r, base)
+    assert [v["state"] for v in vms(b)] == ["running"]
+    assert "refused PUT /services/xenops/migrate-vgpu/" in r.log and "no migration secret" in r.log
+    stop_promptly(r)
+
+
+def test_a_bad_connection_bound_is_one_line(hosts):
+    b = hosts("B")
+    configure(b, max_connections="lots")
+    proc = b.run("xenopsd-shim", "serve", "--listen", "127.0.0.1:0", check=False, timeout=30)
+    assert proc.returncode == 1 and proc.stderr == (f"Error: {b.root / 'xenopsd.conf'}: migration-max-connections "
+                                                    "must be a positive whole number, not 'lots'\n"), proc.stderr
+
+
+def test_sigterm_is_prompt_with_parked_vgpu_connections(ab, receiver):
+    a, b = ab
+    r = receiver(b)
+    parked = [put(r.address, vgpu_path(str(uuidlib.uuid4()))) for _ in range(32)]   # the default's 64 / 2
+    try:
+        assert {status for _, status in parked} == {"HTTP/1.1 200 OK"}
+        seconds = stop_promptly(r)
+    finally:
+        close_all([s for s, _ in parked])
+    print(f"SIGTERM with 32 parked vGPU connections: exit 0 after {seconds:.2f} s")
+    assert "shutting down" in r.log
 
 
 def test_a_peer_that_resets_is_one_line(ab, receiver):
@@ -168,3 +363,48 @@ def test_second_serve_on_the_same_host_is_refused(ab, receiver):
         if mig.stderr:
             mig.stderr.close()
     assert vms(a) == [] and [v["state"] for v in vms(b)] == ["running"]
+
+
+def timed_migration(a: HostDir, r: Receiver, name: str) -> float:
+    t0 = time.monotonic()
+    migrate(a, r, name)
+    return time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_measure_idle_and_vgpu_floods(ab, receiver):
+    """The figures of issue 10: the receiver's peak fds and threads under 1000 idle connections
+    and under 500 authenticated vGPU PUTs, and a legitimate migration's time during each
+    (`pytest -m slow -s tests/test_hostile_net.py -k measure`)."""
+    a, b = ab
+    r = receiver(b)
+    for name in ("quiet", "idle", "vgpu"):
+        shim(a, "vm-create", name, "--memory", "64M")
+    base = usage(r)
+    quiet = timed_migration(a, r, "quiet")
+    back_to(r, base)
+    peak = Peak(r)
+    idle = flood(r.address, 1000)
+    try:
+        during_idle = timed_migration(a, r, "idle")
+        idle_peak = peak.stop()
+    finally:
+        close_all(idle)
+    back_to(r, base)
+    peak = Peak(r)
+    parked = [put(r.address, vgpu_path(str(uuidlib.uuid4()))) for _ in range(500)]
+    try:
+        statuses = [status.split(" ", 1)[1] for _, status in parked]
+        during_vgpu = timed_migration(a, r, "vgpu")
+        vgpu_peak = peak.stop()
+        seconds = stop_promptly(r)
+    finally:
+        close_all([s for s, _ in parked])
+    print(f"\nbaseline: {base[0]} fds, {base[1]} threads; a 64 MiB --verify migration alone: {quiet:.2f} s")
+    print(f"1000 idle connections: peak {idle_peak[0]} fds, {idle_peak[1]} threads; "
+          f"migration meanwhile {during_idle:.2f} s")
+    print(f"500 vGPU PUTs ({statuses.count('200 OK')} parked, {statuses.count('503 Service Unavailable')} "
+          f"refused 503): peak {vgpu_peak[0]} fds, {vgpu_peak[1]} threads; migration meanwhile "
+          f"{during_vgpu:.2f} s; SIGTERM to exit 0: {seconds:.2f} s")
+    assert idle_peak[0] - base[0] <= 64 + 20 and idle_peak[1] - base[1] <= 10
+    assert statuses.count("200 OK") == 32 and vgpu_peak[1] - base[1] <= 32 + 10

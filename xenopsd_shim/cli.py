@@ -37,6 +37,13 @@ class Ctx:
         self.conf = policy.load_config(self.config, explicit=config is not None, log=self.log)
 
     @property
+    def max_connections(self) -> int:
+        try:
+            return policy.max_connections(self.conf)
+        except ValueError as e:
+            raise click.ClickException(f"{self.config}: {e}") from None
+
+    @property
     def timeouts(self) -> Timeouts:
         try:
             return Timeouts.from_config(self.conf)
@@ -149,7 +156,7 @@ def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None
         raise click.UsageError("--tls-cert and --tls-key go together")
     tls = tlstunnel.server_context(tls_cert, tls_key) if tls_cert and tls_key else None
     receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file),
-                        timeouts=ctx.timeouts, tls=tls)
+                        timeouts=ctx.timeouts, tls=tls, max_connections=ctx.max_connections)
     click.echo(f"listening on {receiver.address}", err=True)
     receiver.serve_forever()
 

@@ -24,8 +24,10 @@ POOL_NAME = "pool.json"
 SERVE_ADDRESS = "serve-address"     # in the host's run dir while `serve` runs
 SECRET_NAME = "migration-secret"    # in the host dir: when present, senders must present it
 SECRET_ENV = "XENOPSD_MIGRATION_SECRET"
+MAX_CONNECTIONS_KEY = "migration-max-connections"   # connections `serve` holds at once
+DEFAULT_MAX_CONNECTIONS = 64
 COMPRESSOR_KEY = "migration-compressor"
-CONFIG_KEYS = (COMPRESSOR_KEY, *Timeouts.keys().values())
+CONFIG_KEYS = (COMPRESSOR_KEY, *Timeouts.keys().values(), MAX_CONNECTIONS_KEY)
 MAX_CONFIG = 64 << 10
 
 
@@ -110,6 +112,13 @@ def decide(host: Host, dest: str, requested: bool | None, conf: dict[str, str], 
     if requested is None:
         requested = pool_params(host)["migration-compression"] == "true" and not is_same_host(host, dest)
     return compressor(conf, log) if requested else MODE_NONE
+
+
+def max_connections(conf: dict[str, str]) -> int:
+    value = conf.get(MAX_CONNECTIONS_KEY, str(DEFAULT_MAX_CONNECTIONS))
+    if not value.isdigit() or not 0 < int(value) < 1 << 20:
+        raise ValueError(f"{MAX_CONNECTIONS_KEY} must be a positive whole number, not {value!r}")
+    return int(value)
 
 
 def read_secret(path: Path, required: bool = True) -> str | None:

@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from xenemu import DomainError, Host
@@ -25,10 +26,15 @@ from xenemu.memory import memory_digest
 from . import tlstunnel, transport
 from .accounting import CpuAccounting
 from .imagereader import ImageReader, valid_uuid
+from .listener import Listener
 from .log import Logger
-from .policy import SECRET_NAME, SERVE_ADDRESS
+from .policy import DEFAULT_MAX_CONNECTIONS, SECRET_NAME, SERVE_ADDRESS
 from .timeouts import Timeouts
 from .zstdpipe import Zstd, ZstdError
+
+STREAM_STOP_TIMEOUT = 90.0   # on shutdown, for the migrations cut mid-stream to clean up, all together
+VGPU_POLL_MS = 200           # how often a parked vGPU connection looks for its peer's hangup and shutdown
+VGPU_SHARE = 2               # unmatched vGPU connections may hold at most 1/VGPU_SHARE of the connections
 
 
 class ReceiverError(Exception):
@@ -50,7 +56,8 @@ def claim_host(host: Host) -> int:
 
 class Receiver:
     def __init__(self, host: Host, listen: str, log: Logger, secret: str | None = None,
-                 timeouts: Timeouts = Timeouts(), tls: ssl.SSLContext | None = None) -> None:
+                 timeouts: Timeouts = Timeouts(), tls: ssl.SSLContext | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.host = host
         self.timeouts = timeouts
         self.tls = tls
@@ -59,16 +66,17 @@ class Receiver:
         addr, port = transport.parse_address(listen, listening=True)
         self.lock_fd = claim_host(host)
         try:
-            self.listener = socket.create_server((addr, port),
-                                                 family=socket.AF_INET6 if ":" in addr else socket.AF_INET)
+            sock = socket.create_server((addr, port), family=socket.AF_INET6 if ":" in addr else socket.AF_INET)
         except OSError as e:
             os.close(self.lock_fd)
             raise ReceiverError(f"cannot listen on {listen}: {e.strerror or e}") from None
-        self.address = transport.format_address(*self.listener.getsockname()[:2])
+        self.address = transport.format_address(*sock.getsockname()[:2])
         self.stopping = threading.Event()
         self.active: dict[threading.Thread, IncomingMigration] = {}
         self._lock = threading.Lock()
-        self.vgpu_streams = VgpuStreams(timeouts)
+        self.listener = Listener(sock, log, timeouts.request, max_connections, handled=lambda: len(self.active),
+                                 on_request=self._start)
+        self.vgpu_streams = VgpuStreams(timeouts, self.stopping, max(1, self.listener.bound // VGPU_SHARE))
 
     def _discard_half_restored(self) -> None:
         """Domains still `building` were being restored by a receiver that died: nothing of
@@ -95,24 +103,25 @@ class Receiver:
         self._discard_half_restored()
         self.log.info(f"listening on {self.address}")
         self._warn_if_open()
+        self.listener.warn_if_lowered()
         marker = self.host.run_dir / SERVE_ADDRESS        # lets a migration see it targets its own host
         marker.write_text(f"{self.address}\n")
         try:
             while not self.stopping.is_set():
-                ready, _, _ = select.select([self.listener], [], [], 0.2)
-                if not ready:
-                    continue
-                conn, peer = self.listener.accept()
-                incoming = IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer[0]}:{peer[1]}]"),
-                                             self.vgpu_streams, self.secret, self.timeouts)
-                thread = threading.Thread(target=self._handle, args=(incoming, peer), daemon=True)
-                with self._lock:
-                    self.active[thread] = incoming
-                thread.start()
+                self.listener.turn(0.2)
         finally:
             self.listener.close()
             marker.unlink(missing_ok=True)
             self._stop_active()
+
+    def _start(self, conn: socket.socket, peer: str, deadline: float) -> None:
+        """A connection with bytes to read: its own thread from here on."""
+        incoming = IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer}]"),
+                                     self.vgpu_streams, self.secret, self.timeouts, deadline)
+        thread = threading.Thread(target=self._handle, args=(incoming, peer), daemon=True)
+        with self._lock:
+            self.active[thread] = incoming
+        thread.start()
 
     def _stop_active(self) -> None:
         """On shutdown, cut migrations still streaming (their sources fall back); let those
@@ -122,22 +131,26 @@ class Receiver:
             items = list(self.active.items())
         for _, incoming in items:
             if not incoming.restored:
-                try:
-                    incoming.conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                for conn in (incoming.conn, incoming.vgpu_conn):
+                    if conn is not None:
+                        try:
+                            conn.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+        start = time.monotonic()
         for thread, incoming in items:
-            thread.join(timeout=self.timeouts.handshake * 2 if incoming.restored else 90)
+            limit = self.timeouts.handshake * 2 if incoming.restored else STREAM_STOP_TIMEOUT
+            thread.join(timeout=max(0.0, start + limit - time.monotonic()))
 
-    def _handle(self, incoming: "IncomingMigration", peer: Any) -> None:
+    def _handle(self, incoming: "IncomingMigration", peer: str) -> None:
         try:
             self.timeouts.arm(incoming.conn)
             if self.tls is not None:
                 try:
-                    incoming.conn = tlstunnel.server(incoming.conn, self.tls, self.timeouts.request,
+                    incoming.conn = tlstunnel.server(incoming.conn, self.tls, incoming.time_left(),
                                                      self.timeouts.stall)
                 except tlstunnel.TlsError as e:
-                    self.log.warning(f"refused a connection from {peer[0]}:{peer[1]}: {e}")
+                    self.log.warning(f"refused a connection from {peer}: {e}")
                     return
                 self.timeouts.arm(incoming.conn)
             incoming.run()
@@ -146,53 +159,119 @@ class Receiver:
         except OSError as e:
             incoming.log.warning(f"connection lost: {e.strerror or e}")
         finally:
-            incoming.conn.close()
+            if not incoming.handed_over:
+                incoming.conn.close()
             with self._lock:
                 self.active.pop(threading.current_thread(), None)
 
 
+class VgpuRefused(Exception):
+    def __init__(self, code: int, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class ParkedVgpu:
+    conn: socket.socket
+    cookies: dict[str, str]
+    ready: bool = False                              # its 200 is sent: a migration may take it
+    taken: threading.Event = field(default_factory=threading.Event)
+
+
 class VgpuStreams:
-    """vGPU connections, parked until the memory migration of the same VM takes them."""
+    """vGPU connections, parked until the memory migration of the same VM takes them.
 
-    def __init__(self, timeouts: Timeouts) -> None:
+    One per VM, at most `limit` at once, each for at most the vGPU timeout and only while
+    its peer stays connected: an unmatched one holds a thread and an fd, so it must not
+    hold them for long or in numbers. Once taken, the memory migration owns the connection."""
+
+    def __init__(self, timeouts: Timeouts, stopping: threading.Event, limit: int) -> None:
         self.timeouts = timeouts
+        self.stopping = stopping
+        self.limit = limit
         self._cond = threading.Condition()
-        self._waiting: dict[str, tuple[socket.socket, dict[str, str], threading.Event]] = {}
+        self._waiting: dict[str, ParkedVgpu] = {}
 
-    def park(self, uuid: str, conn: socket.socket, cookies: dict[str, str]) -> None:
-        """Called on the vGPU connection's thread; returns when its migration is over."""
-        done = threading.Event()
+    def park(self, uuid: str, conn: socket.socket, cookies: dict[str, str], log: Logger) -> bool:
+        """Called on the vGPU connection's thread, which answers the request here; True when
+        a migration took the connection (it is theirs now), False when it was dropped."""
+        parked = ParkedVgpu(conn, cookies)
         with self._cond:
-            self._waiting[uuid] = (conn, cookies, done)
+            if uuid in self._waiting:
+                raise VgpuRefused(409, "Conflict", f"a vGPU stream for VM {uuid} is already waiting")
+            if len(self._waiting) >= self.limit:
+                raise VgpuRefused(503, "Service Unavailable",
+                                  f"{self.limit} vGPU streams already wait for their migrations")
+            self._waiting[uuid] = parked
+        try:
+            transport.send_status(conn, 200, "OK")
+        except transport.TransportError:
+            self._forget(uuid, parked)
+            raise
+        with self._cond:
+            parked.ready = True
             self._cond.notify_all()
-        if not done.wait(self.timeouts.handshake * 4):
-            with self._cond:
-                self._waiting.pop(uuid, None)
+        log.info(f"vGPU stream of VM {uuid} waiting for its migration")
+        deadline = time.monotonic() + self.timeouts.vgpu
+        hangup = select.poll()
+        hangup.register(conn, select.POLLRDHUP)
+        while not parked.taken.is_set():
+            hung_up = bool(hangup.poll(VGPU_POLL_MS))
+            if self.stopping.is_set():           # (shutting down closes it too)
+                why = "shutting down"
+            elif hung_up:
+                why = "its peer closed the connection"
+            elif time.monotonic() > deadline:
+                why = f"no migration of VM {uuid} took it within {self.timeouts.vgpu:g} s"
+            else:
+                continue
+            if self._forget(uuid, parked):
+                log.warning(f"dropped the vGPU stream of VM {uuid}: {why}")
+                return False
+        return True
 
-    def take(self, uuid: str) -> tuple[socket.socket, dict[str, str], threading.Event]:
+    def _forget(self, uuid: str, parked: ParkedVgpu) -> bool:
+        """Unpark unless a migration took it meanwhile."""
         with self._cond:
-            if not self._cond.wait_for(lambda: uuid in self._waiting, self.timeouts.vgpu):
+            if parked.taken.is_set():
+                return False
+            del self._waiting[uuid]
+            return True
+
+    def take(self, uuid: str) -> tuple[socket.socket, dict[str, str]]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: uuid in self._waiting and self._waiting[uuid].ready,
+                                       self.timeouts.vgpu):
                 raise transport.TransportError(f"no vGPU stream arrived for VM {uuid} "
                                                f"within {self.timeouts.vgpu:g} s")
-            return self._waiting.pop(uuid)
+            parked = self._waiting.pop(uuid)
+            parked.taken.set()
+            return parked.conn, parked.cookies
 
 
 class IncomingMigration:
     def __init__(self, host: Host, conn: socket.socket, log: Logger, vgpu_streams: VgpuStreams,
-                 secret: str | None, timeouts: Timeouts) -> None:
+                 secret: str | None, timeouts: Timeouts, deadline: float) -> None:
         self.secret = secret
+        self.deadline = deadline   # for the request's head (monotonic)
         self.timeouts = timeouts
         self.host = host
         self.conn = conn
         self.log = log
         self.vgpu_streams = vgpu_streams
-        self.vgpu_done: threading.Event | None = None
+        self.vgpu_conn: socket.socket | None = None     # the vGPU stream's connection, once taken
         self.vgpu_zstd: Zstd | None = None
         self.restored = False      # past the stream: a shutdown lets the handshake finish
+        self.handed_over = False   # a parked vGPU connection now owned by its memory migration
+
+    def time_left(self) -> float:
+        return max(0.001, self.deadline - time.monotonic())
 
     def run(self) -> None:
         try:
-            request = transport.read_request(self.conn, self.timeouts.request)
+            request = transport.read_request(self.conn, self.time_left())
         except transport.TransportError as e:
             self.log.warning(f"bad request: {e}")
             return
@@ -208,8 +287,11 @@ class IncomingMigration:
             self.log.warning(f"refused {request.method} {request.path[:80]}: not a VM uuid")
             return
         if request.method == "PUT" and request.path.startswith(transport.VGPU_PATH):
-            transport.send_status(self.conn, 200, "OK")
-            self.vgpu_streams.park(request.vm_uuid, self.conn, request.cookies)
+            try:
+                self.handed_over = self.vgpu_streams.park(request.vm_uuid, self.conn, request.cookies, self.log)
+            except VgpuRefused as e:
+                transport.send_status(self.conn, e.code, e.reason)
+                self.log.warning(f"refused {request.method} {request.path[:80]}: {e}")
             return
         if request.method == "GET" and request.path.startswith(transport.STATE_PATH) and valid_uuid(request.vm_uuid):
             transport.send_status(self.conn, 200, "OK")
@@ -225,8 +307,8 @@ class IncomingMigration:
         finally:
             if self.vgpu_zstd is not None:
                 self.vgpu_zstd.stop()
-            if self.vgpu_done is not None:
-                self.vgpu_done.set()
+            if self.vgpu_conn is not None:
+                self.vgpu_conn.close()
 
     def _state_of(self, vm_uuid: str) -> str:
         """For a source whose commit went unconfirmed: did the VM start here?"""
@@ -239,7 +321,8 @@ class IncomingMigration:
 
     def _vgpu_fd(self, request: transport.Request) -> int:
         """The vGPU stream's fd: its own connection, through its own zstd in stream mode."""
-        conn, cookies, self.vgpu_done = self.vgpu_streams.take(request.vm_uuid)
+        self.vgpu_conn, cookies = self.vgpu_streams.take(request.vm_uuid)
+        conn = self.vgpu_conn
         if cookies.get("compress") == "zstd":
             self.vgpu_zstd = Zstd(compress=False, far_fd=conn.fileno(), relay_from=conn)
             assert self.vgpu_zstd.fd is not None
