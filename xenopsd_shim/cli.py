@@ -5,6 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 
 import click
@@ -22,10 +23,11 @@ from .imagewriter import ImageWriter
 from .log import Logger
 from .migrate import MigrationError, Options, SourceMigration
 from .receiver import Receiver, ReceiverError
-from .timeouts import TimeoutConfigError, Timeouts
+from .timeouts import Timeouts
 from .zstdpipe import ZSTD_MAGIC, Zstd, ZstdError
 
 EXIT_FAILED = 2
+T = TypeVar("T")
 
 
 class Ctx:
@@ -36,19 +38,20 @@ class Ctx:
         self.log = Logger(self.host.root / "xenopsd.log", verbose)
         self.conf = policy.load_config(self.config, explicit=config is not None, log=self.log)
 
-    @property
-    def max_connections(self) -> int:
+    def _setting(self, read: Callable[[dict[str, str]], T]) -> T:
+        """A value from xenopsd.conf: a bad one is one line naming the file."""
         try:
-            return policy.max_connections(self.conf)
-        except ValueError as e:
+            return read(self.conf)
+        except ValueError as e:         # TimeoutConfigError included
             raise click.ClickException(f"{self.config}: {e}") from None
 
     @property
+    def max_connections(self) -> int:
+        return self._setting(policy.max_connections)
+
+    @property
     def timeouts(self) -> Timeouts:
-        try:
-            return Timeouts.from_config(self.conf)
-        except TimeoutConfigError as e:
-            raise click.ClickException(f"{self.config}: {e}") from None
+        return self._setting(Timeouts.from_config)
 
 
 def _progress(label: str):  # type: ignore[no-untyped-def]
