@@ -97,6 +97,11 @@ def put(address: str, path: str, secret: str | None = SECRET) -> tuple[socket.so
     return s, status.decode().split("\r\n", 1)[0]
 
 
+# The VMs that must migrate through a flood keep writing and have no zero page left (the
+# hardest case for the memory path), so `--verify` checks a live migration, not an idle copy.
+WRITING = ("--image", "busy", "--workload", "dirty:50MB/s")
+
+
 def vgpu_path(vm_uuid: str) -> str:
     return f"/services/xenops/migrate-vgpu/{vm_uuid}"
 
@@ -144,7 +149,7 @@ def test_idle_flood_under_a_low_fd_limit(ab, receiver):
     a, b = ab
     configure(b, request_timeout=3)
     r = receiver(b, preexec_fn=low_fd_limit(200))
-    shim(a, "vm-create", "vm1", "--memory", "16M")
+    shim(a, "vm-create", "vm1", "--memory", "16M", *WRITING)
     base = usage(r)
     peak = Peak(r)
     idle = flood(r.address, 250)
@@ -171,7 +176,7 @@ def test_accept_survives_running_out_of_fds(ab, receiver):
     a, b = ab
     configure(b, request_timeout=4)
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "16M")
+    shim(a, "vm-create", "vm1", "--memory", "16M", *WRITING)
     base = usage(r)
     proc = psutil.Process(r.proc.pid)
     limits = proc.rlimit(resource.RLIMIT_NOFILE)
@@ -200,7 +205,7 @@ def test_parked_vgpu_connections_are_bounded(ab, receiver):
     a, b = ab
     configure(b, max_connections=16, vgpu_timeout=3)            # up to 16 / 2 parked at once
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "16M", "--vgpu", "8M")
+    shim(a, "vm-create", "vm1", "--memory", "16M", "--vgpu", "8M", *WRITING)
     base = usage(r)
     nosecret, status = put(r.address, vgpu_path(str(uuidlib.uuid4())), secret=None)
     assert status == "HTTP/1.1 403 Forbidden" and nosecret.recv(1) == b""
@@ -336,7 +341,7 @@ def test_ipv6_listener(ab, receiver):
     a, b = ab
     r = receiver(b, listen="[::1]:0")
     assert r.address.startswith("[::1]:")
-    shim(a, "vm-create", "vm1", "--memory", "16M")
+    shim(a, "vm-create", "vm1", "--memory", "16M", *WRITING)
     migrate(a, r, "vm1")
     assert [v["state"] for v in vms(b)] == ["running"]
 
@@ -345,7 +350,7 @@ def test_second_serve_on_the_same_host_is_refused(ab, receiver):
     """It would destroy the first's half-restored domains and remove its address file."""
     a, b = ab
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "32M")
+    shim(a, "vm-create", "vm1", "--memory", "32M", *WRITING)
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--verify",
                             "--max-bandwidth", "8MB/s"], env={**a.env, "XENOPSD_MIGRATION_SECRET": SECRET},
                            stderr=subprocess.PIPE, text=True)
@@ -379,7 +384,7 @@ def test_measure_idle_and_vgpu_floods(ab, receiver):
     a, b = ab
     r = receiver(b)
     for name in ("quiet", "idle", "vgpu"):
-        shim(a, "vm-create", name, "--memory", "64M")
+        shim(a, "vm-create", name, "--memory", "64M", *WRITING)
     base = usage(r)
     quiet = timed_migration(a, r, "quiet")
     back_to(r, base)
