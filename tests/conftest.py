@@ -134,10 +134,12 @@ class Receiver:
                                      env={**host.env, **(env or {})}, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=preexec_fn)
         assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        assert line.startswith("listening on "), line
-        self.address = line.split()[-1]
         self._log: list[str] = []
+        # Warnings about domains removed at start-up come before the line that says it is up.
+        while not (line := self.proc.stderr.readline()).startswith("listening on "):
+            assert line, "serve exited before listening: " + "".join(self._log)
+            self._log.append(line)
+        self.address = line.split()[-1]
         import threading
 
         self._drain = threading.Thread(target=lambda: self._log.extend(self.proc.stderr), daemon=True)

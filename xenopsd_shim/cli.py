@@ -160,8 +160,7 @@ def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None
     tls = tlstunnel.server_context(tls_cert, tls_key) if tls_cert and tls_key else None
     receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file),
                         timeouts=ctx.timeouts, tls=tls, max_connections=ctx.max_connections)
-    click.echo(f"listening on {receiver.address}", err=True)
-    receiver.serve_forever()
+    receiver.serve_forever(ready=lambda: click.echo(f"listening on {receiver.address}", err=True))
 
 
 @cli.command("vm-migrate")

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from xenemu import DomainError, Host
 from xenemu.memory import memory_digest
@@ -97,15 +97,17 @@ class Receiver:
             self.log.warning(f"listening on {self.address} without a migration secret: anyone who can reach "
                              f"it can migrate a VM here (give {self.host.root / SECRET_NAME} or --secret-file)")
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, ready: Callable[[], None]) -> None:
+        """`ready` runs once start-up is over (half-restored domains gone, address published), so
+        whoever waits for it sees the receiver as it stays: no start-up file still open."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self._discard_half_restored()
-        self.log.info(f"listening on {self.address}")
-        self._warn_if_open()
-        self.listener.warn_if_lowered()
         marker = self.host.run_dir / SERVE_ADDRESS        # lets a migration see it targets its own host
         marker.write_text(f"{self.address}\n")
+        ready()
+        self._warn_if_open()
+        self.listener.warn_if_lowered()
         try:
             while not self.stopping.is_set():
                 self.listener.turn(0.2)
