@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-
 CPUID_LEAF = struct.Struct("<IIIIII")      # leaf, subleaf, eax, ebx, ecx, edx
 MSR_ENTRY = struct.Struct("<IIQ")          # index, flags (zero), value
 TSC_INFO = struct.Struct("<IIQII")         # mode, khz, nsec, incarnation, reserved
@@ -28,6 +26,8 @@ BLOBS = ("cpuid_policy", "msr_policy", "tsc_info", "hvm_context", "hvm_params", 
 
 def synthesize(seed: int, npages: int) -> dict[str, bytes]:
     """Plausible, seed-determined context for a new domain of `npages` pages."""
+    import numpy as np
+
     rng = np.random.default_rng(seed ^ 0x5EED)
     u32 = lambda: int(rng.integers(0, 1 << 32))  # noqa: E731
     cpuid = b"".join(CPUID_LEAF.pack(leaf, 0, u32(), u32(), u32(), u32())

@@ -13,12 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from . import context as ctxmod
+
+if TYPE_CHECKING:      # numpy and psutil load where used: emu-manager reaches this module and needs neither
+    import numpy as np
+    import psutil
 from . import faults
 from .memory import CTL_PAUSED, CTL_SIZE, PAGE_SIZE, GuestMemory, mark_dying, open_reserved
 
@@ -82,7 +83,7 @@ class Domain:
         """Whether a migration to this very host is under way (its process still runs: one that
         died mid-migration leaves a stale mark, which must not let a second copy in)."""
         pid = self.meta.get("outgoing_pid")
-        return bool(pid) and psutil.pid_exists(pid)
+        return bool(pid) and _pid_exists(pid)
 
     @property
     def vgpu_bytes(self) -> int:
@@ -92,6 +93,7 @@ class Domain:
         """The emulated GPU's memory (its own file: it is not guest RAM and has no dirty log)."""
         if not self.vgpu_bytes:
             raise DomainError(f"domain {self.domid} has no vGPU")
+        import numpy as np
         os.close(open_reserved(self.dir / VGPU_FILE, self.vgpu_bytes, create=False))   # no SIGBUS on writes
         return np.memmap(self.dir / VGPU_FILE, dtype=np.uint8, mode="r+", shape=(self.vgpu_bytes,))
 
@@ -175,6 +177,8 @@ class Domain:
         pid = self.reload().get("workload_pid")
         if not pid:
             return None
+        import psutil
+
         try:
             proc = psutil.Process(pid)
             if "xenemu.workload" in " ".join(proc.cmdline()) and str(self.dir.parent.parent) in proc.cmdline():
@@ -194,6 +198,8 @@ def _kill(proc: psutil.Process | None, timeout: float = 10) -> None:
     `_spawn_workload`), so a zombie counts as gone: whoever reaps it may take its time."""
     if proc is None:
         return
+    import psutil
+
     deadline = time.monotonic() + timeout
     try:
         proc.kill()
@@ -215,9 +221,19 @@ def _spawn_workload(root: Path, domid: int) -> int:
     if out.returncode != 0 or not out.stdout.strip().isdigit():
         raise DomainError(f"guest workload failed to start: {out.stderr.decode(errors='replace').strip()}")
     pid = int(out.stdout)
-    if not psutil.pid_exists(pid):
+    if not _pid_exists(pid):
         raise DomainError("guest workload exited at start")
     return pid
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -14,11 +14,12 @@ import os
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterator
 
 from .units import format_size
+
+if TYPE_CHECKING:      # loaded on first mapping: emu-manager imports this module and maps nothing
+    import numpy as np
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -70,6 +71,8 @@ def open_reserved(path: Path, size: int, create: bool) -> int:
 
 
 def _map(path: Path, size: int, create: bool) -> tuple[mmap.mmap, np.ndarray]:
+    import numpy as np
+
     fd = open_reserved(path, size, create)
     try:
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -139,12 +142,16 @@ class GuestMemory:
 
     def peek_and_clean(self) -> np.ndarray:
         """The pfns written since the last clean, as a sorted uint64 array."""
+        import numpy as np
+
         with self.locked():
             pfns = np.flatnonzero(self.dirty)
             self.dirty[pfns] = 0
         return pfns.astype(np.uint64)
 
     def dirty_count(self) -> int:
+        import numpy as np
+
         return int(np.count_nonzero(self.dirty))
 
     def clean_all(self) -> None:
