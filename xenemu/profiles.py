@@ -12,10 +12,12 @@ import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .memory import PAGE_SIZE
+
+if TYPE_CHECKING:      # loaded when pages are made: listing the profiles (every CLI) needs no numpy
+    import numpy as np
 
 # Fractions of pages of each kind: (zero, code, text, random).
 PROFILES: dict[str, tuple[float, float, float, float]] = {
@@ -33,6 +35,8 @@ _BATCH_PAGES = 16384
 
 def _read_pool(patterns: list[str], limit: int) -> np.ndarray:
     """Concatenate real files (sorted for determinism) up to `limit` bytes."""
+    import numpy as np
+
     chunks: list[bytes] = []
     total = 0
     for pattern in patterns:
@@ -72,6 +76,8 @@ def text_pool() -> np.ndarray:
 
 def _gather(pool: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
     """`n` page-sized windows of `pool` at random 64-byte-aligned offsets."""
+    import numpy as np
+
     offsets = rng.integers(0, (pool.size - PAGE_SIZE) // 64, size=n) * 64
     windows = np.lib.stride_tricks.sliding_window_view(pool, PAGE_SIZE)
     return windows[offsets]
@@ -79,6 +85,8 @@ def _gather(pool: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
 
 def realistic_pages(rng: np.random.Generator, n: int, weights: tuple[float, float, float, float]) -> np.ndarray:
     """An (n, 4096) array of pages drawn by kind with the given weights."""
+    import numpy as np
+
     pages = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
     kinds = rng.choice(4, size=n, p=np.array(weights) / sum(weights))
     for kind, pool in ((1, code_pool), (2, text_pool)):
@@ -93,6 +101,8 @@ def realistic_pages(rng: np.random.Generator, n: int, weights: tuple[float, floa
 
 def fill(pages: np.ndarray, profile: str, seed: int) -> None:
     """Write the profile into `pages` (an (npages, 4096) view of guest memory)."""
+    import numpy as np
+
     if profile not in PROFILES:
         raise ValueError(f"unknown memory profile {profile!r} (one of {', '.join(PROFILES)})")
     weights = PROFILES[profile]

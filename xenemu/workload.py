@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .memory import CTL_DYING, PAGE_SIZE
 
 TICK = 0.01
@@ -41,6 +39,8 @@ def parse_spec(spec: str) -> Workload:
 
 
 def run(root: Path, domid: int) -> None:
+    import numpy as np      # here, not at the top: the toolstack imports parse_spec and never runs a guest
+
     from .domain import Domain
     from .profiles import PROFILES, realistic_pages
 
