@@ -536,15 +536,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip optional (bit 31) records")
     parser.add_argument("--allow-trailing", action="store_true",
                         help="accept bytes after the END record")
+    parser.add_argument("--image", action="store_true",
+                        help="FILE is a suspend image (xenopsd's framing around the stream)")
     args = parser.parse_args(argv)
     try:
-        summary = check_file(args.file, args.offset,
-                             hvm_expected=not args.any_domain,
-                             allow_optional=args.allow_optional,
-                             allow_trailing=args.allow_trailing)
+        if args.image:
+            with open(args.file, "rb") as f:
+                image = check_image(f.read(), hvm_expected=not args.any_domain,
+                                    allow_optional=args.allow_optional)
+            summary = image["libxc"]
+        else:
+            summary = check_file(args.file, args.offset,
+                                 hvm_expected=not args.any_domain,
+                                 allow_optional=args.allow_optional,
+                                 allow_trailing=args.allow_trailing)
     except (StreamCheckError, OSError) as exc:
         print(f"{args.file}: INVALID: {exc}", file=sys.stderr)
         return 1
+    if args.image:
+        xenops = image["xenops"]
+        print(f"suspend image: {', '.join(image['headers'])}; Xenops record time {xenops['time']}, "
+              f"word_size {xenops['word_size']}, vm_str "
+              + ("absent" if xenops["vm_str"] is None else f"{len(xenops['vm_str'])} bytes"))
     print(_format_summary(summary))
     return 0
 
