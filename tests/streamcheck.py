@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent format checker for libxc migration streams (v2 and v3).
+"""Independent format checker for libxc migration streams (v2 and v3), and the suspend image around them.
 
 Written from the facts in Xen's ``docs/specs/libxc-migration-stream.pandoc``,
 the rules of ``tools/python/scripts/verify-stream-v2`` (record checks in
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import re
 import struct
 import sys
 from collections import Counter
@@ -399,6 +400,114 @@ def check_file(path: str, offset: int = 0, **kwargs: Any) -> dict[str, Any]:
             return check_stream(mapped, offset=offset, **kwargs)
 
 
+# -- suspend images (xenopsd's framing around the stream) ------------------
+# From xen-api ocaml/xenopsd/lib/suspend_image.ml (header numbers, the
+# Xenops_record fields) and xc/domain.ml `suspend` (what it writes, in which
+# order), and sexplib0's machine printer (sexp.ml to_buffer_mach, must_escape,
+# escaped), all read separately from the project's image.py and sexp.py.
+SAVE_SIGNATURE = b"XenSavedDomv2-\n"
+IMAGE_HDR = struct.Struct("<qq")    # type, length: little-endian int64 each
+IMAGE_HEADERS = {0x000F: "Xenops", 0x00F0: "Libxc", 0x00F1: "Libxl", 0x00F2: "Libxc_legacy",
+                 0x0F00: "Qemu_trad", 0x0F01: "Qemu_xen", 0x0F10: "Demu", 0x0F11: "Varstored",
+                 0x0F12: "Swtpm0", 0x0F13: "Swtpm", 0xFFFF: "End_of_image"}
+# What `suspend` writes on the main fd of an HVM domain, in order (Varstored
+# and Swtpm only for UEFI guests); the vGPU's Demu goes on its own fd.
+MAIN_FD_ORDER = ["Xenops", "Libxc", "Varstored", "Swtpm", "Qemu_trad", "End_of_image"]
+QEMU_RECORD_MAX = 1 << 20           # consume_qemu_record's limit
+# ppx_sexp_conv prints the record's fields in declaration order, an absent
+# [@sexp.option] leaves its field out; suspend writes xs_subtree = [] always.
+XENOPS_RECORD = re.compile(
+    rb'\(\(time (?P<time>[0-9]{8}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z)\)'
+    rb'\(word_size (?P<word_size>[0-9]+)\)'
+    rb'(?:\(vm_str(?: (?P<bare>[^\x00-\x20\x7f-\xff"();\\]+)|"(?P<quoted>(?:[^"\\]|\\.)*)")\))?'
+    rb'\(xs_subtree\(\)\)\)', re.S)
+
+
+def _sexp_escape(text: bytes) -> bytes:
+    """sexplib0's `escaped`: six characters get a letter escape, printable ASCII stays, the rest \\ddd."""
+    letters = {0x22: b'\\"', 0x5C: b"\\\\", 0x0A: b"\\n", 0x09: b"\\t", 0x0D: b"\\r", 0x08: b"\\b"}
+    return b"".join(letters.get(c) or (bytes([c]) if 0x20 <= c <= 0x7E else b"\\%03d" % c) for c in text)
+
+
+def _sexp_unescape(quoted: bytes, off: int) -> bytes:
+    out, i = bytearray(), 0
+    simple = {ord('"'): 0x22, ord("\\"): 0x5C, ord("n"): 0x0A, ord("t"): 0x09, ord("r"): 0x0D, ord("b"): 0x08}
+    while i < len(quoted):
+        c = quoted[i]
+        if c != 0x5C:
+            out.append(c)
+            i += 1
+        elif quoted[i + 1] in simple:
+            out.append(simple[quoted[i + 1]])
+            i += 2
+        elif quoted[i + 1:i + 4].isdigit():
+            out.append(int(quoted[i + 1:i + 4]))
+            i += 4
+        else:
+            raise StreamCheckError(off, f"Xenops record: escape {quoted[i:i + 2]!r} the printer never writes")
+    return bytes(out)
+
+
+def check_xenops_record(record: bytes, off: int = 0) -> dict[str, Any]:
+    """The record exactly as Sexp.to_string prints suspend's Xenops_record: fields, order, spacing, quoting."""
+    m = XENOPS_RECORD.fullmatch(record)
+    if m is None:
+        raise StreamCheckError(off, f"Xenops record is not the machine-form S-expression of "
+                                    f"(time word_size [vm_str] xs_subtree): {record[:80]!r}")
+    if int(m["word_size"]) != 64:
+        raise StreamCheckError(off, f"Xenops record word_size {m['word_size'].decode()}, expected 64")
+    vm_str = m["bare"]
+    if m["quoted"] is not None:
+        vm_str = _sexp_unescape(m["quoted"], off)
+        if _sexp_escape(vm_str) != m["quoted"]:
+            raise StreamCheckError(off, "Xenops record: vm_str is not escaped as the printer escapes it")
+        if vm_str and not re.search(rb'[\x00-\x20\x7f-\xff"();\\]|#\||\|#', vm_str):
+            raise StreamCheckError(off, "Xenops record: vm_str is quoted where the printer leaves it bare")
+    return {"time": m["time"].decode(), "word_size": 64, "vm_str": vm_str}
+
+
+def check_image(data: Buffer, **kwargs: Any) -> dict[str, Any]:
+    """A suspend image's main fd as `suspend` writes it: signature, headers in order, the Xenops
+    record, the libxc stream (checked by check_stream), the Qemu record, End_of_image, nothing after."""
+    if bytes(data[:len(SAVE_SIGNATURE)]) != SAVE_SIGNATURE:
+        raise StreamCheckError(0, f"bad suspend image signature {bytes(data[:15])!r}")
+    off, headers, xenops, libxc = len(SAVE_SIGNATURE), [], None, None
+    while True:
+        if len(data) - off < IMAGE_HDR.size:
+            raise StreamCheckError(off, "truncated suspend image header")
+        htype, length = IMAGE_HDR.unpack_from(data, off)
+        name = IMAGE_HEADERS.get(htype)
+        if name is None:
+            raise StreamCheckError(off, f"unknown suspend image header type 0x{htype:x}")
+        rank = MAIN_FD_ORDER.index(name) if name in MAIN_FD_ORDER else -1
+        last = MAIN_FD_ORDER.index(headers[-1]) if headers else -1
+        if rank < 0 or rank < last or (rank == last and name != "Swtpm"):     # one Swtpm record per vTPM
+            raise StreamCheckError(off, f"{name} header after {headers} on the main fd")
+        headers.append(name)
+        body = off + IMAGE_HDR.size
+        if name in ("Libxc", "End_of_image") and length != 0:
+            raise StreamCheckError(off, f"{name} header with length {length}, the writer writes 0")
+        if name == "Qemu_trad" and length > QEMU_RECORD_MAX:
+            raise StreamCheckError(off, f"Qemu record of {length} bytes: a restore refuses more than 1 MiB")
+        if name == "Xenops":
+            xenops = check_xenops_record(bytes(data[body:body + length]), body)
+        if name == "Libxc":
+            libxc = check_stream(data, offset=body, allow_trailing=True, **kwargs)
+            off = body + libxc["length"]
+            continue
+        if name == "End_of_image":
+            off = body
+            break
+        if body + length > len(data):
+            raise StreamCheckError(off, f"{name} record of {length} bytes runs past the end")
+        off = body + length
+    if headers[:2] != ["Xenops", "Libxc"]:
+        raise StreamCheckError(0, f"suspend image starts with {headers[:2]}, not Xenops then Libxc")
+    if off != len(data):
+        raise StreamCheckError(off, f"{len(data) - off} bytes after End_of_image")
+    return {"headers": headers, "xenops": xenops, "libxc": libxc}
+
+
 def _format_summary(summary: dict[str, Any]) -> str:
     """Human summary: headers, page totals and record counts by type."""
     counts = Counter(name for name, _ in summary["records"])
@@ -427,15 +536,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip optional (bit 31) records")
     parser.add_argument("--allow-trailing", action="store_true",
                         help="accept bytes after the END record")
+    parser.add_argument("--image", action="store_true",
+                        help="FILE is a suspend image (xenopsd's framing around the stream)")
     args = parser.parse_args(argv)
     try:
-        summary = check_file(args.file, args.offset,
-                             hvm_expected=not args.any_domain,
-                             allow_optional=args.allow_optional,
-                             allow_trailing=args.allow_trailing)
+        if args.image:
+            with open(args.file, "rb") as f:
+                image = check_image(f.read(), hvm_expected=not args.any_domain,
+                                    allow_optional=args.allow_optional)
+            summary = image["libxc"]
+        else:
+            summary = check_file(args.file, args.offset,
+                                 hvm_expected=not args.any_domain,
+                                 allow_optional=args.allow_optional,
+                                 allow_trailing=args.allow_trailing)
     except (StreamCheckError, OSError) as exc:
         print(f"{args.file}: INVALID: {exc}", file=sys.stderr)
         return 1
+    if args.image:
+        xenops = image["xenops"]
+        print(f"suspend image: {', '.join(image['headers'])}; Xenops record time {xenops['time']}, "
+              f"word_size {xenops['word_size']}, vm_str "
+              + ("absent" if xenops["vm_str"] is None else f"{len(xenops['vm_str'])} bytes"))
     print(_format_summary(summary))
     return 0
 

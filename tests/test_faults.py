@@ -290,7 +290,7 @@ def test_host_is_private_and_names_cannot_escape_it(hosts, tmp_path):
     # A suspend image whose Xenops record names the VM "../../escape" is refused before anything exists.
     shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
     raw = (tmp_path / "vm1.img").read_bytes()
-    evil = raw.replace(b'"name": "vm1"', b'"name": "../../escape"', 1)
+    evil = raw.replace(b'\\"name\\": \\"vm1\\"', b'\\"name\\": \\"../../escape\\"', 1)  # in vm_str
     assert evil != raw
     from xenopsd_shim import image
     head = len(image.SIGNATURE)

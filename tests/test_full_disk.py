@@ -175,7 +175,8 @@ def test_vm_create_on_a_full_disk_and_past_the_limit(tmpfs, hosts, tmp_path):
                        (["xenemu", "create", "vm1", "--memory", "65G"], 1)):
         err = one_line_error(a.run(*argv, check=False), code=code)
         assert "invalid memory size" in err and "at most 64.0 GiB" in err, err
-    record = json.dumps({"name": "vm1", "uuid": str(uuidlib.uuid4()), "memory_bytes": 2 ** 1100}).encode()
+    meta = json.dumps({"name": "vm1", "uuid": str(uuidlib.uuid4()), "memory_bytes": 2 ** 1100})
+    record = image.build_xenops_record(image.XenopsRecord(image.now(), image.WORD_SIZE, vm_str=meta))
     (tmp_path / "huge.img").write_bytes(image.SIGNATURE + image.build_header(image.XENOPS, len(record)) + record)
     err = one_line_error(shim(a, "vm-resume", str(tmp_path / "huge.img"), check=False))
     assert "Xenops record has an invalid memory size" in err and "at most 64.0 GiB" in err, err

@@ -198,8 +198,19 @@ def parse_image(raw: bytes, kind: str) -> Image:
         if htype == image.END_OF_IMAGE:
             break
     assert pos == len(raw)
-    xenops = json.loads(parts[0].payload)
-    return Image(kind, image.SIGNATURE, parts, xenops["uuid"])
+    return Image(kind, image.SIGNATURE, parts, vm_of(parts[0].payload)["uuid"])
+
+
+def vm_of(record: bytes) -> dict:
+    """The VM metadata (JSON) that the Xenops record (an S-expression) carries as its vm_str."""
+    vm_str = image.parse_xenops_record(record).vm_str
+    assert vm_str is not None
+    return json.loads(vm_str)
+
+
+def with_vm(vm: object) -> bytes:
+    """A Xenops record as vm-suspend writes it, carrying `vm` (JSON) as its vm_str."""
+    return image.build_xenops_record(image.XenopsRecord(image.now(), image.WORD_SIZE, json.dumps(vm), []))
 
 
 def parse_libxc(raw: bytes, pos: int) -> tuple[Stream, int]:
@@ -317,33 +328,46 @@ XENOPS_VALUES = {
 }
 XENOPS_RAW = [b"", b"{", b"null", b"[]", b'"vm"', b"\xff\xfe\x00", b"{}", b"[" * 100_000, b'{"a":' * 100_000,
               b'{"name": "vm", "uuid": "%s", "memory_bytes": ' + b"9" * 5000 + b"}"]
+# Whole records: S-expressions a reader must refuse in one line, or (a real xenopsd's) cannot build a VM from.
+SEXP_RAW = [b"", b"(", b")", b"()", b"atom", b'"atom"', b"(" * 100_000, b"(" * 65 + b")" * 65, b"((time 1)(word_size",
+            b'((time 1)(word_size 64)(vm_str"unterminated', b"((time 1)(word_size 64)) trailing",
+            b"((time 1)(word_size 64))", b"((time 1)(word_size 64)(xs_subtree((a b)(c d))))",
+            b"((time 1)(word_size sixty-four))", b"((time 1)(word_size 64)(word_size 64))",
+            b"((time 1)(word_size 64)(extra 1))", b"((time 1))", b"((time 1)(word_size 64)(vm_str(a b)))",
+            b"((time 1)(word_size 64)(xs_subtree(a)))", b"((time 1)(word_size 64)(vm_str\"\\999\"))",
+            b"; comment\n((time 1)(word_size 64))", b"#|c|#((time 1)(word_size 64))",
+            b'((time 1)(word_size 64)(vm_str"((id 3f0a)(name vm))"))', b"(a (b" + b" x" * 70_000 + b"))",
+            b"((time 1)(word_size 64)(vm_str\"\\" + b"\xff" * 10 + b"\"))"]
 
 
 def m_xenops(img: Image, data) -> str:
     xen = next((p for p in img.parts if p.htype == image.XENOPS), None)
     if xen is None:
         return "no Xenops record"
-    how = data.draw(st.sampled_from(["field", "field", "drop", "raw", "second"]))
+    how = data.draw(st.sampled_from(["field", "field", "drop", "raw", "sexp", "second"]))
     try:
-        rec = json.loads(xen.payload)
-    except (ValueError, RecursionError):
+        rec = vm_of(xen.payload)
+    except (AssertionError, ValueError, RecursionError, image.ImageError):
         rec = None
     if not isinstance(rec, dict):           # an earlier mutation replaced it
         rec = {}
     if how == "field":
         key = data.draw(st.sampled_from(sorted(XENOPS_VALUES)))
         rec[key] = data.draw(st.sampled_from(XENOPS_VALUES[key]))
-        xen.payload = json.dumps(rec).encode()
+        xen.payload = with_vm(rec)
         return f"Xenops {key} = {rec[key]!r:.80}"
     if how == "drop" and rec:
         key = data.draw(st.sampled_from(sorted(rec)))
         del rec[key]
-        xen.payload = json.dumps(rec).encode()
+        xen.payload = with_vm(rec)
         return f"Xenops without {key}"
     if how in ("raw", "drop"):
-        raw = data.draw(st.sampled_from(XENOPS_RAW))
-        xen.payload = raw.replace(b"%s", img.uuid.encode())
-        return f"Xenops record {raw[:20]!r}... ({len(raw)} bytes)"
+        raw = data.draw(st.sampled_from(XENOPS_RAW)).replace(b"%s", img.uuid.encode())
+        xen.payload = image.build_xenops_record(image.XenopsRecord(image.now(), 64, raw.decode("latin-1"), []))
+        return f"Xenops vm_str {raw[:20]!r}... ({len(raw)} bytes)"
+    if how == "sexp":
+        xen.payload = data.draw(st.sampled_from(SEXP_RAW))
+        return f"Xenops record {xen.payload[:20]!r}... ({len(xen.payload)} bytes)"
     img.parts.insert(img.parts.index(xen) + 1, copy.copy(xen))
     return "second Xenops record"
 
@@ -366,7 +390,8 @@ def m_parts(img: Image, data) -> str:
     new = data.draw(st.sampled_from([
         Part(image.QEMU_TRAD, bytes(image.MAX_QEMU_RECORD)), Part(image.QEMU_TRAD, b""),
         Part(image.DEMU), Part(image.LIBXL, b"x"), Part(image.QEMU_XEN, b"x"), Part(image.VARSTORED, b"x"),
-        Part(image.SWTPM), Part(image.END_OF_IMAGE), Part(image.LIBXC)]))
+        Part(image.SWTPM), Part(image.SWTPM0, b"x"), Part(image.END_OF_IMAGE), Part(image.LIBXC),
+        Part(image.LIBXC_LEGACY)]))
     img.parts.insert(i, copy.deepcopy(new))
     return f"inserted {image.name(new.htype)} ({len(new.payload)} bytes) at {i}"
 
@@ -1227,10 +1252,10 @@ WORST = {
                     or setattr(img, "ops_on_wire", True), {}),
     "stream-bomb-after-image": ("stream", stream_bomb_after, {}),
     "max-length-records-16-threads": ("inband", lambda img: max_records(img, 16), THREADS_16),
-    "memory-64GiB": ("plain", lambda img: setattr(part(img, image.XENOPS), "payload", json.dumps(
-        {**json.loads(part(img, image.XENOPS).payload), "memory_bytes": 64 << 30}).encode()), {}),
+    "memory-64GiB": ("plain", lambda img: setattr(part(img, image.XENOPS), "payload", with_vm(
+        {**vm_of(part(img, image.XENOPS).payload), "memory_bytes": 64 << 30})), {}),
     # regressions: bugs the fuzz found
-    "xenops-nested-deeply": ("plain", lambda img: setattr(part(img, image.XENOPS), "payload", b"[" * 100_000), {}),
+    "xenops-nested-deeply": ("plain", lambda img: setattr(part(img, image.XENOPS), "payload", b"(" * 100_000), {}),
     "stream-data-after-image": ("stream", lambda img: setattr(img, "tail", bytes(MIB)), {}),
 }
 HARMLESS = {"memory-64GiB", "max-length-records-16-threads"}

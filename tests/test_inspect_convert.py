@@ -219,9 +219,16 @@ def header(htype: int, length: int = 0) -> bytes:
     return struct.pack("<qq", htype, length)
 
 
+def xenops_record(vm_str: str | None) -> bytes:
+    """The record in sexplib's machine form, as written from the field table in suspend_image.ml by hand."""
+    quoted = "" if vm_str is None else '(vm_str"' + vm_str.replace("\\", "\\\\").replace('"', '\\"') + '")'
+    return f"((time 20261123T10:00:00Z)(word_size 64){quoted}(xs_subtree()))".encode()
+
+
 def suspend_image(libxc_stream: bytes) -> tuple[bytes, bytes, bytes]:
     """(framing before the libxc stream, the stream, framing after it), built by hand."""
-    vm = json.dumps({"name": "vm", "uuid": "0d6f7b1e-4c1a-4c59-9b0f-0a3c5e6f7a8b", "memory_bytes": 32 << 20}).encode()
+    vm = xenops_record(json.dumps({"name": "vm", "uuid": "0d6f7b1e-4c1a-4c59-9b0f-0a3c5e6f7a8b",
+                                   "memory_bytes": 32 << 20}))
     qemu = b"device model state\x00\x01"
     before = b"XenSavedDomv2-\n" + header(0x000F, len(vm)) + vm + header(0x00F0)
     after = header(0x0F00, len(qemu)) + qemu + header(0xFFFF)
@@ -252,7 +259,9 @@ def test_inspect_suspend_image(hosts, streams, tmp_path):
     out = inspect(hosts(), src).stdout
     lines = out.splitlines()
     assert lines[0] == "input: suspend image"
-    assert any("image header Xenops" in x and '"name": "vm"' in x for x in lines)
+    assert any(x.endswith('image header Xenops, length 163: time 20261123T10:00:00Z, word_size 64, vm_str "{\\"name\\": '
+                          '\\"vm\\", \\"uuid\\": \\"0d6f7b1e-4c1a-4c59-9b0f-0a3c5e6f7a8b\\", '
+                          '\\"memory_bytes\\": 33554432}", xs_subtree of 0 entries') for x in lines), out
     assert any("image header Libxc" in x for x in lines)
     assert any("image header Qemu_trad, length 20: device-model state, skipped" in x for x in lines)
     assert "image header End_of_image" in lines[-3]

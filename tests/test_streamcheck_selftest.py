@@ -1,4 +1,4 @@
-"""Self-test of tests/streamcheck.py against hand-built libxc streams.
+"""Self-test of tests/streamcheck.py against hand-built libxc streams and suspend images.
 
 The streams are assembled here with ``struct`` only, never with project code,
 so these tests pin the checker to the specification rather than to the writer
@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streamcheck import StreamCheckError, check_file, check_stream  # noqa: E402
+from streamcheck import StreamCheckError, check_file, check_image, check_stream  # noqa: E402
 
 PAGE = 4096
 XTAB, XALLOC, BROKEN, L1PIN = 0xF, 0xE, 0xD, 0x9
@@ -262,3 +262,44 @@ def test_corruption_rejected(build: Callable[[], bytes], expected: list[str]) ->
     assert 0 <= info.value.offset <= len(data)
     for needle in expected:
         assert needle in message, message
+
+
+# -- suspend images: the Xenops record as sexplib's machine printer writes it ------
+GOOD_RECORD = b'((time 20261123T10:00:00Z)(word_size 64)(vm_str"{\\"name\\": \\"vm\\"}")(xs_subtree()))'
+BAD_RECORDS = [
+    ("JSON", b'{"name": "vm"}', "not the machine-form S-expression"),
+    ("space before a quoted atom", GOOD_RECORD.replace(b'(vm_str"', b'(vm_str "'), "machine-form"),
+    ("fields out of order", b"((word_size 64)(time 20261123T10:00:00Z)(xs_subtree()))", "machine-form"),
+    ("no xs_subtree", b"((time 20261123T10:00:00Z)(word_size 64))", "machine-form"),
+    ("word_size 32", b"((time 20261123T10:00:00Z)(word_size 32)(xs_subtree()))", "word_size 32"),
+    ("quoted where bare", b'((time 20261123T10:00:00Z)(word_size 64)(vm_str"abc")(xs_subtree()))',
+     "quoted where the printer leaves it bare"),
+    ("hex escape", b'((time 20261123T10:00:00Z)(word_size 64)(vm_str"a\\x20b")(xs_subtree()))',
+     "escape"),
+]
+
+
+def image(record: bytes, after: bytes = b"") -> bytes:
+    body = stream()
+    return (b"XenSavedDomv2-\n" + struct.pack("<qq", 0xF, len(record)) + record + struct.pack("<qq", 0xF0, 0)
+            + body + struct.pack("<qq", 0xF00, 3) + b"dm!" + struct.pack("<qq", 0xFFFF, 0) + after)
+
+
+def test_suspend_image_accepted() -> None:
+    summary = check_image(image(GOOD_RECORD))
+    assert summary["headers"] == ["Xenops", "Libxc", "Qemu_trad", "End_of_image"]
+    assert summary["xenops"]["vm_str"] == b'{"name": "vm"}'
+    no_vm_str = b"((time 20261123T10:00:00Z)(word_size 64)(xs_subtree()))"
+    assert check_image(image(no_vm_str))["xenops"]["vm_str"] is None
+
+
+@pytest.mark.parametrize("record,expected", [(r, e) for _, r, e in BAD_RECORDS], ids=[n for n, _, _ in BAD_RECORDS])
+def test_suspend_image_record_rejected(record: bytes, expected: str) -> None:
+    with pytest.raises(StreamCheckError) as info:
+        check_image(image(record))
+    assert expected in str(info.value)
+
+
+def test_suspend_image_trailing_bytes_rejected() -> None:
+    with pytest.raises(StreamCheckError, match="bytes after End_of_image"):
+        check_image(image(GOOD_RECORD, after=b"x"))

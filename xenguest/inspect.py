@@ -10,7 +10,6 @@ record at a time, so memory stays bounded whatever the stream's size.
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 import zstandard
 
 from xenemu.memory import PAGE_SIZE
-from xenopsd_shim import image
+from xenopsd_shim import image, sexp
 
 from . import compressed, libxc
 from .fdio import Reader, Truncated
@@ -176,16 +175,21 @@ def _image(r: Input) -> Iterator[Part]:
         at = r.offset
         head = r.read(image.HEADER_SIZE, "image header")
         htype, length = image.parse_header(head)        # bounds every payload it lets through
-        payload = r.read(length, f"{image.name(htype)} record")
+        action = image.HEADER_TYPES[htype].action
+        payload = b""
+        if action != image.Action.REFUSE:
+            payload = r.read(length, f"{image.name(htype)} record")
         if htype == image.XENOPS:
             try:
-                json.loads(payload)
-            except (ValueError, RecursionError):
-                raise image.ImageError(f"Xenops record at offset {at} is not JSON (or nested too deeply)") from None
+                image.parse_xenops_record(payload)
+            except image.ImageError as e:
+                raise image.ImageError(f"at offset {at}: {e}") from None
         yield Framing(at, htype, head + payload)
-        if htype == image.LIBXC:
+        if action == image.Action.REFUSE:        # what follows has no length this reader knows
+            raise image.refusal(htype)
+        if action == image.Action.XENGUEST:
             yield from _libxc(r)
-        elif htype == image.END_OF_IMAGE:
+        elif action == image.Action.END:
             return
 
 
@@ -282,8 +286,25 @@ def _ratio(inflated: int, wire: int) -> str:
     return f"{inflated / wire:.2f}" if wire else "inf"
 
 
-_FRAMING_NOTES = {image.LIBXC: ": the libxc stream follows", image.QEMU_TRAD: ": device-model state, skipped",
-                  image.DEMU: ": a vGPU stream, on its own fd (not in this input)"}
+_FRAMING_NOTES = {image.LIBXC: ": the libxc stream follows",
+                  image.LIBXC_LEGACY: ": a libxc stream follows (the real reader hands it to xenguest as Libxc)",
+                  image.QEMU_TRAD: ": device-model state, skipped",
+                  image.DEMU: ": a vGPU stream, on its own fd (not in this input)",
+                  image.VARSTORED: ": UEFI variables, skipped (no varstored here)",
+                  image.SWTPM0: ": vTPM state (first format), skipped (no swtpm here)",
+                  image.SWTPM: ": vTPM state, skipped (no swtpm here)",
+                  image.LIBXL: ": refused, as the real reader refuses it",
+                  image.QEMU_XEN: ": refused, as the real reader refuses it"}
+
+
+def describe_xenops(payload: bytes) -> str:
+    """The record's fields; vm_str printed as an S-expression atom, so it stays on one line."""
+    rec = image.parse_xenops_record(payload)
+    parts = [f"time {rec.time}", f"word_size {rec.word_size}",
+             "no vm_str" if rec.vm_str is None else f"vm_str {sexp.quote(rec.vm_str)}"]
+    if rec.xs_subtree is not None:
+        parts.append(f"xs_subtree of {len(rec.xs_subtree)} entries")
+    return ", ".join(parts)
 
 
 def describe(part: Part) -> str:
@@ -296,7 +317,7 @@ def describe(part: Part) -> str:
             return f"{part.offset:>12}  suspend image signature {part.raw!r}"
         line = f"{part.offset:>12}  image header {image.name(part.htype)}, length {len(part.payload)}"
         if part.htype == image.XENOPS:
-            return f"{line}: {json.dumps(json.loads(part.payload))}"
+            return f"{line}: {describe_xenops(part.payload)}"
         return line + _FRAMING_NOTES.get(part.htype, "")
     if isinstance(part, Headers):
         dtype, page_shift, _, major, minor = part.domain

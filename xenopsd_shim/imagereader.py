@@ -29,15 +29,28 @@ def valid_uuid(text: object) -> bool:
 
 
 def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, Any]:
-    """Validate the Xenops record: it comes from the wire and names files and processes."""
+    """The VM the Xenops record describes: its vm_str must hold this project's metadata (see parse_vm_metadata).
+
+    A record without vm_str (older xenopsd), or whose vm_str is a real
+    xenopsd's VM sexp, is a valid image that this project cannot build a VM from."""
+    rec = image.parse_xenops_record(raw)
+    if rec.vm_str is None:
+        raise image.ImageError("the Xenops record has no vm_str: this project builds the VM from the metadata "
+                               "it keeps there, so it cannot resume this image")
+    return parse_vm_metadata(rec.vm_str.encode("latin-1"), name_override)
+
+
+def parse_vm_metadata(raw: bytes, name_override: str | None = None) -> dict[str, Any]:
+    """Validate the VM's metadata (JSON): it comes from the wire and names files and processes."""
     try:
         rec = json.loads(raw)
     except ValueError:
-        raise image.ImageError("Xenops record is not JSON") from None
+        raise image.ImageError("the Xenops record's vm_str is not this project's VM metadata (not JSON; "
+                               "a real xenopsd's VM record?): cannot build the VM from it") from None
     except RecursionError:       # 1 MiB of "[" is valid framing
-        raise image.ImageError("Xenops record is nested too deeply") from None
+        raise image.ImageError("the Xenops record's vm_str is nested too deeply") from None
     if not isinstance(rec, dict):
-        raise image.ImageError("Xenops record is not an object")
+        raise image.ImageError("the Xenops record's vm_str is not this project's VM metadata (not a JSON object)")
     name = name_override or rec.get("name")
     mem = rec.get("memory_bytes")
     if not isinstance(name, str):
@@ -91,27 +104,22 @@ class ImageReader:
 
     def _run(self) -> Domain:
         image.check_signature(self.reader.read(len(image.SIGNATURE), "signature"))
+        handlers: dict[image.Action, Callable[[int, int], None]] = {
+            image.Action.VM: self._vm, image.Action.XENGUEST: self._xenguest, image.Action.VGPU: self._vgpu_on_main,
+            image.Action.DEVICE_MODEL: self._device_model, image.Action.SKIP: self._skip,
+            image.Action.REFUSE: lambda htype, _: self._refuse(htype)}
         while True:
             htype, length = image.parse_header(self.reader.read(image.HEADER_SIZE, "image header"))
             self.log.debug(f"image header {image.name(htype)} length {length}")
-            if htype == image.XENOPS:
-                if self.domain is not None:
-                    raise image.ImageError("second Xenops record")
-                self._create(parse_vm_record(self.reader.read(length, "Xenops record"), self.name))
-            elif self.domain is None:
-                raise image.ImageError(f"{image.name(htype)} before the Xenops record")
-            elif htype == image.LIBXC:
-                self._restore_emulators()
-                self.restored = True
-            elif htype == image.QEMU_TRAD:
-                self.domain.set_context({"device_model": self.reader.read(length, "Qemu_trad record")})
-            elif htype == image.END_OF_IMAGE:
+            action = image.HEADER_TYPES[htype].action
+            if action == image.Action.END:
                 break
-            else:
-                raise image.ImageError(f"{image.name(htype)} records are not supported")
+            if self.domain is None and action not in (image.Action.VM, image.Action.REFUSE):
+                raise image.ImageError(f"{image.name(htype)} before the Xenops record")
+            handlers[action](htype, length)
         if not self.restored:
-            raise image.ImageError("End_of_image before any Libxc stream")
-        assert self.emu is not None
+            raise image.ImageError("well formed, but useless stream: End_of_image before any Libxc stream")
+        assert self.emu is not None and self.domain is not None
         code = self.emu.wait()
         if code != 0:
             raise EmuManagerError(f"emu-manager exited with status {code}")
@@ -119,6 +127,31 @@ class ImageReader:
         self.emu = None
         self.domain.update(state="paused")
         return self.domain
+
+    def _vm(self, _: int, length: int) -> None:
+        if self.domain is not None:
+            raise image.ImageError("second Xenops record")
+        self._create(parse_vm_record(self.reader.read(length, "Xenops record"), self.name))
+
+    def _xenguest(self, _: int, __: int) -> None:
+        self._restore_emulators()
+        self.restored = True
+
+    def _vgpu_on_main(self, _: int, __: int) -> None:
+        raise image.ImageError("a Demu header on the main stream: the vGPU stream travels on its own fd")
+
+    def _device_model(self, htype: int, length: int) -> None:
+        assert self.domain is not None
+        self.domain.set_context({"device_model": self.reader.read(length, f"{image.name(htype)} record")})
+
+    def _skip(self, htype: int, length: int) -> None:
+        """Varstored and swtpm state: read whole, as the real reader does, and dropped (no UEFI or vTPM here)."""
+        self.reader.read(length, f"{image.name(htype)} record")
+        self.log.info(f"{image.name(htype)} record of {length} bytes skipped: no varstored or swtpm is emulated")
+
+    @staticmethod
+    def _refuse(htype: int) -> None:
+        raise image.refusal(htype)
 
     def _create(self, rec: dict[str, Any]) -> None:
         if self.uuid is not None and rec["uuid"] != self.uuid:
@@ -145,8 +178,9 @@ class ImageReader:
         assert self.emu is not None and self.domain is not None
         self.emu.send(f"{ctl.MSG_RESTORE}xenguest")
         pending = {"xenguest"}
-        if self.vgpu_fd is not None:
-            htype, _ = image.parse_header(Reader(self.vgpu_fd).read(image.HEADER_SIZE, "vGPU image header"))
+        vgpu = None if self.vgpu_fd is None else Reader(self.vgpu_fd)
+        if vgpu is not None:
+            htype, _ = image.parse_header(vgpu.read(image.HEADER_SIZE, "vGPU image header"))
             if htype != image.DEMU:
                 raise image.ImageError(f"vGPU stream starts with {image.name(htype)}, not Demu")
             self.emu.send(f"{ctl.MSG_RESTORE}vgpu")
@@ -162,6 +196,19 @@ class ImageReader:
                 if len(fields) != 3 or not all(f.isdigit() for f in fields[1:]):
                     raise EmuManagerError(f"malformed result from emu-manager: {line!r}")
                 self.domain.update(store_mfn=int(fields[1]), console_mfn=int(fields[2]))
+        if vgpu is not None:
+            self._vgpu_footer(vgpu)
+
+    @staticmethod
+    def _vgpu_footer(vgpu: Reader) -> None:
+        """The vGPU fd ends with End_of_image after the vGPU emulator's stream, as xenopsd writes it."""
+        try:
+            htype, _ = image.parse_header(vgpu.read(image.HEADER_SIZE, "vGPU stream footer"))
+        except Truncated:
+            raise image.ImageError("the vGPU stream ended without End_of_image after the vGPU state") from None
+        if htype != image.END_OF_IMAGE:
+            raise image.ImageError(f"the vGPU stream has {image.name(htype)} after the vGPU state, "
+                                   "not End_of_image")
 
     def _discard(self) -> None:
         if self.emu is not None:

@@ -3,7 +3,8 @@
 The same code serves `vm-suspend` (to a file) and `vm-migrate` (to a
 socket): signature, Xenops record, then emu-manager runs and asks for
 `suspend:` (pause the domain) and `prepare:<emu>` (write that emulator's
-header first), then the Qemu_trad record and End_of_image.
+header first), then the Qemu_trad record and End_of_image on the main fd,
+then on the vGPU fd (xc/domain.ml suspend closes every stream fd so).
 """
 from __future__ import annotations
 
@@ -21,12 +22,18 @@ from .emuctl import EmuManager, EmuManagerError
 from .log import Logger
 
 
-def vm_record(domain: Domain) -> bytes:
-    """The Xenops record: what the receiver needs to create the domain."""
+def vm_metadata(domain: Domain) -> bytes:
+    """The VM's own metadata (JSON): what the receiver needs to create the domain."""
     meta = domain.reload()
     return json.dumps({"name": meta["name"], "uuid": meta["uuid"], "memory_bytes": meta["memory_bytes"],
                        "workload": meta.get("workload", "none"), "vgpu_bytes": meta.get("vgpu_bytes") or 0},
                       sort_keys=True).encode()
+
+
+def vm_record(domain: Domain) -> bytes:
+    """The Xenops record as the real xenopsd writes it (an empty xs_subtree), our metadata as its vm_str."""
+    return image.build_xenops_record(image.XenopsRecord(image.now(), image.WORD_SIZE,
+                                                        vm_str=vm_metadata(domain).decode(), xs_subtree=[]))
 
 
 @dataclass
@@ -85,6 +92,8 @@ class ImageWriter:
         self.stats.zero_pages = summary.get("zero_pages", 0)
         dm = self.domain.context().get("device_model", b"")
         write_all(self.fd, [image.build_header(image.QEMU_TRAD, len(dm)), dm, image.build_header(image.END_OF_IMAGE)])
+        if self.vgpu_fd is not None:        # every stream fd ends with its footer, the main one first
+            write_all(self.vgpu_fd, [image.build_header(image.END_OF_IMAGE)])
         return self.stats
 
     def close(self) -> None:
