@@ -1,8 +1,10 @@
 """emu-manager on its own: the test plays xenopsd over real pipes, as the real one does."""
 from __future__ import annotations
 
+import json
 import os
 import select
+import socket
 import subprocess
 import time
 
@@ -137,3 +139,86 @@ def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
         "xenguest", "-debug", "-domid", str(domid), "-controloutfd", "2", "-controlinfd", "0", "-mode", "listen",
         "-compress", "true"]]
     assert (tmp_path / "stream").read_bytes()[:8] == b"\xff" * 8
+
+
+# -- EMP on the wire: what the real emu-manager writes (em-client.c) ------------------------------
+class Emulator:
+    """An emulator started as emu-manager starts it, driven over its socket by the test."""
+
+    def __init__(self, host: HostDir, domid: int, *extra: str) -> None:
+        self.proc = subprocess.Popen([exe("xenguest"), "-debug", "-domid", str(domid), "-controloutfd", "2",
+                                      "-controlinfd", "0", "-mode", "listen", *extra], env=host.env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout.readline() == "Ready\n"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(host.root / "run" / f"xenguest-control-{domid}"))
+        self.buf = b""
+        self.decoder = json.JSONDecoder()
+
+    def send(self, raw: bytes, fds: list[int] | None = None) -> None:
+        if fds:
+            socket.send_fds(self.sock, [raw], fds)
+        else:
+            self.sock.sendall(raw)
+
+    def recv(self, timeout: float = 30) -> dict:
+        """The next JSON value, however the emulator frames it."""
+        while True:
+            text = self.buf.decode().lstrip()
+            try:
+                value, end = self.decoder.raw_decode(text)
+                self.buf = text[end:].encode()
+                return value
+            except ValueError:
+                pass
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            assert ready, f"no EMP message within {timeout} s"
+            data = self.sock.recv(65536)
+            assert data, "emulator closed the socket"
+            self.buf += data
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        self.sock.close()
+        code = self.proc.wait(timeout=timeout)
+        return code, self.proc.stderr.read()
+
+
+def request(command: str, **arguments: str) -> bytes:
+    """A request spelled as em-client.c spells it: spaces, no line terminator."""
+    if not arguments:
+        return f'{{ "execute" : "{command}"}}'.encode()
+    args = ", ".join(f'"{k}":"{v}"' for k, v in arguments.items())
+    return f'{{ "execute" : "{command}", "arguments" : {{ {args} }} }}'.encode()
+
+
+def test_emp_requests_are_framed_by_json_value_not_by_line(hosts, tmp_path):
+    h = hosts()
+    domid = h.create("vm", "16M")
+    emu = Emulator(h, domid)
+    fd = os.open(tmp_path / "stream", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    emu.send(request("migrate_init"), [fd])
+    os.close(fd)
+    assert emu.recv() == {"return": {}}
+    emu.send(request("track_dirty") + request("migrate_progress"))     # two requests in one write
+    assert [emu.recv(), emu.recv()] == [{"return": {}}, {"return": {}}]
+    emu.send(request("set_args", vgpu="true", pv="false"))
+    assert emu.recv() == {"return": {}}
+    emu.send(request("quit"))
+    assert emu.recv() == {"return": {}}
+    code, err = emu.finish()
+    assert code == 0, err
+
+
+def test_emp_endless_value_is_one_line_error(hosts):
+    h = hosts()
+    domid = h.create("vm", "16M")
+    emu = Emulator(h, domid)
+    try:
+        emu.send(b'{ "execute" : "set_args", "arguments" : { "store_port" : "' + b"1" * (256 << 10))
+    except (BrokenPipeError, ConnectionResetError):
+        pass                   # it gave up before reading it all, as it should
+    code, err = emu.finish()
+    assert code == 2
+    assert "EMP message longer than" in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1, err
