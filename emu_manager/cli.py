@@ -24,6 +24,7 @@ OPTIONS = [
     Opt("supports", "str"), Opt("compress", "bool"),
 ]
 MODES = {"hvm_save": True, "save": True, "hvm_restore": False, "restore": False}
+PV_MODES = ("save", "restore")
 SUPPORTED_FEATURES = {"migration-v2"}
 
 
@@ -41,7 +42,8 @@ def _emulators(args: dict, host: Host) -> list[Emu]:
             "-controlinfd", "0", "-mode", "listen"]
     if args["compress"]:
         argv += ["-compress", "true"]
-    emus = [Emu("xenguest", argv, host.xenguest_socket(domid), args["fd"])]
+    xenguest = Emu("xenguest", argv, host.xenguest_socket(domid), args["fd"], decides_live=True)
+    emus = [xenguest]
     for dm in args["dm"]:
         kind, _, value = dm.partition(":")
         if kind in ("qemu", "qemu_trad", "xenguest"):
@@ -54,6 +56,13 @@ def _emulators(args: dict, host: Host) -> list[Emu]:
             emus.append(Emu("vgpu", vgpu_argv, host.run_dir / f"vgpu-control-{domid}", int(value)))
             continue
         raise UsageError(f"{PROG}: unknown device model '{dm}'")
+    # xenguest's set_args, as emum.c builds them: the ports given (restore), pv for PV modes
+    # (main), vgpu when a vGPU is migrated too (configure_emus).
+    xenguest.set_args = {key: str(args[key]) for key in ("store_port", "console_port") if args[key] is not None}
+    if args["mode"] in PV_MODES:
+        xenguest.set_args["pv"] = "true"
+    if len(emus) > 1:
+        xenguest.set_args["vgpu"] = "true"
     return emus
 
 
@@ -76,11 +85,8 @@ def run(argv: list[str]) -> int:
         print(e, file=sys.stderr)
         return 1
     log = Log(f"{PROG}[{args['domid']}]", 2, debug=bool(args["debuglog"]))
-    set_args = {} if save else {"store_port": str(args["store_port"] or 0),
-                                "console_port": str(args["console_port"] or 0)}
     orchestrator = Orchestrator(save=save, live=bool(args["live"]), emus=emus,
-                                control=LineChannel(args["controlinfd"], args["controloutfd"]),
-                                set_args=set_args, log=log)
+                                control=LineChannel(args["controlinfd"], args["controloutfd"]), log=log)
     return orchestrator.run()
 
 

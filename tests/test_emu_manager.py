@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -16,10 +17,10 @@ from conftest import HostDir, ProcessWatcher, argv_of, exe
 class Xenopsd:
     """The toolstack end of emu-manager's control pipes."""
 
-    def __init__(self, host: HostDir, *args: str, stream_fd: int | None = None) -> None:
+    def __init__(self, host: HostDir, *args: str, stream_fd: int | None = None, more_fds: tuple[int, ...] = ()) -> None:
         to_emu_r, self.to_emu = os.pipe()
         self.from_emu, from_emu_w = os.pipe()
-        fds = [to_emu_r, from_emu_w] + ([stream_fd] if stream_fd is not None else [])
+        fds = [to_emu_r, from_emu_w, *more_fds] + ([stream_fd] if stream_fd is not None else [])
         argv = [exe("emu-manager"), "-controloutfd", str(from_emu_w), "-controlinfd", str(to_emu_r), *args]
         self.proc = subprocess.Popen(argv, env=host.env, pass_fds=fds, stderr=subprocess.PIPE, text=True)
         os.close(to_emu_r)
@@ -88,7 +89,7 @@ def test_abort_mid_save_exits_2_and_leaves_no_children(hosts):
     os.close(stream_w)
     assert x.recv() == "prepare:xenguest"
     x.send("done")
-    time.sleep(0.5)
+    assert x.recv() == "info:\\b\\b\\b\\b0"                     # from xenguest's first event
     assert len(os.read(stream_r, 65536)) > 0                  # the stream has started
     children = [p for p in h.processes() if "xenguest" in " ".join(p.cmdline()[:2])]
     assert len(children) == 1
@@ -96,7 +97,7 @@ def test_abort_mid_save_exits_2_and_leaves_no_children(hosts):
     os.close(stream_r)                                         # as xenopsd drops the migration's fd
     code, err = x.finish()
     assert code == 2
-    assert x.received == ["prepare:xenguest"], x.received     # nothing reported after the abort
+    assert len(x.received) == 2, x.received                   # nothing reported after the abort
     assert not any(c.is_running() for c in children)
     assert h.domains()[0]["state"] == "running"               # never asked to suspend: the VM runs on
 
@@ -222,3 +223,99 @@ def test_emp_endless_value_is_one_line_error(hosts):
     assert code == 2
     assert "EMP message longer than" in err and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1, err
+
+
+# -- the order of messages (emum.c, operation_save) --------------------------------------------------
+def transcript(err: str) -> list[str]:
+    """What emu-manager sent, to xenopsd and to each emulator, in order (its -debuglog lines);
+    progress is left out."""
+    sent = [line.split(": -> ", 1)[1] for line in err.splitlines() if ": -> " in line]
+    return [line for line in sent if not line.startswith("xenopsd: info:")]
+
+
+def play_xenopsd(x: Xenopsd) -> str:
+    """Ack every request until the end; the final line (result or error)."""
+    while (line := x.recv()) is not None:
+        if line in ("suspend:", "prepare:xenguest", "prepare:vgpu"):
+            x.send("done")
+        elif not line.startswith("info:"):
+            return line
+    return ""
+
+
+def append_only(path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+def test_live_save_order_emu_manager_decides_when_precopy_is_done(hosts, tmp_path):
+    h = hosts()
+    domid = h.create("vm", "32M", workload="increment")
+    fd = append_only(tmp_path / "stream")
+    x = Xenopsd(h, "-fd", str(fd), "-mode", "hvm_save", "-domid", str(domid), "-live", "true", "-dm", "qemu",
+                "-debuglog", "true", stream_fd=fd)
+    os.close(fd)
+    assert play_xenopsd(x) == "result:0 0"
+    code, err = x.finish()
+    assert code == 0, err
+    assert transcript(err) == [
+        "xenguest: migrate_init", "xenguest: track_dirty", "xenguest: migrate_progress",
+        "xenopsd: prepare:xenguest", "xenguest: migrate_live",
+        "xenopsd: suspend:", "xenguest: migrate_pause", "xenguest: migrate_paused",
+        "xenopsd: result:0 0", "xenguest: quit"], err
+    events = re.findall(r"xenguest: iteration (-?\d+) sent (-?\d+) remaining (-?\d+)", err)
+    assert events[0] == ("0", "0", "8192"), events          # the p2m size, nothing sent yet
+    assert events[1][0] == "1" and events[1][1] == "8192", events
+    # the decision is emu-manager's: the pause came after the first event meeting emum.c's rule
+    done_at = next(i for i, (it, _, rem) in enumerate(events) if int(it) > 0 and (int(rem) < 50 or int(it) >= 4))
+    assert err.index("-> xenopsd: suspend:") > err.index(
+        "xenguest: iteration {} sent {} remaining {}".format(*events[done_at]))
+
+
+def test_nonlive_save_order_pause_then_each_emulator_in_turn(hosts, tmp_path):
+    h = hosts()
+    subprocess.run([exe("xenopsd-shim"), "vm-create", "vm1", "--memory", "16M", "--vgpu", "4M"], env=h.env,
+                   check=True, capture_output=True)
+    domid = h.domains()[0]["domid"]
+    fd, vfd = append_only(tmp_path / "stream"), append_only(tmp_path / "vgpu")
+    x = Xenopsd(h, "-fd", str(fd), "-mode", "hvm_save", "-domid", str(domid), "-live", "false",
+                "-dm", f"vgpu:{vfd}", "-debuglog", "true", stream_fd=fd, more_fds=(vfd,))
+    os.close(fd)
+    os.close(vfd)
+    assert play_xenopsd(x) == "result:0 0"
+    code, err = x.finish()
+    assert code == 0, err
+    assert transcript(err) == [
+        "xenguest: migrate_init", "xenguest: set_args", "vgpu: migrate_init",
+        "xenopsd: suspend:", "xenguest: migrate_pause", "vgpu: migrate_pause",
+        "xenguest: migrate_paused", "vgpu: migrate_paused",
+        "xenopsd: prepare:xenguest", "xenguest: migrate_nonlive",
+        "xenopsd: prepare:vgpu", "vgpu: migrate_nonlive",
+        "xenopsd: result:0 0", "xenguest: quit", "vgpu: quit"], err
+    # xenguest was told of the vGPU (emum.c, configure_emus); and it finished before vgpu started
+    assert "<- set_args {'vgpu': 'true'}" in err, err
+    assert err.index("xenguest: completed") < err.index("-> xenopsd: prepare:vgpu"), err
+
+
+def test_xenguest_accepts_only_its_set_args_and_restore_needs_the_ports(hosts, tmp_path):
+    h = hosts()
+    domid = h.empty("vm", "16M")
+    (tmp_path / "stream").write_bytes(b"")
+    emu = Emulator(h, domid)
+    fd = os.open(tmp_path / "stream", os.O_RDONLY)
+    emu.send(request("migrate_init"), [fd])
+    os.close(fd)
+    assert emu.recv() == {"return": {}}
+    for bad in (request("set_args", memory_pnode="1"), request("set_args", store_port="0x10"),
+                request("set_args", pv="yes"), request("set_args"), b'{"execute":"set_args","arguments":{}}'):
+        emu.send(bad)
+        assert "error" in emu.recv(), bad
+    emu.send(request("set_args", store_port="010"))          # base 10, as strtol(.., 10)
+    assert emu.recv() == {"return": {}}
+    emu.send(request("restore"))                              # no console_port yet
+    reply = emu.recv()
+    assert "Missing options" in reply.get("error", ""), reply
+    emu.send(request("quit"))
+    assert emu.recv() == {"return": {}}
+    code, err = emu.finish()
+    assert code == 0, err
+    assert h.domains()[0]["state"] == "building"

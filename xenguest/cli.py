@@ -19,8 +19,7 @@ from .listen import Server
 from .log import Log
 from .longopts import Opt, UsageError, parse
 from .restore import Restorer
-from .precopy import Policy
-from .save import Aborted, PlainPages, Saver
+from .save import Aborted, PlainPages, Saver, simple_precopy_policy
 
 PROG = "xenguest"
 OPTIONS = [
@@ -37,7 +36,7 @@ def _save(host: Host, args: dict, log: Log) -> int:
     domain = host.domain(args["domid"])
     if domain.state not in ("running", "paused"):
         raise DomainError(f"domain {domain.domid} is {domain.state}; nothing to save")
-    saver = Saver(domain, args["fd"], live=bool(args["live"]), policy=Policy.from_env(),
+    saver = Saver(domain, args["fd"], live=bool(args["live"]), policy=simple_precopy_policy(),
                   suspend=domain.pause, encoder=CompressedPages() if args["compress"] else PlainPages())
     p = saver.run()
     log.info(f"saved domain {domain.domid}: iterations {len(p.history)}, pages {p.sent}, "
