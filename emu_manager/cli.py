@@ -5,7 +5,10 @@ control pipe), 2 the operation failed or was aborted.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import stat
 import sys
 
 from xenemu import Host
@@ -35,6 +38,20 @@ def _fd_open(fd: int, what: str) -> None:
         raise UsageError(f"{PROG}: {what} {fd} is not an open file descriptor") from None
 
 
+def _check_stream(fd: int, emu: str) -> None:
+    """emum.c's check_stream_fd: a stream fd that several writers could write at random offsets
+    (a file opened for writing without O_APPEND) could corrupt the image, so it is refused.
+    emum.c lets only sockets through unchecked; here pipes pass too (this project's toolstack
+    hands emu-manager pipes for the legacy zstd method and in tests), so only regular files are
+    checked."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if (flags & os.O_ACCMODE) != os.O_RDONLY and not flags & os.O_APPEND:
+        raise UsageError(f"{PROG}: Failed to validate stream {fd} for {emu}: {os.strerror(errno.ENOSTR)} "
+                         f"(a file opened for writing without O_APPEND)")
+
+
 def _emulators(args: dict, host: Host) -> list[Emu]:
     """The table of emulators for this domain: xenguest always, plus each -dm."""
     domid = args["domid"]
@@ -52,6 +69,7 @@ def _emulators(args: dict, host: Host) -> list[Emu]:
             if not value.isdigit():
                 raise UsageError(f"{PROG}: -dm vgpu needs a stream fd: vgpu:FD")
             _fd_open(int(value), "vgpu fd")
+            _check_stream(int(value), "vgpu")
             vgpu_argv = [find_executable("vgpu-emu"), "-domid", str(domid), "-mode", "listen"]
             emus.append(Emu("vgpu", vgpu_argv, host.run_dir / f"vgpu-control-{domid}", int(value)))
             continue
@@ -79,6 +97,7 @@ def run(argv: list[str]) -> int:
             raise UsageError(f"{PROG}: unknown mode '{args['mode']}' (one of {', '.join(MODES)})")
         for name in ("controlinfd", "controloutfd", "fd"):
             _fd_open(args[name], name)
+        _check_stream(args["fd"], "xenguest")
         save = MODES[args["mode"]]
         emus = _emulators(args, Host())
     except UsageError as e:

@@ -105,7 +105,7 @@ def test_abort_mid_save_exits_2_and_leaves_no_children(hosts):
 def test_unexpected_done_is_a_protocol_error(hosts, tmp_path):
     h = hosts()
     domid = h.create("vm", "16M")
-    with open(tmp_path / "stream", "wb") as stream:
+    with open(tmp_path / "stream", "ab") as stream:
         x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", str(domid), "-live", "false",
                     stream_fd=stream.fileno())
         assert x.recv() == "suspend:"
@@ -124,7 +124,7 @@ def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
     h = hosts()
     domid = h.create("vm", "32M")
     watcher = ProcessWatcher()
-    with open(tmp_path / "stream", "wb") as stream:
+    with open(tmp_path / "stream", "ab") as stream:
         x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", str(domid), "-live", "false",
                     "-compress", "true", stream_fd=stream.fileno())
         assert x.recv() == "suspend:"
@@ -319,3 +319,20 @@ def test_xenguest_accepts_only_its_set_args_and_restore_needs_the_ports(hosts, t
     code, err = emu.finish()
     assert code == 0, err
     assert h.domains()[0]["state"] == "building"
+
+
+@pytest.mark.parametrize("dm", [False, True])
+def test_stream_file_without_o_append_is_refused(hosts, tmp_path, dm):
+    h = hosts()
+    domid = h.create("vm", "16M")
+    good, bad = append_only(tmp_path / "good"), os.open(tmp_path / "bad", os.O_WRONLY | os.O_CREAT, 0o600)
+    main, vgpu = (good, bad) if dm else (bad, good)
+    x = Xenopsd(h, "-fd", str(main), "-mode", "hvm_save", "-domid", str(domid), "-live", "true",
+                *(["-dm", f"vgpu:{vgpu}"] if dm else []), stream_fd=main, more_fds=(vgpu,))
+    code, err = x.finish()
+    os.close(good)
+    os.close(bad)
+    assert code == 1 and x.received == []
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"Failed to validate stream {bad} for {'vgpu' if dm else 'xenguest'}: Device not a stream" in err, err
+    assert h.domains()[0]["state"] == "running"
