@@ -21,7 +21,7 @@ from .orchestrator import Orchestrator
 
 PROG = "emu-manager"
 OPTIONS = [
-    Opt("controlinfd", "int"), Opt("controloutfd", "int"), Opt("debuglog", "bool"), Opt("fd", "int"),
+    Opt("controlinfd", "int"), Opt("controloutfd", "int"), Opt("debuglog", "str"), Opt("fd", "int"),
     Opt("domid", "int"), Opt("live", "bool"), Opt("dm", "str", repeat=True), Opt("mode", "str"),
     Opt("store_port", "int"), Opt("console_port", "int"), Opt("fork", "str"), Opt("mem_pnode", "int"),
     Opt("supports", "str"), Opt("compress", "bool"),
@@ -57,13 +57,15 @@ def _emulators(args: dict, host: Host) -> list[Emu]:
     domid = args["domid"]
     argv = [find_executable("xenguest"), "-debug", "-domid", str(domid), "-controloutfd", "2",
             "-controlinfd", "0", "-mode", "listen"]
+    if args["mem_pnode"] is not None:
+        argv += ["-mem_pnode", str(args["mem_pnode"])]
     if args["compress"]:
         argv += ["-compress", "true"]
     xenguest = Emu("xenguest", argv, host.xenguest_socket(domid), args["fd"], decides_live=True)
     emus = [xenguest]
     for dm in args["dm"]:
-        kind, _, value = dm.partition(":")
-        if kind in ("qemu", "qemu_trad", "xenguest"):
+        kind, colon, value = dm.partition(":")
+        if kind in ("qemu", "xenguest") and not colon:
             continue      # qemu's state is saved by xenopsd itself; xenguest is always in the table
         if kind == "vgpu":
             if not value.isdigit():
@@ -73,7 +75,8 @@ def _emulators(args: dict, host: Host) -> list[Emu]:
             vgpu_argv = [find_executable("vgpu-emu"), "-domid", str(domid), "-mode", "listen"]
             emus.append(Emu("vgpu", vgpu_argv, host.run_dir / f"vgpu-control-{domid}", int(value)))
             continue
-        raise UsageError(f"{PROG}: unknown device model '{dm}'")
+        # emum.c's parse_dm_arg knows only xenguest, vgpu and qemu (so not qemu_trad: "Bad dm arg")
+        raise UsageError(f"{PROG}: Bad dm arg: '{kind}', '{value if colon else '(null)'}'")
     # xenguest's set_args, as emum.c builds them: the ports given (restore), pv for PV modes
     # (main), vgpu when a vGPU is migrated too (configure_emus).
     xenguest.set_args = {key: str(args[key]) for key in ("store_port", "console_port") if args[key] is not None}
@@ -103,7 +106,8 @@ def run(argv: list[str]) -> int:
     except UsageError as e:
         print(e, file=sys.stderr)
         return 1
-    log = Log(f"{PROG}[{args['domid']}]", 2, debug=bool(args["debuglog"]))
+    # emum.c: debug logging exactly when -debuglog is "true"; any other word is accepted and means off.
+    log = Log(f"{PROG}[{args['domid']}]", 2, debug=args["debuglog"] == "true")
     orchestrator = Orchestrator(save=save, live=bool(args["live"]), emus=emus,
                                 control=LineChannel(args["controlinfd"], args["controloutfd"]), log=log)
     return orchestrator.run()

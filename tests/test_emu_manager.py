@@ -62,6 +62,9 @@ class Xenopsd:
     ["-mode", "fly", "-domid", "1", "-fd", "0"],
     ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-compress", "yes"],
     ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-d", "1"],        # ambiguous prefix: -debuglog, -dm, -domid
+    ["-mode", "hvm_save", "-domid", "0x1", "-fd", "0"],                 # base 10 only (emum.c parse_int)
+    ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-dm", "qemu_trad"],   # emum.c: Bad dm arg
+    ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-dm", "qemu:3"],
 ])
 def test_bad_arguments_exit_1_with_nothing_on_the_control_pipe(hosts, args):
     x = Xenopsd(hosts(), *args)
@@ -125,8 +128,8 @@ def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
     domid = h.create("vm", "32M")
     watcher = ProcessWatcher()
     with open(tmp_path / "stream", "ab") as stream:
-        x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", str(domid), "-live", "false",
-                    "-compress", "true", stream_fd=stream.fileno())
+        x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", f"0{domid}", "-live", "false",
+                    "-compress", "true", "-debuglog", "no", "-mem_pnode", "010", stream_fd=stream.fileno())
         assert x.recv() == "suspend:"
         x.send("done")
         assert x.recv() == "prepare:xenguest"
@@ -138,7 +141,7 @@ def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
     assert code == 0
     assert argv_of(watcher.stop(), h.root, "xenguest") == [[
         "xenguest", "-debug", "-domid", str(domid), "-controloutfd", "2", "-controlinfd", "0", "-mode", "listen",
-        "-compress", "true"]]
+        "-mem_pnode", "10", "-compress", "true"]]
     assert (tmp_path / "stream").read_bytes()[:8] == b"\xff" * 8
 
 
