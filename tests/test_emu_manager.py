@@ -7,6 +7,7 @@ import re
 import select
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -339,3 +340,47 @@ def test_stream_file_without_o_append_is_refused(hosts, tmp_path, dm):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f"Failed to validate stream {bad} for {'vgpu' if dm else 'xenguest'}: Device not a stream" in err, err
     assert h.domains()[0]["state"] == "running"
+
+
+def test_xenguest_events_as_libxc_counts_and_iterates_until_told(hosts):
+    h = hosts()
+    domid = h.create("vm", "8M", workload="increment")       # every page stays dirty: never converges
+    emu = Emulator(h, domid)
+    stream_r, stream_w = os.pipe()
+    events: list[dict] = []
+
+    def reply() -> dict:
+        while "event" in (value := emu.recv()):
+            events.append(value["data"])
+        return value
+
+    emu.send(request("migrate_init"), [stream_w])
+    os.close(stream_w)
+    assert reply() == {"return": {}}
+    for command in ("track_dirty", "migrate_progress", "migrate_live"):
+        emu.send(request(command))
+        assert reply() == {"return": {}}
+    time.sleep(0.8)             # the first pass waits on the pipe past xenguest's 500 ms progress interval
+    drain = threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(stream_r, 1 << 20), b"")])
+    drain.start()
+    while not events or events[-1].get("iteration", 0) < 6:   # past emum.c's 4 and libxc's own 5
+        events.append(emu.recv()["data"])
+    emu.send(request("migrate_pause"))
+    assert reply() == {"return": {}}
+    emu.send(request("migrate_paused"))
+    assert reply() == {"return": {}}
+    while "status" not in events[-1]:
+        events.append(emu.recv()["data"])
+    assert events[-1] == {"status": "completed", "result": "0 0"}, events[-1]
+    emu.send(request("quit"))
+    assert reply() == {"return": {}}
+    code, err = emu.finish()
+    drain.join()
+    os.close(stream_r)
+    assert code == 0, err
+    assert events[0] == {"sent": 0, "remaining": 2048, "iteration": 0}     # the p2m size, nothing sent
+    first_pass = events[1:events.index(next(e for e in events if e.get("iteration") == 1))]
+    assert first_pass and all(e["remaining"] == -1 and e["iteration"] == 0 for e in first_pass), events[:5]
+    counted = [e for e in events if e.get("remaining", -1) >= 0]
+    assert [e["iteration"] for e in counted[:7]] == list(range(7)), counted
+    assert [e["sent"] for e in counted[:3]] == [0, 2048, 2048 + counted[1]["remaining"]], counted
