@@ -251,16 +251,29 @@ def append_only(path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
-def test_live_save_order_emu_manager_decides_when_precopy_is_done(hosts, tmp_path):
-    h = hosts()
-    domid = h.create("vm", "32M", workload="increment")
-    fd = append_only(tmp_path / "stream")
-    x = Xenopsd(h, "-fd", str(fd), "-mode", "hvm_save", "-domid", str(domid), "-live", "true", "-dm", "qemu",
-                "-debuglog", "true", stream_fd=fd)
-    os.close(fd)
+def saved(h: HostDir, tmp_path, domid: int, *args: str, vgpu: bool = False) -> str:
+    """A save with every request acked, to O_APPEND files; emu-manager's log."""
+    fds = [append_only(tmp_path / "stream")] + ([append_only(tmp_path / "vgpu")] if vgpu else [])
+    x = Xenopsd(h, "-fd", str(fds[0]), "-mode", "hvm_save", "-domid", str(domid), *args, "-debuglog", "true",
+                *(["-dm", f"vgpu:{fds[1]}"] if vgpu else []), stream_fd=fds[0], more_fds=tuple(fds[1:]))
+    for fd in fds:
+        os.close(fd)
     assert play_xenopsd(x) == "result:0 0"
     code, err = x.finish()
     assert code == 0, err
+    return err
+
+
+def vgpu_vm(h: HostDir) -> int:
+    subprocess.run([exe("xenopsd-shim"), "vm-create", "vm1", "--memory", "16M", "--vgpu", "4M"], env=h.env,
+                   check=True, capture_output=True)
+    return h.domains()[0]["domid"]
+
+
+def test_live_save_order_emu_manager_decides_when_precopy_is_done(hosts, tmp_path):
+    h = hosts()
+    domid = h.create("vm", "32M", workload="increment")
+    err = saved(h, tmp_path, domid, "-live", "true", "-dm", "qemu")
     assert transcript(err) == [
         "xenguest: migrate_init", "xenguest: track_dirty", "xenguest: migrate_progress",
         "xenopsd: prepare:xenguest", "xenguest: migrate_live",
@@ -275,19 +288,22 @@ def test_live_save_order_emu_manager_decides_when_precopy_is_done(hosts, tmp_pat
         "xenguest: iteration {} sent {} remaining {}".format(*events[done_at]))
 
 
+def test_live_save_order_with_vgpu(hosts, tmp_path):
+    h = hosts()
+    err = saved(h, tmp_path, vgpu_vm(h), "-live", "true", vgpu=True)
+    assert transcript(err) == [
+        "xenguest: migrate_init", "xenguest: set_args", "vgpu: migrate_init",
+        "xenguest: track_dirty", "xenguest: migrate_progress", "vgpu: track_dirty", "vgpu: migrate_progress",
+        "xenopsd: prepare:xenguest", "xenguest: migrate_live", "xenopsd: prepare:vgpu", "vgpu: migrate_live",
+        "xenopsd: suspend:", "xenguest: migrate_pause", "vgpu: migrate_pause",
+        "xenguest: migrate_paused", "vgpu: migrate_paused",
+        "xenopsd: result:0 0", "xenguest: quit", "vgpu: quit"], err
+    assert "<- set_args {'vgpu': 'true'}" in err, err
+
+
 def test_nonlive_save_order_pause_then_each_emulator_in_turn(hosts, tmp_path):
     h = hosts()
-    subprocess.run([exe("xenopsd-shim"), "vm-create", "vm1", "--memory", "16M", "--vgpu", "4M"], env=h.env,
-                   check=True, capture_output=True)
-    domid = h.domains()[0]["domid"]
-    fd, vfd = append_only(tmp_path / "stream"), append_only(tmp_path / "vgpu")
-    x = Xenopsd(h, "-fd", str(fd), "-mode", "hvm_save", "-domid", str(domid), "-live", "false",
-                "-dm", f"vgpu:{vfd}", "-debuglog", "true", stream_fd=fd, more_fds=(vfd,))
-    os.close(fd)
-    os.close(vfd)
-    assert play_xenopsd(x) == "result:0 0"
-    code, err = x.finish()
-    assert code == 0, err
+    err = saved(h, tmp_path, vgpu_vm(h), "-live", "false", vgpu=True)
     assert transcript(err) == [
         "xenguest: migrate_init", "xenguest: set_args", "vgpu: migrate_init",
         "xenopsd: suspend:", "xenguest: migrate_pause", "vgpu: migrate_pause",
