@@ -57,8 +57,6 @@ def _emulators(args: dict, host: Host) -> list[Emu]:
     domid = args["domid"]
     argv = [find_executable("xenguest"), "-debug", "-domid", str(domid), "-controloutfd", "2",
             "-controlinfd", "0", "-mode", "listen"]
-    if args["mem_pnode"] is not None:
-        argv += ["-mem_pnode", str(args["mem_pnode"])]
     if args["compress"]:
         argv += ["-compress", "true"]
     xenguest = Emu("xenguest", argv, host.xenguest_socket(domid), args["fd"], decides_live=True)

@@ -130,7 +130,7 @@ def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
     watcher = ProcessWatcher()
     with open(tmp_path / "stream", "ab") as stream:
         x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", f"0{domid}", "-live", "false",
-                    "-compress", "true", "-debuglog", "no", "-mem_pnode", "010", stream_fd=stream.fileno())
+                    "-compress", "true", "-debuglog", "no", stream_fd=stream.fileno())
         assert x.recv() == "suspend:"
         x.send("done")
         assert x.recv() == "prepare:xenguest"
@@ -142,7 +142,7 @@ def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
     assert code == 0
     assert argv_of(watcher.stop(), h.root, "xenguest") == [[
         "xenguest", "-debug", "-domid", str(domid), "-controloutfd", "2", "-controlinfd", "0", "-mode", "listen",
-        "-mem_pnode", "10", "-compress", "true"]]
+        "-compress", "true"]]
     assert (tmp_path / "stream").read_bytes()[:8] == b"\xff" * 8
 
 
