@@ -379,7 +379,9 @@ def test_xenguest_events_as_libxc_counts_and_iterates_until_told(hosts):
     time.sleep(0.8)             # the first pass waits on the pipe past xenguest's 500 ms progress interval
     drain = threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(stream_r, 1 << 20), b"")])
     drain.start()
-    while not events or events[-1].get("iteration", 0) < 6:   # past emum.c's 4 and libxc's own 5
+    # Past emum.c's 4 and libxc's own 5, unless a pass finds nothing dirty (a starved guest):
+    # then xenguest stops by itself, as the real one does.
+    while not events or (events[-1].get("iteration", 0) < 6 and events[-1].get("remaining") != 0):
         events.append(emu.recv()["data"])
     emu.send(request("migrate_pause"))
     assert reply() == {"return": {}}
@@ -398,5 +400,7 @@ def test_xenguest_events_as_libxc_counts_and_iterates_until_told(hosts):
     first_pass = events[1:events.index(next(e for e in events if e.get("iteration") == 1))]
     assert first_pass and all(e["remaining"] == -1 and e["iteration"] == 0 for e in first_pass), events[:5]
     counted = [e for e in events if e.get("remaining", -1) >= 0]
-    assert [e["iteration"] for e in counted[:7]] == list(range(7)), counted
-    assert [e["sent"] for e in counted[:3]] == [0, 2048, 2048 + counted[1]["remaining"]], counted
+    assert [e["iteration"] for e in counted] == list(range(len(counted))), counted
+    assert counted[-1]["iteration"] >= 6 or counted[-1]["remaining"] == 0, counted
+    # libxc's total_written: each pass adds the dirty count it was asked to send
+    assert all(b["sent"] == a["sent"] + a["remaining"] for a, b in zip(counted, counted[1:])), counted
