@@ -47,10 +47,10 @@ def test_256m_save_restore_on_second_host(hosts, tmp_path):
 
 
 # The guest writes while it is saved, and has no zero page (`busy`), so every page of a batch
-# goes to the encoder; standalone, libxc's simple policy stops pre-copy after iteration 0 (XENGUEST_MAX_ITERATIONS=1), which takes
-# long enough that the guest always writes during it: the final copy resends those pages over
-# the ones iteration 0 sent, and the pause point is really tested. (After a short dirty pass the
-# final copy was empty in some runs.)
+# goes to the encoder; standalone, libxc's simple policy stops pre-copy after iteration 0
+# (XENGUEST_MAX_ITERATIONS=1), which takes long enough that the guest always writes during it:
+# the final copy resends those pages over the ones iteration 0 sent, and the pause point is
+# really tested. (After a short dirty pass the final copy was empty in some runs.)
 ENCODERS = {"plain": (), "inband-1": ("-compress", "true"), "inband-4": ("-compress", "true")}
 
 
