@@ -27,7 +27,7 @@ class EmuState(enum.Enum):
     CONNECTED = "connected"         # EMP socket open
     INITIALISED = "initialised"     # migrate_init + set_args acknowledged
     RUNNING = "running"             # migrate_live / migrate_nonlive / restore under way
-    LIVE_DONE = "live_done"         # pre-copy has converged (or given up)
+    LIVE_DONE = "live_done"         # emu-manager judged pre-copy done from its events
     PAUSED = "paused"               # told the domain is paused, doing the final copy
     COMPLETED = "completed"
     FAILED = "failed"
@@ -58,6 +58,8 @@ class Emu:
     argv: list[str]
     socket_path: Path
     stream_fd: int
+    set_args: dict[str, str] = field(default_factory=dict)   # sent only when not empty (emum.c)
+    decides_live: bool = False      # emu-manager waits for its live stage (emum.c: STAGE_READY)
     state: EmuState = EmuState.NEW
     proc: subprocess.Popen | None = None
     chan: emp.Channel | None = None

@@ -1,9 +1,11 @@
 """emu-manager's state machine: an operation's stages over the table of emulators.
 
-Each operation is a fixed list of stages (as in the real emum.c); every stage
-acts on each emulator of the table and moves its state on. One loop pumps the
-control channel and every EMP socket, so an `abort` or an emulator's failure
-is seen whatever stage is waiting.
+Each operation is a fixed list of stages, in the real emum.c's order
+(operation_save, operation_load); every stage acts on each emulator of the
+table and moves its state on. One loop pumps the control channel and every
+EMP socket, so an `abort` or an emulator's failure is seen whatever stage is
+waiting. emu-manager, not xenguest, decides that pre-copy is done, from
+xenguest's MIGRATION events (emum.c, emp_event_cb).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from typing import Callable
 
 from xenguest import emp
 from xenguest.log import Log
-from xenguest.precopy import Policy
 
 from . import control as ctl
 from .emus import Emu, EmuFailure, EmuState
@@ -34,21 +35,32 @@ class Timeouts:
     exit: float = field(default_factory=lambda: _env_timeout("EMU_MANAGER_EXIT_TIMEOUT", 60))
 
 
+@dataclass(frozen=True)
+class LiveDone:
+    """emum.c's rule (emp_event_cb): an event with iteration > 0 and fewer than 50 pages
+    remaining (-1, unknown mid-pass, counts as fewer), or iteration >= 4. Tunable through the
+    environment for tests and experiments, as here is where the decision is taken."""
+    dirty: int = field(default_factory=lambda: int(os.environ.get("EMU_MANAGER_LIVE_DIRTY", 50)))
+    iterations: int = field(default_factory=lambda: int(os.environ.get("EMU_MANAGER_LIVE_ITERATIONS", 4)))
+
+    def __call__(self, iteration: int, remaining: int) -> bool:
+        return iteration > 0 and (remaining < self.dirty or iteration >= self.iterations)
+
+
 class Aborted(Exception):
     """xenopsd said `abort`, or went away."""
 
 
 class Orchestrator:
     def __init__(self, *, save: bool, live: bool, emus: list[Emu], control: ctl.LineChannel,
-                 set_args: dict[str, str], log: Log, timeouts: Timeouts | None = None) -> None:
+                 log: Log, timeouts: Timeouts | None = None) -> None:
         self.save = save
         self.live = live
         self.emus = {e.name: e for e in emus}
         self.control = control
-        self.set_args = set_args
         self.log = log
         self.timeouts = timeouts or Timeouts()
-        self.precopy = Policy.from_env()     # the same decision xenguest takes, from the same figures
+        self.live_done = LiveDone()
         self.stage = "new"
         self.awaiting_ack: str | None = None
         self.restore_requests: list[str] = []
@@ -59,13 +71,12 @@ class Orchestrator:
         common = [("start", self.start), ("init", self.init)]
         if not self.save:
             return [*common, ("restore", self.restore), ("quit", self.quit)]
+        stop = [("suspend", self.suspend), ("pause", self.pause), ("paused", self.paused)]
+        end = [("result", self.result), ("quit", self.quit)]
         if self.live:
-            return [*common, ("track_dirty", self.track_dirty), ("progress", self.progress),
-                    ("live", self.migrate_live), ("converge", self.converge), ("suspend", self.suspend),
-                    ("pause", self.pause), ("complete", self.complete), ("result", self.result),
-                    ("quit", self.quit)]
-        return [*common, ("suspend", self.suspend), ("nonlive", self.migrate_nonlive), ("complete", self.complete),
-                ("result", self.result), ("quit", self.quit)]
+            return [*common, ("track", self.track), ("live", self.migrate_live), ("ready", self.ready), *stop,
+                    ("complete", self.complete), *end]
+        return [*common, *stop, ("nonlive", self.migrate_nonlive), *end]
 
     def run(self) -> int:
         """0 on success, 2 on failure or abort (after the emulators are gone)."""
@@ -83,7 +94,7 @@ class Orchestrator:
             emu = getattr(e, "emu", None)
             self.log.error(f"stage {self.stage}: {e}")
             try:
-                self.control.send(f"{ctl.MSG_ERROR}{emu + ' ' if emu else ''}{e}")
+                self.tell(f"{ctl.MSG_ERROR}{emu + ' ' if emu else ''}{e}")
             except ctl.ControlError:
                 pass
             self._abort_emus()
@@ -101,15 +112,13 @@ class Orchestrator:
     def init(self) -> None:
         for emu in self.emus.values():
             self.request(emu, emp.CMD_MIGRATE_INIT, fds=[emu.stream_fd])
-            self.request(emu, emp.CMD_SET_ARGS, **self.set_args)
+            if emu.set_args:
+                self.request(emu, emp.CMD_SET_ARGS, **emu.set_args)
             emu.state = EmuState.INITIALISED
 
-    def track_dirty(self) -> None:
+    def track(self) -> None:
         for emu in self.emus.values():
             self.request(emu, emp.CMD_TRACK_DIRTY)
-
-    def progress(self) -> None:
-        for emu in self.emus.values():
             self.request(emu, emp.CMD_MIGRATE_PROGRESS)
 
     def migrate_live(self) -> None:
@@ -119,14 +128,17 @@ class Orchestrator:
             emu.state = EmuState.RUNNING
 
     def migrate_nonlive(self) -> None:
+        """One emulator at a time, each to completion (emum.c, save_nonlive_one_by_one)."""
         for emu in self.emus.values():
             self.ack(ctl.MSG_PREPARE + emu.name)
             self.request(emu, emp.CMD_MIGRATE_NONLIVE)
             emu.state = EmuState.RUNNING
+            self.wait_until(lambda: emu.state == EmuState.COMPLETED, None, f"{emu.name} to complete")
+            self.log.info(f"{emu.name}: completed: pages {emu.sent}")
 
-    def converge(self) -> None:
-        self.wait_until(lambda: all(e.state in (EmuState.LIVE_DONE, EmuState.COMPLETED) for e in self.emus.values()),
-                        None, "pre-copy to converge")
+    def ready(self) -> None:
+        self.wait_until(lambda: all(e.state != EmuState.RUNNING for e in self.emus.values() if e.decides_live),
+                        None, "pre-copy to be done")
 
     def suspend(self) -> None:
         self.ack(ctl.MSG_SUSPEND)
@@ -134,8 +146,11 @@ class Orchestrator:
     def pause(self) -> None:
         for emu in self.emus.values():
             self.request(emu, emp.CMD_MIGRATE_PAUSE)
+
+    def paused(self) -> None:
+        for emu in self.emus.values():
             self.request(emu, emp.CMD_MIGRATE_PAUSED)
-            if emu.state != EmuState.COMPLETED:
+            if emu.state in (EmuState.RUNNING, EmuState.LIVE_DONE):
                 emu.state = EmuState.PAUSED
 
     def complete(self) -> None:
@@ -146,7 +161,7 @@ class Orchestrator:
             self.log.info(f"{emu.name}: completed: iterations {emu.iteration + 1}, pages {emu.sent}")
 
     def result(self) -> None:
-        self.control.send(f"{ctl.MSG_RESULT}0 0")
+        self.tell(f"{ctl.MSG_RESULT}0 0")
 
     def restore(self) -> None:
         reported: set[str] = set()
@@ -162,7 +177,7 @@ class Orchestrator:
                 if emu.state == EmuState.COMPLETED and emu.name not in reported:
                     reported.add(emu.name)
                     result = f" {emu.result}" if emu.name == "xenguest" else ""
-                    self.control.send(f"{ctl.MSG_RESULT}{emu.name}{result}")
+                    self.tell(f"{ctl.MSG_RESULT}{emu.name}{result}")
 
     def quit(self) -> None:
         for emu in self.emus.values():
@@ -173,7 +188,13 @@ class Orchestrator:
                 raise EmuFailure(emu.name, f"{emu.name} exited with status {code}")
 
     # -- requests, acks and the event loop ----------------------------------------
+    def tell(self, line: str) -> None:
+        """A control message to xenopsd (with -debuglog true, logged: the order is the transcript)."""
+        self.log.debug(f"-> xenopsd: {line}")
+        self.control.send(line)
+
     def request(self, emu: Emu, command: str, fds: list[int] | None = None, **arguments: str) -> None:
+        self.log.debug(f"-> {emu.name}: {command}")
         emu.send(command, fds, **arguments)
         self.wait_until(lambda: emu.reply is not None, self.timeouts.reply, f"{emu.name}'s reply to {command}")
         assert emu.reply is not None
@@ -182,7 +203,7 @@ class Orchestrator:
 
     def ack(self, message: str) -> None:
         self.awaiting_ack = message
-        self.control.send(message)
+        self.tell(message)
         self.wait_until(lambda: self.awaiting_ack is None, self.timeouts.ack, f"xenopsd's ack of {message}")
 
     def wait_until(self, done: Callable[[], bool], timeout: float | None, what: str) -> None:
@@ -268,12 +289,18 @@ class Orchestrator:
             emu.state = EmuState.COMPLETED
             emu.result = str(data.get("result", ""))
             return
-        try:
-            emu.sent, emu.remaining, emu.iteration = int(data["sent"]), int(data["remaining"]), int(data["iteration"])
-        except (KeyError, ValueError, TypeError):
-            raise EmuFailure(emu.name, f"{emu.name} sent a malformed progress event") from None
-        self.log.debug(f"{emu.name}: iteration {emu.iteration} sent {emu.sent} remaining {emu.remaining}")
-        if emu.state == EmuState.RUNNING and self.live and self.precopy.live_done(emu.iteration, emu.remaining):
+        figures = {key: data.get(key, -1) for key in ("sent", "remaining", "iteration")}
+        if set(data) - set(figures) or not all(type(v) is int for v in figures.values()):
+            raise EmuFailure(emu.name, f"{emu.name} sent a malformed progress event")
+        sent, remaining, iteration = figures["sent"], figures["remaining"], figures["iteration"]
+        if remaining < 0 and iteration < 0:
+            return
+        if remaining == 0 and iteration == 0:
+            remaining = -1                  # emum.c's fix-up: such a count is not to be trusted
+        if remaining != -1:
+            emu.sent, emu.remaining, emu.iteration = sent, remaining, iteration
+        self.log.debug(f"{emu.name}: iteration {iteration} sent {sent} remaining {remaining}")
+        if emu.state == EmuState.RUNNING and self.live and self.live_done(iteration, remaining):
             emu.state = EmuState.LIVE_DONE
         self._report_percent()
 
@@ -283,7 +310,7 @@ class Orchestrator:
         percent = min(e.percent for e in self.emus.values())
         if percent != self.last_percent:
             self.last_percent = percent
-            self.control.send(ctl.info(percent))
+            self.tell(ctl.info(percent))
 
     def _abort_emus(self) -> None:
         for emu in self.emus.values():

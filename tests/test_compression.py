@@ -87,16 +87,19 @@ def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_co
     streams = 2 if vgpu else 1
     if method == "stream":
         assert sent == [ZSTD_SEND] * streams and received == [ZSTD_RECV] * streams
-        priorities = [watcher.priority[pid] for pid, (root, cmd) in watcher.seen.items()
-                      if cmd == ZSTD_SEND and root == str(a.root)]
-        assert priorities == [(19, psutil.IOPRIO_CLASS_IDLE)] * streams
+        for cmdline, host in ((ZSTD_SEND, a), (ZSTD_RECV, b)):       # both niced, as xapi_compression.ml
+            priorities = [watcher.priority[pid] for pid, (root, cmd) in watcher.seen.items()
+                          if cmd == cmdline and root == str(host.root)]
+            assert priorities == [(19, psutil.IOPRIO_CLASS_IDLE)] * streams, cmdline
         assert "zstd" in summary["cpu_seconds"]["source"] and "zstd" in summary["cpu_seconds"]["destination"]
     else:
         assert sent == [] and received == []
     # The cookie is present exactly in stream mode (the receiver logs what it was told).
     assert ("(compress=zstd)" in (b.root / "xenopsd.log").read_text()) == (method == "stream")
     if method != "none":
-        assert summary["compression_ratio"] > 1.3
+        # (xenguest keeps iterating until emu-manager's migrate_pause, which follows the suspend
+        # ack: a pass more of the guest's random, incompressible writes; 1.27 to 1.37 seen)
+        assert summary["compression_ratio"] > 1.2
     if method == "xenguest":
         assert summary["zero_pages"] > 0
     if vgpu:    # the vGPU stream is compressed only by the stream method

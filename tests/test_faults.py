@@ -104,7 +104,7 @@ def test_sigkill_vm_stays_on_source(hosts, receiver, victim, moment):
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
                             rate, "--compress" if name == "zstd" else "--no-compress",
                             "--non-live" if moment == "non-live" else "--live"],
-                           env={**a.env, "XENGUEST_MAX_ITERATIONS": "2"}, stderr=subprocess.PIPE, text=True)
+                           env={**a.env, "EMU_MANAGER_LIVE_ITERATIONS": "2"}, stderr=subprocess.PIPE, text=True)
     host = a if side == "A" else b
     wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
     if final:
@@ -141,7 +141,7 @@ def test_receiver_killed_mid_stream(hosts, moment):
          "--workload", "increment" if final else "none")
     before = None if final else shim(a, "vm-digest", "vm1").stdout
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
-                            "30MB/s" if final else "40MB/s"], env={**a.env, "XENGUEST_MAX_ITERATIONS": "2"},
+                            "30MB/s" if final else "40MB/s"], env={**a.env, "EMU_MANAGER_LIVE_ITERATIONS": "2"},
                            stderr=subprocess.PIPE, text=True)
     wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
     if final:

@@ -1,8 +1,8 @@
 """`vgpu-emu -domid D -mode listen`: the vGPU emulator emu-manager starts for `-dm vgpu:FD`.
 
-Saves the GPU memory as one pass while the guest runs (nothing dirties it
-here), reports convergence, waits for the domain to be paused, and ends the
-stream; restores it chunk by chunk into the new domain.
+Saves the GPU memory as one pass (while the guest runs, if live: nothing
+dirties it here), reports it, waits for the domain to be paused, and ends
+the stream; restores it chunk by chunk into the new domain.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from xenguest.empserver import EmpServer, Work
 from xenguest.fdio import Reader, Truncated, write_all
 from xenguest.log import Log
 from xenguest.longopts import Opt, UsageError, parse
-from xenguest.save import Progress
 
 from . import stream
 
@@ -41,10 +40,9 @@ class VgpuServer(EmpServer):
                     raise DomainError("vGPU save aborted")
                 chunk = vgpu[offset:offset + stream.MAX_CHUNK]
                 write_all(fd, [stream.build_chunk(offset, chunk.size), chunk])
-            self.progress(Progress(sent=pages, remaining=0, iteration=0))
             if live:
-                self.progress(Progress(sent=pages, remaining=0, iteration=1))   # converged: nothing dirty
-                self.wait_paused()
+                self.event(pages, 0, 1)           # one pass, nothing dirty after it
+            self.wait_paused()
             write_all(fd, [stream.build_chunk(vgpu.size, 0, stream.KIND_END)])
             self.log.info(f"vGPU of domain {self.domid} saved: {vgpu.size} bytes")
             return ""

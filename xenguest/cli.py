@@ -1,7 +1,7 @@
 """`xenguest`: the real option shape, for emu-manager (`-mode listen`) and for people.
 
     xenguest -debug -domid D -controloutfd 2 -controlinfd 0 -mode listen [-compress true]
-    xenguest -mode save -domid D -fd N [-live true] [-compress true]
+    xenguest -mode save -domid D -fd N [-live] [-compress true]
     xenguest -mode restore -domid D -fd N
     xenguest -mode inspect -fd N                 (a stream or suspend image, described on stdout)
     xenguest -mode convert -fd IN -outfd OUT     (compressed records rewritten as upstream PAGE_DATA)
@@ -19,14 +19,14 @@ from .listen import Server
 from .log import Log
 from .longopts import Opt, UsageError, parse
 from .restore import Restorer
-from .precopy import Policy
-from .save import Aborted, PlainPages, Saver
+from .save import Aborted, PlainPages, Saver, simple_precopy_policy
 
 PROG = "xenguest"
+# As the real xenguest's option table (parse_options): -live, -debug and -fork take no argument.
 OPTIONS = [
     Opt("mode", required=True), Opt("domid", "int"), Opt("fd", "int"), Opt("outfd", "int"),
-    Opt("live", "bool"), Opt("debug", "flag"), Opt("controlinfd", "int"), Opt("controloutfd", "int"),
-    Opt("compress", "bool"), Opt("store_port", "int"), Opt("console_port", "int"), Opt("fork", "str"),
+    Opt("live", "flag"), Opt("debug", "flag"), Opt("controlinfd", "int"), Opt("controloutfd", "int"),
+    Opt("compress", "bool"), Opt("store_port", "int"), Opt("console_port", "int"), Opt("fork", "flag"),
     Opt("mem_pnode", "int"),
 ]
 DOMAIN_MODES = ("listen", "save", "hvm_save", "restore", "hvm_restore")
@@ -37,7 +37,7 @@ def _save(host: Host, args: dict, log: Log) -> int:
     domain = host.domain(args["domid"])
     if domain.state not in ("running", "paused"):
         raise DomainError(f"domain {domain.domid} is {domain.state}; nothing to save")
-    saver = Saver(domain, args["fd"], live=bool(args["live"]), policy=Policy.from_env(),
+    saver = Saver(domain, args["fd"], live=bool(args["live"]), policy=simple_precopy_policy(),
                   suspend=domain.pause, encoder=CompressedPages() if args["compress"] else PlainPages())
     p = saver.run()
     log.info(f"saved domain {domain.domid}: iterations {len(p.history)}, pages {p.sent}, "

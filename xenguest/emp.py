@@ -1,9 +1,15 @@
 """EMP, the emu-manager protocol: JSON objects over a Unix stream socket.
 
-One object per line. A file descriptor travels as SCM_RIGHTS in the same
-sendmsg as the request that names it (`migrate_init`); the receiver attaches
-the fds of a read to the first message completed by that read, which is
-exact because a requester waits for each reply before its next request.
+Framed by JSON value, not by line: the real emu-manager writes each request
+as bare JSON with no terminator and parses what comes back as a stream of
+JSON values (em-client.c, em_client_send_cmd / em_client_read with a
+json_tokener), so a reader must never wait for a newline. We write bare
+JSON too. A value still incomplete after MAX_MESSAGE bytes is an error, so
+a hostile peer cannot grow our memory. A file descriptor travels as
+SCM_RIGHTS in the same sendmsg as the request that names it
+(`migrate_init`); the receiver attaches the fds of a read to the first
+message completed by that read, which is exact because a requester waits
+for each reply before its next request.
 """
 from __future__ import annotations
 
@@ -66,6 +72,41 @@ def failure_event(error: str) -> dict[str, Any]:
     return {"event": EVENT_MIGRATION, "data": {"status": STATUS_FAILED, "error": error}}
 
 
+_WHITESPACE = b" \t\r\n"
+_OPEN, _CLOSE, _QUOTE, _ESCAPE = b"{"[0], b"}"[0], b'"'[0], b"\\"[0]
+_NESTING = {b"{"[0]: 1, b"["[0]: 1, b"}"[0]: -1, b"]"[0]: -1}
+
+
+def frame_end(buf: bytes | bytearray, start: int = 0) -> int | None:
+    """Where the JSON object starting at `start` (after whitespace) ends, or None while it is
+    incomplete. Only the outline is walked here (nesting, strings, escapes); json.loads checks
+    the rest. A top-level value that is not an object is refused at its first byte."""
+    i = start
+    while i < len(buf) and buf[i] in _WHITESPACE:
+        i += 1
+    if i == len(buf):
+        return None
+    if buf[i] != _OPEN:
+        raise EmpError(f"EMP message is not a JSON object: {bytes(buf[i:i + 40])!r}")
+    depth, in_string, escaped = 0, False, False
+    for j in range(i, len(buf)):
+        c = buf[j]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == _ESCAPE:
+                escaped = True
+            elif c == _QUOTE:
+                in_string = False
+        elif c == _QUOTE:
+            in_string = True
+        else:
+            depth += _NESTING.get(c, 0)
+            if depth == 0:
+                return j + 1
+    return None
+
+
 class Channel:
     """A framed, thread-safe-for-sending EMP connection."""
 
@@ -76,7 +117,7 @@ class Channel:
         self._send_lock = threading.Lock()
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        data = json.dumps(message, separators=(",", ":")).encode()     # bare, as em-client.c writes
         with self._send_lock:
             try:
                 if fds:
@@ -86,12 +127,16 @@ class Channel:
             except OSError as e:
                 raise EmpError(f"EMP send failed: {e.strerror or e}") from None
 
+    def _frame(self) -> int | None:
+        end = frame_end(self._buf)
+        if end is None and len(self._buf) > MAX_MESSAGE:
+            raise EmpError(f"EMP message longer than {MAX_MESSAGE} bytes")
+        return end
+
     def recv(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
         """The next message and any fds that came with it."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            if len(self._buf) > MAX_MESSAGE:
-                raise EmpError("EMP message too long")
+        while (end := self._frame()) is None:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.sock], [], [], wait)
             if not ready:
@@ -104,19 +149,21 @@ class Channel:
                 raise EmpError("EMP peer closed the connection")
             self._buf += data
             self._fds += fds
-        line, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf = bytearray(rest)
+        value = bytes(self._buf[:end])
+        del self._buf[:end]
         fds, self._fds = self._fds, []
         try:
-            message = json.loads(line)
+            message = json.loads(value)
         except ValueError:
-            raise EmpError(f"EMP message is not JSON: {line[:80]!r}") from None
-        if not isinstance(message, dict):
-            raise EmpError("EMP message is not a JSON object")
+            raise EmpError(f"EMP message is not JSON: {value[:80]!r}") from None
         return message, fds
 
     def has_message(self) -> bool:
-        return b"\n" in self._buf
+        """A whole message is already buffered (a malformed one counts: recv reports it)."""
+        try:
+            return self._frame() is not None
+        except EmpError:
+            return True
 
     def close(self) -> None:
         self.sock.close()

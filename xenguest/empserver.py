@@ -19,16 +19,39 @@ from xenemu import DomainError, Host
 
 from . import emp
 from .log import Log
-from .save import Aborted, Progress
+from .save import Aborted, PrecopyStats
 
 ACCEPT_TIMEOUT = float(os.environ.get("XENGUEST_ACCEPT_TIMEOUT", 180))
 # From the end of pre-copy to migrate_paused: longer than emu-manager's wait for xenopsd's ack.
 PAUSE_TIMEOUT = float(os.environ.get("XENGUEST_PAUSE_TIMEOUT", 180))
+# The real xenguest iterates until emu-manager says migrate_pause (or nothing is dirty). Ours
+# also stops after this many passes, a safety bound of this project's own, so a peer that never
+# says pause costs a bounded time; it then waits in its suspend callback as after a pause.
+SAFETY_MAX_ITERATIONS = int(os.environ.get("XENGUEST_SAFETY_MAX_ITERATIONS", 100))
+# Mid-pass progress (remaining -1) at most this often, as xenguest's send_emu_progress.
+PASS_PROGRESS_INTERVAL = 0.5
 Work = Callable[[], str]
+
+
+SET_ARG_INT, SET_ARG_BOOL = "int", "bool"
+
+
+def parse_set_arg(kind: str, key: str, value: Any) -> int | bool:
+    """One set_args value as xenguest's do_cmd_set_args reads it: strings only, integers in base
+    10, booleans the words true/false."""
+    if isinstance(value, str):
+        if kind == SET_ARG_INT and value.lstrip("-").isdigit():
+            return int(value, 10)
+        if kind == SET_ARG_BOOL and value in ("true", "false"):
+            return value == "true"
+    raise ValueError(f"Bad Args: {key} = {value!r}")
 
 
 class EmpServer:
     """Requests, events and lifetime; `save(live)` and `restore()` return the work to run."""
+
+    # The set_args keys this emulator accepts, with their kinds; any other key is refused.
+    SET_ARGS: dict[str, str] = {}
 
     def __init__(self, host: Host, domid: int, path: Path, *, log: Log) -> None:
         self.host = host
@@ -36,10 +59,12 @@ class EmpServer:
         self.log = log
         self.path = path
         self.stream_fd: int | None = None
-        self.args: dict[str, str] = {}
+        self.args: dict[str, int | bool] = {}
         self.progress_events = False
+        self.last_sent = 0                  # the last policy event's figures, for mid-pass events
+        self.last_iteration = 0
+        self.last_pass_event = 0.0
         self.worker: threading.Thread | None = None
-        self.saving = False
         self.pause_requested = threading.Event()
         self.paused = threading.Event()
         self.abort = threading.Event()
@@ -129,7 +154,14 @@ class EmpServer:
 
     # -- requests -------------------------------------------------------------
     def _set_args(self, arguments: dict[str, Any], fds: list[int]) -> None:
-        self.args.update({str(k): str(v) for k, v in arguments.items()})
+        if not arguments:
+            raise ValueError("No Args")
+        parsed = {}
+        for key, value in arguments.items():
+            if key not in self.SET_ARGS:
+                raise ValueError(f"Bad Args: unknown argument {key!r}")
+            parsed[key] = parse_set_arg(self.SET_ARGS[key], key, value)
+        self.args.update(parsed)
 
     def _migrate_init(self, arguments: dict[str, Any], fds: list[int]) -> None:
         if len(fds) != 1:
@@ -147,31 +179,26 @@ class EmpServer:
         self.progress_events = True
 
     def _migrate_live(self, arguments: dict[str, Any], fds: list[int]) -> None:
-        self._stream()
-        self.saving = True
-        self._start(self.save(live=True))
+        self._start_work(lambda: self.save(live=True))
 
     def _migrate_nonlive(self, arguments: dict[str, Any], fds: list[int]) -> None:
-        self._stream()
-        self.saving = True
-        self._start(self.save(live=False))
+        self._start_work(lambda: self.save(live=False))
 
+    # A non-live save hears migrate_pause and migrate_paused before migrate_nonlive (emum.c,
+    # operation_save); its suspend callback then finds the domain already paused.
     def _migrate_pause(self, arguments: dict[str, Any], fds: list[int]) -> None:
-        if not self.saving:
-            raise ValueError("migrate_pause without a save in progress")
+        self._stream()
         self.pause_requested.set()
 
     def _migrate_paused(self, arguments: dict[str, Any], fds: list[int]) -> None:
-        if not self.saving:
-            raise ValueError("migrate_paused without a save in progress")
+        self._stream()
         self.paused.set()
 
     def _migrate_abort(self, arguments: dict[str, Any], fds: list[int]) -> None:
         self.abort.set()
 
     def _restore(self, arguments: dict[str, Any], fds: list[int]) -> None:
-        self._stream()
-        self._start(self.restore())
+        self._start_work(self.restore)
 
     def _quit(self, arguments: dict[str, Any], fds: list[int]) -> None:
         pass
@@ -188,9 +215,13 @@ class EmpServer:
     def _stream(self) -> int:
         if self.stream_fd is None:
             raise ValueError("no stream fd: migrate_init first")
+        return self.stream_fd
+
+    def _start_work(self, work: Callable[[], Work]) -> None:
+        self._stream()
         if self.worker is not None:
             raise ValueError("an operation is already running")
-        return self.stream_fd
+        self._start(work())
 
     def wait_paused(self) -> None:
         """The live phase is over: wait for emu-manager to say the domain is paused."""
@@ -201,9 +232,33 @@ class EmpServer:
             if time.monotonic() > deadline:
                 raise Aborted(f"pre-copy done but the domain was not paused within {PAUSE_TIMEOUT:g} s")
 
-    def progress(self, p: Progress) -> None:
-        if self.progress_events and self.chan is not None:
-            self.chan.send(emp.progress_event(p.sent, p.remaining, p.iteration))
+    def event(self, sent: int, remaining: int, iteration: int) -> None:
+        if self.chan is not None:
+            self.chan.send(emp.progress_event(sent, remaining, iteration))
+
+    def precopy_policy(self, stats: PrecopyStats) -> bool:
+        """xenguest's policy: report each known dirty count, stop when told to pause (or when
+        nothing is dirty, or at the safety bound). emu-manager decides from these events."""
+        if stats.dirty_count >= 0:
+            self.last_sent, self.last_iteration = stats.total_written, stats.iteration
+            self.event(stats.total_written, stats.dirty_count, stats.iteration)
+        if self.abort.is_set():
+            raise Aborted("save aborted")
+        if self.pause_requested.is_set() or stats.dirty_count == 0:
+            return True
+        if stats.iteration >= SAFETY_MAX_ITERATIONS:
+            self.log.info(f"pre-copy stops at the safety bound of {SAFETY_MAX_ITERATIONS} passes")
+            return True
+        return False
+
+    def pass_progress(self, done: int, total: int) -> None:
+        """Mid-pass events with remaining -1, for a client that asked for progress."""
+        now = time.monotonic()
+        if done in (0, total):
+            self.last_pass_event = now
+        elif self.progress_events and now - self.last_pass_event > PASS_PROGRESS_INTERVAL:
+            self.event(self.last_sent + done, -1, self.last_iteration)
+            self.last_pass_event = now
 
     def _start(self, work: Work) -> None:
         def body() -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 from xenemu import Domain, Host
 
 from .compressed import CompressedPages
-from .empserver import EmpServer, Work
+from .empserver import SET_ARG_BOOL, SET_ARG_INT, EmpServer, Work
 from .log import Log
 from .restore import Restorer
-from .precopy import Policy
 from .save import PlainPages, Saver
 
 
 class Server(EmpServer):
+    # xenguest's setable_args (do_cmd_set_args); a restore needs both ports (do_cmd_restore).
+    SET_ARGS = {"store_port": SET_ARG_INT, "console_port": SET_ARG_INT, "pv": SET_ARG_BOOL, "vgpu": SET_ARG_BOOL}
+
     def __init__(self, host: Host, domid: int, *, compress: bool, log: Log) -> None:
         super().__init__(host, domid, host.xenguest_socket(domid), log=log)
         self.compress = compress
@@ -24,10 +26,9 @@ class Server(EmpServer):
 
     def save(self, live: bool) -> Work:
         assert self.stream_fd is not None
-        saver = Saver(self._domain(), self.stream_fd, live=live, policy=Policy.from_env(),
-                      suspend=self.wait_paused if live else (lambda: None), on_progress=self.progress,
-                      encoder=CompressedPages() if self.compress else PlainPages(),
-                      abort=self.abort, pause_requested=self.pause_requested)
+        saver = Saver(self._domain(), self.stream_fd, live=live, policy=self.precopy_policy,
+                      suspend=self.wait_paused, on_pass_progress=self.pass_progress,
+                      encoder=CompressedPages() if self.compress else PlainPages(), abort=self.abort)
 
         def work() -> str:
             self.log.info(saver.run().summary(self.domid))
@@ -37,6 +38,8 @@ class Server(EmpServer):
     def restore(self) -> Work:
         domain = self._domain()
         assert self.stream_fd is not None
+        if "store_port" not in self.args or "console_port" not in self.args:
+            raise ValueError("Missing options: a restore needs store_port and console_port (set_args)")
         if domain.state != "building":
             raise ValueError(f"domain {self.domid} is {domain.state}; restore needs a new domain")
         restorer = Restorer(domain, self.stream_fd)

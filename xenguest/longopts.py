@@ -1,12 +1,19 @@
 """Command lines parsed as getopt_long_only does, as the real C programs do.
 
 `-domid 5`, `--domid 5`, `-domid=5` and an unambiguous prefix `-dom 5` are
-all the same option; booleans take the words `true` or `false`.
+all the same option; booleans take the words `true` or `false`; integers
+are base 10 only, as emum.c's parse_int (strtol(str, &end, 10), nothing
+after the number): "010" is 10 and "0x10" is refused.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Any
+
+
+_BASE_10 = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")     # what strtol(.., 10) takes whole
 
 
 class UsageError(Exception):
@@ -71,8 +78,7 @@ def _convert(opt: Opt, text: str) -> Any:
     if opt.kind == "bool":
         return parse_bool(opt.name, text)
     if opt.kind == "int":
-        try:
-            return int(text, 0)
-        except ValueError:
-            raise UsageError(f"invalid value for -{opt.name}: '{text}' (expected a number)") from None
+        if not _BASE_10.fullmatch(text):
+            raise UsageError(f"invalid value for -{opt.name}: '{text}' (expected a number)")
+        return int(text, 10)
     return text

@@ -1,15 +1,21 @@
 """Save: write a domain's memory and context as a libxc stream, live or not.
 
-Live save follows libxc's pre-copy: iteration 0 sends every pfn, each later
-iteration resends what the dirty log reports, until few pages remain or the
-iteration limit is hit; then the domain is paused (by whoever `suspend`
-calls on) and the final iteration sends what is still dirty, followed by
-TSC info, HVM params, HVM context and END (the upstream spec's order).
+Live save follows libxc's pre-copy loop (xg_sr_save.c, send_memory_live):
+the precopy policy is asked before each pass with libxc's statistics
+(iteration 0 with every pfn dirty and nothing written, then after each pass
+once with the dirty count unknown, -1, and once with the fresh count); a
+pass decided on is still sent, then the loop stops. Whoever supplies the
+policy decides when: under emu-manager, emu-manager does (xenguest stops
+when told to pause); standalone, libxc's own simple policy. Then the domain
+is paused (by whoever `suspend` calls on) and the final pass sends what is
+still dirty, followed by TSC info, HVM params, HVM context and END (the
+upstream spec's order).
 """
 from __future__ import annotations
 
+import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, NamedTuple, Protocol
@@ -20,14 +26,39 @@ from xenemu import Domain
 
 from . import libxc
 from .fdio import write_all
-from .precopy import Policy
+
+
+@dataclass(frozen=True)
+class PrecopyStats:
+    """libxc's struct precopy_stats, what a precopy policy decides from."""
+    iteration: int = 0
+    total_written: int = 0      # pages sent by the passes before this one
+    dirty_count: int = -1       # pages this pass would send; -1 while unknown
+
+
+# True: stop pre-copy and suspend (XGS_POLICY_STOP_AND_COPY); False: another pass.
+PrecopyPolicy = Callable[[PrecopyStats], bool]
+
+# libxc's built-in policy when its caller gives none (xg_sr_save.c, simple_precopy_policy): fewer
+# than 50 dirty pages, or 5 passes done. Standalone `xenguest -mode save` uses it; tests and
+# experiments tune the pass limit with XENGUEST_MAX_ITERATIONS.
+SPP_MAX_ITERATIONS = 5
+SPP_TARGET_DIRTY_COUNT = 50
+
+
+def simple_precopy_policy(max_iterations: int | None = None) -> PrecopyPolicy:
+    limit = max_iterations if max_iterations is not None else int(
+        os.environ.get("XENGUEST_MAX_ITERATIONS", SPP_MAX_ITERATIONS))
+
+    def policy(stats: PrecopyStats) -> bool:
+        return 0 <= stats.dirty_count < SPP_TARGET_DIRTY_COUNT or stats.iteration >= limit
+    return policy
 
 
 @dataclass
 class Progress:
     sent: int = 0               # pages sent so far
-    remaining: int = -1         # dirty pages waiting, -1 before the first count
-    iteration: int = 0
+    iteration: int = 0          # libxc's count when pre-copy stopped
     wire_bytes: int = 0
     zero_pages: int = 0         # pages sent as a zero marker, without data
     history: list[int] = field(default_factory=list)   # pages sent per iteration
@@ -78,23 +109,23 @@ def frames(pages: np.ndarray, batch: np.ndarray) -> np.ndarray:
 
 
 class Saver:
-    def __init__(self, domain: Domain, fd: int, *, live: bool, policy: Policy,
-                 suspend: Callable[[], None], on_progress: Callable[[Progress], None] = lambda p: None,
-                 encoder: PageEncoder | None = None, abort: threading.Event | None = None,
-                 pause_requested: threading.Event | None = None) -> None:
-        """`abort` and `pause_requested` may be shared with whoever receives those requests."""
+    def __init__(self, domain: Domain, fd: int, *, live: bool, policy: PrecopyPolicy,
+                 suspend: Callable[[], None], on_pass_progress: Callable[[int, int], None] = lambda done, total: None,
+                 encoder: PageEncoder | None = None, abort: threading.Event | None = None) -> None:
+        """`on_pass_progress(done, total)` runs at the start of each pass and after each batch
+        (libxc's progress callback); `abort` may be shared with whoever receives that request."""
         self.domain = domain
         self.mem = domain.memory
         self.fd = fd
         self.live = live
         self.policy = policy
         self.suspend = suspend
-        self.on_progress = on_progress
+        self.on_pass_progress = on_pass_progress
         self.encoder = encoder or PlainPages()
         self.progress = Progress()
         self._pool: ThreadPoolExecutor | None = None
         self.abort = abort or threading.Event()
-        self.pause_requested = pause_requested or threading.Event()
+        self._pass_start = self._pass_total = 0
 
     def _write(self, buffers: list) -> None:
         if self.abort.is_set():
@@ -111,6 +142,7 @@ class Saver:
         self._write(encoded.buffers)
         self.progress.sent += len(batch)
         self.progress.zero_pages += encoded.zero_pages
+        self.on_pass_progress(self.progress.sent - self._pass_start, self._pass_total)
 
     def send_pages(self, pfns: np.ndarray) -> None:
         """Batches of at most 1024 pfns, written in order. An encoder that can, encodes
@@ -137,11 +169,11 @@ class Saver:
             for _, future in window:
                 future.cancel()
 
-    def _iteration(self, pfns: np.ndarray) -> None:
+    def _pass(self, pfns: np.ndarray) -> None:
+        self._pass_start, self._pass_total = self.progress.sent, len(pfns)
+        self.on_pass_progress(0, len(pfns))
         self.send_pages(pfns)
         self.progress.history.append(len(pfns))
-        self.progress.remaining = self.mem.dirty_count()
-        self.on_progress(self.progress)
 
     def run(self) -> Progress:
         try:
@@ -158,16 +190,12 @@ class Saver:
         self._record(libxc.REC_TYPE_STATIC_DATA_END)
         every_pfn = np.arange(self.mem.npages, dtype=np.uint64)
         if self.live:
-            self.mem.clean_all()
-            self._iteration(every_pfn)
-            pending = self._precopy()
+            self._precopy(every_pfn)
             self.suspend()
-            final = np.union1d(pending, self.mem.peek_and_clean())
-            self.progress.iteration += 1
-            self._iteration(final)
+            self._pass(self.mem.peek_and_clean())     # all dirtied since the last pass's clean
         else:
             self.suspend()
-            self._iteration(every_pfn)
+            self._pass(every_pfn)
         self._record(libxc.REC_TYPE_X86_TSC_INFO, ctx["tsc_info"])
         # The spec: HVM_PARAMS precede HVM_CONTEXT (params affect the context's validity).
         self._record(libxc.REC_TYPE_HVM_PARAMS, libxc.build_hvm_params(ctx["hvm_params"]))
@@ -175,12 +203,20 @@ class Saver:
         self._record(libxc.REC_TYPE_END)
         return self.progress
 
-    def _precopy(self) -> np.ndarray:
-        """Dirty iterations while the guest runs; returns the pfns left for the final copy."""
+    def _precopy(self, every_pfn: np.ndarray) -> None:
+        """Passes while the guest runs, in libxc's order of policy calls and statistics."""
+        self.mem.clean_all()
+        pending = every_pfn
+        stats = PrecopyStats(iteration=0, total_written=0, dirty_count=len(every_pfn))
         while True:
-            done = self.policy.live_done(self.progress.iteration, self.progress.remaining)
-            if done or self.pause_requested.is_set():
+            stop = self.policy(stats)
+            if len(pending):
+                self._pass(pending)
+            if stop:
                 break
-            self.progress.iteration += 1
-            self._iteration(self.mem.peek_and_clean())
-        return self.mem.peek_and_clean()
+            stats = PrecopyStats(stats.iteration + 1, stats.total_written + len(pending), -1)
+            if self.policy(stats):
+                break
+            pending = self.mem.peek_and_clean()
+            stats = replace(stats, dirty_count=len(pending))
+        self.progress.iteration = stats.iteration

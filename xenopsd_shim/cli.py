@@ -208,7 +208,8 @@ def vm_suspend(ctx: Ctx, name: str, path: Path, compress: bool) -> None:
         raise click.UsageError("a VM with a vGPU cannot be suspended to a file (its stream needs its own fd)")
     mode = policy.compressor(ctx.conf, ctx.log) if compress else policy.MODE_NONE
     was_running = domain.state == "running"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # O_APPEND, as xenopsd opens suspend files: emu-manager refuses a file it could write at random.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
     zstd = Zstd(compress=True, far_fd=fd) if mode == policy.MODE_STREAM else None
     writer = ImageWriter(domain, zstd.fd if zstd else fd, live=False, inband=mode == policy.MODE_XENGUEST,
                          log=ctx.log, on_info=_progress(f"suspending {name}"))

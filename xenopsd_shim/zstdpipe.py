@@ -2,8 +2,10 @@
 
 Sender: whatever writes the image writes into a pipe read by
 `nice -n 19 ionice -c 3 /usr/bin/zstd --fast`, whose stdout is the socket.
-Receiver: `zstd --decompress --stdout` reads the socket and writes a pipe
-from which the image is read. Both as the real xenopsd runs them.
+Receiver: `nice -n 19 ionice -c 3 /usr/bin/zstd --decompress --stdout` reads
+the socket and writes a pipe from which the image is read. Both as the real
+xenopsd runs them: xapi_compression.ml's `go` lowers the priority of the
+zstd it starts in either direction (lower_priority).
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import threading
 from .zstdframe import FrameError, relay_one_frame
 
 ZSTD = "/usr/bin/zstd"
-COMPRESS_ARGV = ["nice", "-n", "19", "ionice", "-c", "3", ZSTD, "--fast"]
-DECOMPRESS_ARGV = [ZSTD, "--decompress", "--stdout"]
+LOWER_PRIORITY = ["nice", "-n", "19", "ionice", "-c", "3"]
+COMPRESS_ARGV = [*LOWER_PRIORITY, ZSTD, "--fast"]
+DECOMPRESS_ARGV = [*LOWER_PRIORITY, ZSTD, "--decompress", "--stdout"]
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 EXIT_TIMEOUT = 60.0
 
