@@ -80,8 +80,14 @@ class Stream:
         return self.zstd.fd if self.zstd is not None and self.zstd.fd is not None else self.sock.fileno()
 
     def finish(self) -> None:
+        """The stream is complete: zstd drained, and the connection ended for writing, as
+        VM_migrate's save closes the mem connection before point 3."""
         if self.zstd is not None:
             self.zstd.finish()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def stop(self) -> tuple[str | None, bool]:
         """End the stream's zstd; why it had failed, if it had, and whether a signal killed it
