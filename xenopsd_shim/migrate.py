@@ -231,7 +231,7 @@ class SourceMigration:
             self._expect_success(vm, "the destination's verification")
         transport.send_result(vm)                                 # point 3: the destination may run it
         self.committed = True
-        answer = transport.recv_result(vm, timeout, "the destination to start the VM (point 4)")
+        answer = transport.recv_result(vm, timeout, "the destination to start the VM")
         if answer is not None:
             raise MigrationError(f"destination failed to start the VM: {transport.describe_error(answer)}")
         self.log.info("synchronisation point 4: the VM runs on the destination")
