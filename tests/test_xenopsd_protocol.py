@@ -102,19 +102,25 @@ def test_refusal_at_point_1_fails_before_precopy(hosts, receiver, tmp_path):
     vm_create(b, "vm1", "16M")                               # a name clash on our serve
     r = receiver(b)
     peer = refpeer.Receiver(tmp_path / "never.img", refuse="not enough free memory")
+    plain = refpeer.Receiver(tmp_path / "unverified.img")      # takes the VM, announces no extension
     watcher = ProcessWatcher()
     try:
         real = shim(a, "vm-migrate", "vm1", "--dest", peer.address, check=False)
         ours = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
+        verify = shim(a, "vm-migrate", "vm1", "--dest", plain.address, "--verify", check=False)
     finally:
         seen = watcher.stop()
         peer.close()
+        plain.close()
     assert real.returncode != 0 and ours.returncode != 0
     assert real.stderr.strip() == ("migration failed: destination failed: not enough free memory; "
                                    "VM vm1 keeps running on this host"), real.stderr
     assert "destination failed: a VM named 'vm1' already exists on this host; VM vm1 keeps running on this host" \
         in ours.stderr and len(ours.stderr.strip().splitlines()) == 1, ours.stderr
+    assert verify.returncode != 0 and "the destination cannot verify memory (--verify): it did not announce it; " \
+        "VM vm1 keeps running on this host" in verify.stderr, verify.stderr
     assert peer.log == ["sent point 1: Error"] and not (tmp_path / "never.img").exists()
+    assert plain.log == ["sent point 1"] and not (tmp_path / "unverified.img").exists()
     assert not argv_of(seen, a.root, "emu-manager") and not argv_of(seen, a.root, "xenguest")
     assert not argv_of(seen, b.root, "emu-manager")
     [vm] = vms(a)

@@ -414,7 +414,8 @@ class IncomingMigration:
 
     def _receive(self, request: transport.Request, vm_id: str) -> None:
         compressed = transport.COOKIE_COMPRESS in request.cookies      # its presence, as xenopsd reads it
-        self.log.info(f"incoming migration of VM {vm_id}" + (" (compressed)" if compressed else ""))
+        self.log.info(f"incoming migration of VM {vm_id}"
+                      + (f" (compress={request.cookies[transport.COOKIE_COMPRESS]})" if compressed else ""))
         cpu_start = time.thread_time()
         try:
             domain, agreed = self._create(request, vm_id)
