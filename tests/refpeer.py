@@ -226,6 +226,10 @@ class Receiver:
             raise PeerError(f"an unexpected byte after point 4: {rest!r}")
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)       # wakes the accept() (close alone would not)
+        except OSError:
+            pass
         self.sock.close()
         self._accepting.join(TIMEOUT)
         for t in self._threads:

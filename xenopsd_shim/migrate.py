@@ -27,7 +27,7 @@ from typing import Any, Callable
 from xenemu import Domain, Host
 from xenemu.memory import memory_digest
 
-from . import cancel, transport
+from . import cancel, tlstunnel, transport
 from .accounting import CpuAccounting
 from .imagewriter import ImageWriter, vm_record
 from .log import Logger
@@ -81,13 +81,16 @@ class Stream:
 
     def finish(self) -> None:
         """The stream is complete: zstd drained, and the connection ended for writing, as
-        VM_migrate's save closes the mem connection before point 3."""
+        VM_migrate's save closes the mem connection before point 3. (Not through a TLS tunnel:
+        TLS cannot half-close, so the tunnel would end the connection, and the count of its
+        bytes on the wire with it; that one ends with the migration.)"""
         if self.zstd is not None:
             self.zstd.finish()
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if not isinstance(self.sock, tlstunnel.TunnelSocket):
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def stop(self) -> tuple[str | None, bool]:
         """End the stream's zstd; why it had failed, if it had, and whether a signal killed it
@@ -275,9 +278,8 @@ class SourceMigration:
     @staticmethod
     def _end(conns: dict[str, socket.socket]) -> dict[str, int]:
         """Close every connection; the bytes each put on the wire."""
-        wire = {"memory": 0}
-        for name, sock in conns.items():
-            wire[name] = transport.tcp_bytes(sock)[0]
+        wire = {"memory": 0, **{name: transport.tcp_bytes(sock)[0] for name, sock in conns.items()}}
+        for sock in conns.values():           # (closing one may end the others at the destination)
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:

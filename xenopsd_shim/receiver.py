@@ -401,7 +401,7 @@ class IncomingMigration:
         if meta["uuid"] != final_id:
             raise MigrationRefused(f"the metadata describes VM {meta['uuid']}, not VM {final_id}")
         if meta["vgpu_bytes"]:
-            ack = transport.recv_result(self.conn, self.timeouts.handshake, "the source's 1-vgpu ACK")
+            ack = transport.recv_result(self.conn, self.timeouts.vgpu, "the source's 1-vgpu ACK")
             if ack is not None:
                 raise MigrationRefused(f"source failed: {transport.describe_error(ack)}")
             self.vgpu_conn, _ = self.parked.take(ROUTE_VGPU, vm_id)
@@ -426,7 +426,7 @@ class IncomingMigration:
             transport.send_result(self.conn)                           # point 1
             self.log.info(f"synchronisation point 1: domain {domain.domid} created for VM {domain.name}")
             if transport.COOKIE_MEM_MIGRATION in request.cookies:
-                ack = transport.recv_result(self.conn, self.timeouts.handshake, "the source's 1-mem ACK")
+                ack = transport.recv_result(self.conn, self.timeouts.vgpu, "the source's 1-mem ACK")
                 if ack is not None:
                     raise transport.TransportError(f"source failed: {transport.describe_error(ack)}")
                 self.mem_conn, _ = self.parked.take(ROUTE_MEM, vm_id)
@@ -479,6 +479,7 @@ class IncomingMigration:
                 stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != "xenopsd-shim"},
                                          "xenopsd-shim": round(time.thread_time() - cpu_start, 3)}}
                 transport.send_result(self.conn, json.dumps(stats))
+            self._linger()     # the source reads its stream connections' counters before it closes
         except transport.TransportError:
             pass   # the VM runs here now; the source learns by its own timeout, or asks
         self.log.info(f"VM {domain.name} (domid {domain.domid}) restored and running")
@@ -500,12 +501,20 @@ class IncomingMigration:
         try:
             transport.send_result(self.conn, transport.xenopsd_error(text))
             if linger:
-                self.conn.shutdown(socket.SHUT_WR)
-                deadline = time.monotonic() + LINGER
-                poller = select.poll()
-                poller.register(self.conn, select.POLLIN | select.POLLRDHUP)
-                while time.monotonic() < deadline and poller.poll(int(LINGER * 1000)):
-                    if not self.conn.recv(1 << 16):
-                        break
-        except (transport.TransportError, OSError):
+                self._linger()
+        except transport.TransportError:
+            pass
+
+    def _linger(self) -> None:
+        """Said all on the vm connection: wait (briefly) for the source to close it, reading
+        what it still sends, so that nothing resets the connection on unread bytes."""
+        try:
+            self.conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER
+            poller = select.poll()
+            poller.register(self.conn, select.POLLIN | select.POLLRDHUP)
+            while time.monotonic() < deadline and poller.poll(int(LINGER * 1000)):
+                if not self.conn.recv(1 << 16):
+                    break
+        except OSError:
             pass
