@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import socket
-import uuid as uuidlib
 import ssl
 import time
+import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,10 +40,10 @@ INSTANCE_ID = str(uuidlib.uuid4())    # as xenopsd's instance_id: one per sendin
 VGPU_DEVICE = "0"                     # the VM's one vGPU, as VGPU_DB numbers its device
 
 
-def temporary_id(vm_uuid: str, kind: str = "dest") -> str:
-    """The uuid the VM goes by during the migration (xenops_server.ml VM.migrate tmp_uuid_of):
-    its first 24 characters, then 000000000001 on the destination (000000000000 on the source)."""
-    return vm_uuid[:24] + "00000000000" + ("1" if kind == "dest" else "0")
+def temporary_id(vm_uuid: str) -> str:
+    """The uuid the destination knows the VM by during the migration (xenops_server.ml
+    VM.migrate's tmp_uuid_of ~kind:`dest): its first 24 characters, then 000000000001."""
+    return vm_uuid[:24] + "000000000001"
 
 
 class MigrationError(Exception):

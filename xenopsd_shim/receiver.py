@@ -21,7 +21,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from xenemu import Domain, DomainError, Host
 from xenemu.memory import memory_digest
