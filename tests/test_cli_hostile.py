@@ -45,7 +45,7 @@ def test_vm_resume_of_a_uuid_already_on_the_host_is_refused(hosts, tmp_path):
 
 def test_migration_to_a_host_already_running_the_uuid_is_refused(hosts, receiver, tmp_path):
     """The same VM resumed on two hosts (one image, one uuid): migrating one copy onto the other's
-    host is refused at the Xenops record, and each host keeps exactly its one running copy."""
+    host is refused at synchronisation point 1, and each host keeps exactly its one running copy."""
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
     shim(a, "vm-create", "vm1", "--memory", "32M", "--image", "random")
@@ -56,7 +56,7 @@ def test_migration_to_a_host_already_running_the_uuid_is_refused(hosts, receiver
     before = shim(a, "vm-digest", "vm1").stdout
     mig = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
     assert mig.returncode == 2 and len(mig.stderr.splitlines()) == 1 and "Traceback" not in mig.stderr, mig
-    assert f"destination failed: restore failed: VM {uuid} already exists on this host, as domain 1 " \
+    assert f"destination failed: VM {uuid} already exists on this host, as domain 1 " \
         "(vm1-on-b, running); VM vm1 keeps running on this host" in mig.stderr, mig.stderr
     assert [(v["uuid"], v["state"]) for v in vms(a)] == [(uuid, "running")]
     assert shim(a, "vm-digest", "vm1").stdout == before

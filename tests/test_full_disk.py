@@ -118,7 +118,7 @@ def test_migration_into_a_full_destination(tmpfs, hosts, receiver):
                                    ("vm1", "xenguest", "--compress"), ("gpu", "stream", "--no-compress")):
         configure(a, compressor)
         err = one_line_error(shim(a, "vm-migrate", name, "--dest", r.address, flag, check=False))
-        assert f"destination failed: restore failed: cannot create domain for VM '{name}': {NO_SPACE}" in err, err
+        assert f"destination failed: cannot create domain for VM '{name}': {NO_SPACE}" in err, err
         assert f"VM {name} keeps running on this host" in err, err
         assert [v["state"] for v in vms(a)] == ["running", "running"]
         assert shim(a, "vm-digest", name).stdout == before[name]

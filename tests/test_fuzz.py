@@ -14,8 +14,10 @@ record's header, bitmap and zstd frame, zstd bombs), plus byte-level ones
 structure boundaries, and feeds the bytes
 
   (a) to `xenopsd-shim vm-resume FILE` on a host of its own, and
-  (b) to a running `xenopsd-shim serve`, as a migration: PUT on a raw socket
-      (as transport.open_stream builds it), the image, then the handshake.
+  (b) to a running `xenopsd-shim serve`, as a migration in xenopsd's protocol: the vm
+      and mem PUTs on raw sockets (as transport.open_stream builds them), points 1 and
+      1-mem, the image on the mem connection, points 3 and 4. The VM metadata the vm
+      connection carries is the image's own Xenops record, as a source sends both.
 
 Checked for every input: no hang (60 s); a failure exits non-zero with one
 line on stderr and no traceback, and leaves no domain, no process and no run
@@ -877,49 +879,63 @@ class Serve:
             time.sleep(0.1)
 
     def migrate(self, raw: bytes, img: Image, commit: bool) -> Outcome:
-        """PUT the image as a source would; `commit`: answer Success with Success, else close our side
-        after the image (a source that is gone), so a reader waiting for more bytes sees the end."""
+        """Migrate the image in as a source would; `commit`: send point 3 after the image, else
+        close our side after it (a source that is gone), so a reader waiting for more sees the end."""
         before = dict(self.rss.peaks)
-        cookies = {"compress": "zstd"} if img.kind == "stream" else {}
         deadline = time.monotonic() + TIMEOUT
         log = self.h.root / "xenopsd.log"
         log_from = log.stat().st_size if log.exists() else 0     # a source port recurs in a long run
-        sock = socket.create_connection(self.addr(), timeout=TIMEOUT)
-        tag = f"receiver[127.0.0.1:{sock.getsockname()[1]}]"
+        meta, limit = vm_metadata(img)
+        dest_id = img.uuid[:24] + "000000000001"
+        cookies = {"dbg": "fuzz", "final_id": img.uuid, "mem_migration": "fuzz",
+                   **({"compress": "zstd"} if img.kind == "stream" else {})}
+        vm = socket.create_connection(self.addr(), timeout=TIMEOUT)
+        socks = [vm]
+        tag = f"receiver[127.0.0.1:{vm.getsockname()[1]}]"
+        lines: list[str] = []
+        ok = False
         try:
-            cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
-            head = (f"PUT {transport.MEMORY_PATH}{img.uuid} HTTP/1.1\r\nHost: {self.r.address}\r\n"
-                    + (f"Cookie: {cookie}\r\n" if cookie else "") + "Connection: close\r\n\r\n")
-            sock.sendall(head.encode())
-            status = recv_until(sock, b"\r\n\r\n", deadline)
-            assert status.startswith(b"HTTP/1.1 200 "), status
-            # A partial line and then the end of the connection makes the receiver busy-wait for
-            # its handshake timeout (test_serve_notices_a_partial_line_then_close): bytes after
-            # the frame that its relay feeds zstd end here with a newline, as a source's line would.
-            trailer = b"\n" if img.kind == "stream" and not commit and frame_end(raw) not in (None, len(raw)) else b""
-            sender = threading.Thread(target=send_image, args=(sock, raw + trailer, commit), daemon=True)
-            sender.start()
-            lines, buf, ok = [], b"", False
-            while True:
-                try:
-                    chunk = recv_some(sock, deadline)
-                except ConnectionResetError:
-                    lines.append("<reset>")
-                    break
-                if not chunk:
-                    break
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    lines.append(line.decode(errors="replace"))
-                    if line == b"Success" and lines.count("Success") == 1 and commit:
-                        sock.sendall(b"Success\n")
-                    elif line == b"Success" and lines.count("Success") == 2:
-                        ok = True
-            sender.join(timeout=TIMEOUT)
-            assert not sender.is_alive(), "our sender is stuck: the receiver stopped reading"
+            vm.sendall(transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, self.r.address,
+                                               {**cookies, "memory_limit": str(limit), "vm_metadata": meta}))
+            lines.append(hs_recv(vm, deadline) or "<closed>")     # point 1 (a head too long: no answer)
+            if lines[-1] == "Success" and vgpu_of(meta):
+                # A source with a vGPU: its connection (empty here; the image has no Demu stream).
+                vg = socket.create_connection(self.addr(), timeout=TIMEOUT)
+                socks.append(vg)
+                vg.sendall(transport.build_request("PUT", f"{transport.MIGRATE_VGPU_PATH}{dest_id}.0", self.r.address,
+                                                   {**cookies, "vgpu_migration": ""}))
+                assert hs_recv(vg, deadline) == "Success"
+                vm.sendall(transport.build_result(None))         # 1-vgpu ACK (serve waits for it before point 1)
+                lines.append(hs_recv(vm, deadline) or "<closed>")
+            if lines[-1] == "Success":
+                mem = socket.create_connection(self.addr(), timeout=TIMEOUT)
+                socks.append(mem)
+                mem.sendall(transport.build_request("PUT", transport.MIGRATE_MEM_PATH + dest_id, self.r.address,
+                                                    cookies))
+                assert hs_recv(mem, deadline) == "Success"        # 1-mem
+                vm.sendall(transport.build_result(None))         # 1-mem ACK
+                # A partial line and then the end of the connection used to make the receiver
+                # busy-wait (test_serve_notices_a_partial_line_then_close): bytes after the frame
+                # that its relay feeds zstd end here, as a source's stream would.
+                sender = threading.Thread(target=send_image, args=(socks[1:], raw), daemon=True)
+                sender.start()
+                sender.join(timeout=TIMEOUT)
+                assert not sender.is_alive(), "our sender is stuck: the receiver stopped reading"
+                if commit:
+                    try:
+                        vm.sendall(transport.build_result(None))     # point 3
+                    except OSError:
+                        pass          # it gave up early: its error is there to read
+                else:
+                    vm.shutdown(socket.SHUT_WR)
+                while (answer := hs_recv(vm, deadline)) is not None:
+                    lines.append(answer)
+                    if answer == "Success" and commit:
+                        ok = True                                 # point 4
+                        break
         finally:
-            sock.close()
+            for sock in socks:
+                sock.close()
         # This input's processes (those whose peak moved meanwhile), and serve itself.
         self.rss.sample()
         now = dict(self.rss.peaks)          # a copy: the sampler thread goes on adding to it
@@ -930,7 +946,7 @@ class Serve:
             peaks[name] = max(peaks.get(name, 0.0), kib / 1024)
         tree = sum(now[pid][1] for pid in mine & now.keys()) / 1024
         check_memory("serve", img.kind, peaks, tree)
-        failure = [x for x in lines if x.startswith(transport.HS_ERROR)]
+        failure = [x for x in lines if x.startswith("Error: ")]
         assert len(failure) <= 1 and all("\n" not in x for x in failure), lines
         doms = domains_of(self.h.root)
         if ok:
@@ -941,12 +957,13 @@ class Serve:
             assert doms == [], f"failed migration left {doms}: {lines}"
         self.clean()
         self.alive()
-        # Restored the whole image? Its Success line says so, unless the commit then failed and the
-        # receiver, closing on our unread bytes, reset the connection before we read it: its log.
+        # Restored the whole image? Its log says so (xenopsd's receiver says nothing between
+        # point 1 and point 4).
         with log.open("rb") as f:
             f.seek(log_from)
-            warnings = [x for x in f.read().decode(errors="replace").splitlines() if f" {tag} warning: " in x]
-        accepted = "Success" in lines or any("commit" in x for x in warnings)
+            mine = [x for x in f.read().decode(errors="replace").splitlines() if f" {tag} " in x]
+        warnings = [x for x in mine if f" {tag} warning: " in x]
+        accepted = any("synchronisation point 2: image restored" in x for x in mine)
         return Outcome(ok, " | ".join(lines + warnings[-1:])[:400], peaks, tree, accepted=accepted)
 
 
@@ -971,29 +988,80 @@ def recv_until(sock: socket.socket, end: bytes, deadline: float) -> bytes:
     return data
 
 
-def frame_end(raw: bytes) -> int | None:
-    """Where the receiver's relay (xenopsd_shim.zstdframe) ends the first zstd frame; None if it fails first."""
+def send_image(socks: list[socket.socket], raw: bytes) -> None:
+    """The image on the mem connection (the last), then the end of it and of the vGPU one, as
+    VM_migrate's save ends them."""
     try:
-        pos = zstdframe.frame_header_size(raw[:5])
-        last = False
-        while not last:
-            if pos + zstdframe.BLOCK_HEADER_SIZE > len(raw):
-                return None
-            last, size = zstdframe.block(raw[pos:pos + zstdframe.BLOCK_HEADER_SIZE])
-            pos += zstdframe.BLOCK_HEADER_SIZE + size
-        pos += zstdframe.CHECKSUM_SIZE if zstdframe.has_checksum(raw[:5]) else 0
-    except (zstdframe.FrameError, struct.error):
-        return None
-    return pos if pos <= len(raw) else None
-
-
-def send_image(sock: socket.socket, raw: bytes, commit: bool) -> None:
-    try:
-        sock.sendall(raw)
-        if not commit:
-            sock.shutdown(socket.SHUT_WR)
+        socks[-1].sendall(raw)
     except OSError:
         pass        # the receiver gave up on the image and closed: its answer says why
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def hs_recv(sock: socket.socket, deadline: float) -> str | None:
+    """One handshake message ("Success", "Error: <text>"), or None once the receiver closed."""
+    head = recv_n(sock, 2, deadline)
+    if head is None:
+        return None
+    (length,) = struct.unpack(">H", head)
+    text = recv_n(sock, length, deadline) if length else b""
+    if text is None:
+        return None
+    return "Success" if length == 0 else "Error: " + text.decode(errors="replace")
+
+
+def recv_n(sock: socket.socket, n: int, deadline: float) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"the receiver hung: no answer within {TIMEOUT:g} s")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(data))
+        except (socket.timeout, TimeoutError):
+            pytest.fail(f"the receiver hung: no answer within {TIMEOUT:g} s")
+        except ConnectionResetError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def vm_metadata(img: Image) -> tuple[str, int]:
+    """The vm connection's metadata and memory_limit: the image's own Xenops record (a source sends
+    both from the same VM), or a seed's when the image has none."""
+    xen = [p for p in img.parts if p.htype == image.XENOPS]
+    if len(xen) == 1:
+        try:
+            rec = json.loads(xen[0].payload)
+            limit = rec["memory_bytes"] if isinstance(rec, dict) and isinstance(rec.get("memory_bytes"), int) \
+                and 0 < rec["memory_bytes"] < 1 << 40 else MEMORY
+        except (ValueError, RecursionError):
+            limit = MEMORY
+        return xen[0].payload.decode(errors="replace"), limit
+    return json.dumps({"name": "vm-fuzz", "uuid": img.uuid, "memory_bytes": MEMORY, "workload": "none",
+                       "vgpu_bytes": 0}), MEMORY
+
+
+def wait_for_log(h: HostDir, text: str, deadline: float) -> None:
+    while text not in (h.root / "xenopsd.log").read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the receiver never logged {text!r}")
+        time.sleep(0.05)
+
+
+def vgpu_of(meta: str) -> bool:
+    try:
+        rec = json.loads(meta)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(rec, dict) and bool(rec.get("vgpu_bytes"))
 
 
 # Seeds and the fuzz loop ---------------------------------------------------------------
@@ -1133,20 +1201,31 @@ def test_fuzz_resume_and_serve_many(seeds, hosts, receiver, tmp_path, record_pro
 
 
 @pytest.mark.parametrize("where", ["request", "commit"])
-def test_serve_notices_a_partial_line_then_close(seeds, hosts, where):
+def test_serve_notices_a_partial_message_then_close(seeds, hosts, where):
+    """A request cut short, or half a handshake message (one byte of point 3's two) and then the
+    end of the connection: the receiver notices at once, answers with its error, keeps nothing."""
     h = hosts("serve")
     serve = Serve(h, lambda host: Receiver(host))
     img = seeds.images["plain"]
+    meta, limit = vm_metadata(img)
+    dest_id = img.uuid[:24] + "000000000001"
+    cookies = {"dbg": "fuzz", "final_id": img.uuid, "mem_migration": "fuzz"}
+    deadline = time.monotonic() + TIMEOUT
     try:
         with socket.create_connection(serve.addr(), timeout=TIMEOUT) as sock:
             if where == "request":
-                sock.sendall(f"PUT {transport.MEMORY_PATH}{img.uuid} HTTP/1.1\r\nHost: x".encode())
+                sock.sendall(f"PUT {transport.MIGRATE_VM_PATH}{dest_id} HTTP/1.1\r\nHost: x".encode())
             else:
-                sock.sendall(f"PUT {transport.MEMORY_PATH}{img.uuid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                assert recv_until(sock, b"\r\n\r\n", time.monotonic() + TIMEOUT).startswith(b"HTTP/1.1 200 ")
-                sock.sendall(img.encode())
-                assert b"\nSuccess\n" in recv_until(sock, b"\nSuccess\n", time.monotonic() + TIMEOUT)
-                sock.sendall(b"Succ")
+                sock.sendall(transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, "x",
+                                                     {**cookies, "memory_limit": str(limit), "vm_metadata": meta}))
+                assert hs_recv(sock, deadline) == "Success"
+                with socket.create_connection(serve.addr(), timeout=TIMEOUT) as mem:
+                    mem.sendall(transport.build_request("PUT", transport.MIGRATE_MEM_PATH + dest_id, "x", cookies))
+                    assert hs_recv(mem, deadline) == "Success"
+                    sock.sendall(transport.build_result(None))
+                    send_image([mem], img.encode())
+                    wait_for_log(h, "synchronisation point 2: image restored", deadline)
+                sock.sendall(b"\x00")
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(3)
             rest = b""
@@ -1154,10 +1233,10 @@ def test_serve_notices_a_partial_line_then_close(seeds, hosts, where):
                 while chunk := sock.recv(4096):
                     rest += chunk
             except ConnectionResetError:
-                pass        # it closed with our partial line unread: it noticed
+                pass        # it closed with our partial message unread: it noticed
             except (socket.timeout, TimeoutError):
                 pytest.fail(f"the receiver did not notice within 3 s that the peer closed ({where})")
-        assert where == "request" or rest.startswith(b"Error:"), rest
+        assert where == "request" or b"Internal_error" in rest, rest
         serve.clean()
         assert domains_of(h.root) == []
         serve.alive()

@@ -76,8 +76,11 @@ def parse_vm_metadata(raw: bytes, name_override: str | None = None) -> dict[str,
 
 class ImageReader:
     def __init__(self, host: Host, fd: int, *, log: Logger, name: str | None = None,
-                 vgpu_fd: Callable[[], int] | None = None, uuid: str | None = None) -> None:
-        """`uuid`: the VM the stream must carry (the one a request named), when it is known."""
+                 vgpu_fd: Callable[[], int] | None = None, uuid: str | None = None,
+                 domain: Domain | None = None) -> None:
+        """`uuid`: the VM the stream must carry (the one a request named), when it is known;
+        `domain`: the one a migration created before the image (synchronisation point 1)."""
+        self.created = domain
         self.host = host
         self.uuid = uuid
         self.reader = Reader(fd)
@@ -162,11 +165,15 @@ class ImageReader:
                 raise image.ImageError("the VM has a vGPU but its stream has no fd here")
             self.vgpu_fd = self.get_vgpu_fd()
             extra += ["-dm", f"vgpu:{self.vgpu_fd}"]
-        try:
-            self.domain = self.host.create_domain(rec["name"], rec["memory_bytes"], uuid=rec["uuid"],
-                                                  meta={"workload": rec["workload"], "vgpu_bytes": rec["vgpu_bytes"]})
-        except DomainError as e:
-            raise image.ImageError(str(e)) from None
+        if self.created is not None:
+            self.domain = self.created
+        else:
+            try:
+                self.domain = self.host.create_domain(rec["name"], rec["memory_bytes"], uuid=rec["uuid"],
+                                                      meta={"workload": rec["workload"],
+                                                            "vgpu_bytes": rec["vgpu_bytes"]})
+            except DomainError as e:
+                raise image.ImageError(str(e)) from None
         self.emu = EmuManager(domid=self.domain.domid, mode="hvm_restore", fd=self.fd, extra=extra, log=self.log,
                               pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
         self.emu_pids.append(self.emu.pid)

@@ -1,11 +1,18 @@
-"""The sending side of a migration: image over the transport, then the handshake.
+"""The sending side of a migration: xenopsd's three connections and its handshake.
 
-The source keeps its (paused) copy until the destination says the VM is
-restored and running; any failure before the commit unpauses it here, so the
-VM always runs on exactly one host. After the commit, a lost confirmation is
-settled by asking the destination: running there completes the migration, no
-copy there resumes it here, and no answer leaves it paused here for an
-operator, since running it could make two.
+The order is xenops_server.ml VM_migrate's: the vm connection (the destination
+creates the domain and answers, synchronisation point 1; with a vGPU its own
+connection is answered and acknowledged first), the mem connection (answered,
+acknowledged), the save (point 2), the source's Success (point 3, the commit)
+and the destination's answer once the VM runs there (point 4). A destination
+that cannot take the VM says so at point 1, before emu-manager ever runs here.
+
+The source keeps its (paused) copy until the destination says the VM runs
+there; any failure before the commit unpauses it here, so the VM always runs
+on exactly one host. After the commit, a lost or failed point 4 is settled by
+asking the destination (our extension): running there completes the
+migration, no copy there resumes it here, and no answer leaves it paused here
+for an operator, since running it could make two.
 """
 from __future__ import annotations
 
@@ -13,19 +20,30 @@ import json
 import socket
 import ssl
 import time
+import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from xenemu import Domain, Host
 from xenemu.memory import memory_digest
 
-from . import cancel, transport
+from . import cancel, tlstunnel, transport
 from .accounting import CpuAccounting
-from .imagewriter import ImageWriter
+from .imagewriter import ImageWriter, vm_record
 from .log import Logger
 from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST, is_same_host
 from .timeouts import Timeouts
 from .zstdpipe import Zstd
+
+
+INSTANCE_ID = str(uuidlib.uuid4())    # as xenopsd's instance_id: one per sending process
+VGPU_DEVICE = "0"                     # the VM's one vGPU, as VGPU_DB numbers its device
+
+
+def temporary_id(vm_uuid: str) -> str:
+    """The uuid the destination knows the VM by during the migration (xenops_server.ml
+    VM.migrate's tmp_uuid_of ~kind:`dest): its first 24 characters, then 000000000001."""
+    return vm_uuid[:24] + "000000000001"
 
 
 class MigrationError(Exception):
@@ -62,8 +80,17 @@ class Stream:
         return self.zstd.fd if self.zstd is not None and self.zstd.fd is not None else self.sock.fileno()
 
     def finish(self) -> None:
+        """The stream is complete: zstd drained, and the connection ended for writing, as
+        VM_migrate's save closes the mem connection before point 3. (Not through a TLS tunnel:
+        TLS cannot half-close, so the tunnel would end the connection, and the count of its
+        bytes on the wire with it; that one ends with the migration.)"""
         if self.zstd is not None:
             self.zstd.finish()
+        if not isinstance(self.sock, tlstunnel.TunnelSocket):
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def stop(self) -> tuple[str | None, bool]:
         """End the stream's zstd; why it had failed, if it had, and whether a signal killed it
@@ -86,40 +113,52 @@ class SourceMigration:
         self.log = log
         self.on_info = on_info
         self.committed = False       # told the destination to start the VM
+        self.agreed: frozenset[str] = frozenset()   # our extensions, as both sides announced them
         self.left_paused: str | None = None     # why: it could not say whether it started it
+
+    def _cookies(self) -> dict[str, str]:
+        """xenopsd's cookies on every connection, plus our secret."""
+        cookies = {transport.COOKIE_INSTANCE_ID: INSTANCE_ID, transport.COOKIE_FINAL_ID: self.domain.uuid,
+                   transport.COOKIE_DBG: f"migrate-{self.domain.uuid}",
+                   transport.COOKIE_MEM_MIGRATION: transport.MEM_MIGRATION_VERSION}
+        if self.options.mode == MODE_STREAM:
+            cookies[transport.COOKIE_COMPRESS] = transport.COMPRESS_ZSTD    # the receiver decides from this alone
+        if self.options.secret:
+            cookies[transport.SECRET_COOKIE] = self.options.secret
+        return cookies
 
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
         was_running = self.domain.state == "running"
         mode = self.options.mode
-        cookies = {"dbg": f"migrate-{self.domain.uuid}"}
-        if self.options.verify:
-            cookies["verify"] = "true"
-        if mode == MODE_STREAM:
-            cookies["compress"] = "zstd"          # the receiver decides from this alone
-        if self.options.secret:
-            cookies[transport.SECRET_COOKIE] = self.options.secret
+        cookies = self._cookies()
         if is_same_host(self.host, self.dest):
             self.domain.mark_outgoing(True)     # lets this host's receiver restore a copy beside it
+        conns: dict[str, socket.socket] = {}
+        streams: list[Stream] = []
+        writer: ImageWriter | None = None
         with CpuAccounting() as cpu:
-            streams = [Stream("memory", self._connect(transport.MEMORY_PATH, cookies), mode == MODE_STREAM)]
-            if self.domain.vgpu_bytes:
-                # Its own connection; in-band mode leaves it uncompressed (xenguest compresses memory only).
-                streams.append(Stream("vgpu", self._connect(transport.VGPU_PATH, cookies), mode == MODE_STREAM))
-            main = streams[0]
-            writer = ImageWriter(self.domain, main.fd, live=self.options.live, inband=mode == MODE_XENGUEST,
-                                 log=self.log, on_info=self.on_info,
-                                 vgpu_fd=streams[1].fd if len(streams) > 1 else None,
-                                 watch=lambda: self._watch_destination(main.sock))
             try:
+                agreed = self._open(conns, cookies)
+                streams = [Stream("memory", conns["memory"], mode == MODE_STREAM)]
+                if "vgpu" in conns:
+                    # In-band mode leaves it uncompressed (xenguest compresses memory only).
+                    streams.append(Stream("vgpu", conns["vgpu"], mode == MODE_STREAM))
+                vm = conns["vm"]
+                writer = ImageWriter(self.domain, streams[0].fd, live=self.options.live,
+                                     inband=mode == MODE_XENGUEST, log=self.log, on_info=self.on_info,
+                                     vgpu_fd=streams[1].fd if len(streams) > 1 else None,
+                                     watch=lambda: self._watch_destination(vm))
                 stats = writer.run()
                 writer.close()
                 for stream in streams:
                     stream.finish()
-                remote = self._handshake(main.sock)
+                self.log.info("synchronisation point 2: image sent")
+                remote = self._conclude(vm, agreed)
             except BaseException as e:
                 cancel.ignore()                                    # finish cleaning up first
-                writer.close()
+                if writer is not None:
+                    writer.close()
                 if self.domain.outgoing:
                     self.domain.mark_outgoing(False)
                 failures = [f for f in (stream.stop() for stream in streams) if f[0]]
@@ -127,16 +166,17 @@ class SourceMigration:
                 # A cancellation is what the user did; else a zstd of ours killed explains the
                 # rest; else the destination's own words; else our zstd's error; else what we saw.
                 cancelled = e if isinstance(e, cancel.Cancelled) else None
-                reason = cancelled or next(iter(killed), None) or self._destination_error(main.sock) or \
+                reason = cancelled or next(iter(killed), None) or \
+                    (self._destination_error(conns["vm"]) if "vm" in conns and writer is not None else None) or \
                     next((MigrationError(text) for text, _ in failures), None) or e
-                wire = self._end(streams)
-                if not self._fall_back(was_running, cookies):
+                wire = self._end(conns)
+                if not self._fall_back(was_running, cookies, self.agreed):
                     raise MigrationError(self._describe(reason), cancelled.exit_code if cancelled else None) from None
                 self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason or 'interrupted'}), "
                                  "but the destination reports it running: the migration is complete")
                 remote = {}
             else:
-                wire = self._end(streams)
+                wire = self._end(conns)
         done = time.monotonic()
         self.domain.destroy()
         return {
@@ -153,87 +193,107 @@ class SourceMigration:
         }
 
     def _connect(self, path: str, cookies: dict[str, str]) -> socket.socket:
-        return transport.open_stream(self.dest, path + self.domain.uuid, cookies, self.options.timeouts,
+        return transport.open_stream(self.dest, path, cookies, self.options.timeouts,
                                      self.options.max_bandwidth, self.options.tls)
 
-    def _handshake(self, sock: socket.socket) -> dict[str, Any]:
-        """After the image the destination speaks first (so its zstd can be stopped safely)."""
-        remote: dict[str, Any] = {}
-        while True:
-            line = self._expect_success(sock, "the destination's restore result")
-            if line.startswith(transport.HS_STATS):
-                remote = json.loads(line[len(transport.HS_STATS):] or "{}")
-            else:
-                break
-        if self.options.verify:
-            digest = memory_digest(self.domain.memory)
-            transport.send_line(sock, f"{transport.HS_VERIFY}{digest}")
-            self._expect_success(sock, "the destination's verification")
-        transport.send_line(sock, transport.HS_SUCCESS)           # commit: the destination may run it
-        self.committed = True
-        line = transport.recv_line(sock, self.options.timeouts.handshake, "the destination to start the VM")
-        if line.startswith(transport.HS_ERROR):
-            raise MigrationError(f"destination failed to start the VM: {line[len(transport.HS_ERROR):].strip()}")
-        if line != transport.HS_SUCCESS:
-            raise MigrationError(f"destination did not start the VM: {line[:80]!r}")
-        return remote
+    def _open(self, conns: dict[str, socket.socket], cookies: dict[str, str]) -> frozenset[str]:
+        """Connections and synchronisation points 1-vgpu, 1 and 1-mem, in VM_migrate's order;
+        the extensions both sides announced."""
+        dest_id = temporary_id(self.domain.uuid)
+        meta = self.domain.reload()
+        asked = [transport.EXT_STATS, transport.EXT_STATE] + ([transport.EXT_VERIFY] if self.options.verify else [])
+        conns["vm"] = vm = self._connect(transport.MIGRATE_VM_PATH + dest_id, {
+            **cookies, transport.COOKIE_MEMORY_LIMIT: str(meta["memory_bytes"]),
+            transport.COOKIE_MEMORY_TOTAL_SOURCE: str(meta["memory_bytes"]),
+            transport.METADATA_COOKIE: vm_record(self.domain).decode(),
+            transport.EXTENSIONS_COOKIE: ",".join(asked)})
+        if self.domain.vgpu_bytes:
+            conns["vgpu"] = self._connect(f"{transport.MIGRATE_VGPU_PATH}{dest_id}.{VGPU_DEVICE}",
+                                          {**cookies, transport.COOKIE_VGPU_MIGRATION: ""})
+            self._expect_success(conns["vgpu"], "the destination's vGPU connection (point 1-vgpu)")
+            transport.send_result(vm)                             # 1-vgpu ACK
+        answer = transport.recv_result(vm, self.options.timeouts.handshake, "the destination to create the VM")
+        if answer is not None and answer.startswith(transport.EXT_ANNOUNCE):
+            self.agreed = frozenset(answer[len(transport.EXT_ANNOUNCE):].split(",")) & frozenset(asked)
+            answer = transport.recv_result(vm, self.options.timeouts.handshake, "the destination to create the VM")
+        if answer is not None:
+            raise MigrationError(f"destination failed: {transport.describe_error(answer)}")
+        self.log.info("synchronisation point 1: the destination created the VM")
+        if self.options.verify and transport.EXT_VERIFY not in self.agreed:
+            raise MigrationError("the destination cannot verify memory (--verify): it did not announce it")
+        conns["memory"] = self._connect(transport.MIGRATE_MEM_PATH + dest_id, cookies)
+        self._expect_success(conns["memory"], "the destination's memory connection (point 1-mem)")
+        transport.send_result(vm)                                 # 1-mem ACK
+        return self.agreed
 
-    def _expect_success(self, sock: socket.socket, what: str) -> str:
-        """The next handshake line: Success or Stats pass, Error raises."""
-        line = transport.recv_line(sock, self.options.timeouts.handshake, what)
-        if line.startswith(transport.HS_ERROR):
-            raise MigrationError(f"destination failed: {line[len(transport.HS_ERROR):].strip()}")
-        if line != transport.HS_SUCCESS and not line.startswith(transport.HS_STATS):
-            raise MigrationError(f"unexpected handshake from destination: {line[:80]!r}")
-        return line
+    def _conclude(self, vm: socket.socket, agreed: frozenset[str]) -> dict[str, Any]:
+        """After the image: our verification if agreed, then points 3 and 4, then our statistics."""
+        timeout = self.options.timeouts.handshake
+        if transport.EXT_VERIFY in agreed:
+            transport.send(vm, transport.build_result(memory_digest(self.domain.memory)))
+            self._expect_success(vm, "the destination's verification")
+        transport.send_result(vm)                                 # point 3: the destination may run it
+        self.committed = True
+        answer = transport.recv_result(vm, timeout, "the destination to start the VM")
+        if answer is not None:
+            raise MigrationError(f"destination failed to start the VM: {transport.describe_error(answer)}")
+        self.log.info("synchronisation point 4: the VM runs on the destination")
+        if transport.EXT_STATS not in agreed:
+            return {}
+        try:
+            return json.loads(transport.recv_result(vm, timeout, "the destination's statistics") or "{}")
+        except (transport.TransportError, ValueError) as e:
+            self.log.warning(f"no statistics from the destination: {e}")
+            return {}
+
+    def _expect_success(self, sock: socket.socket, what: str) -> None:
+        answer = transport.recv_result(sock, self.options.timeouts.handshake, what)
+        if answer is not None:
+            raise MigrationError(f"destination failed: {transport.describe_error(answer)}")
 
     @staticmethod
-    def _watch_destination(sock: socket.socket) -> None:
-        """While the image is written the destination says nothing, unless it gives up (an
-        `Error:` line, or it hangs up); then the source stops now instead of when its own
-        writers notice (a writer blocked on something else might never). The destination's
-        results may arrive before emu-manager's: those are left for the handshake."""
+    def _watch_destination(vm: socket.socket) -> None:
+        """While the image is written the destination says nothing on the vm connection, unless
+        it gives up (its point-4 error, early) or hangs up; then the source stops now instead of
+        when its own writers notice (a writer blocked on something else might never)."""
         try:
-            data = sock.recv(len(transport.HS_ERROR), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = vm.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as e:
             raise MigrationError(f"connection to the destination lost: {e.strerror or e}") from None
         if not data:
             raise MigrationError("the destination closed the connection")
-        if data == transport.HS_ERROR.encode():        # (a shorter prefix of it: look again next time)
-            raise MigrationError("the destination gave up")
+        raise MigrationError("the destination gave up")
 
     @staticmethod
-    def _destination_error(sock: socket.socket) -> MigrationError | None:
+    def _destination_error(vm: socket.socket) -> MigrationError | None:
         """When the destination gave up first, its own words explain the failure best."""
         try:
-            line = transport.recv_line(sock, 0.5, "the destination's error")
+            answer = transport.recv_result(vm, 0.5, "the destination's error")
         except transport.TransportError:
             return None
-        if line.startswith(transport.HS_ERROR):
-            return MigrationError(f"destination failed: {line[len(transport.HS_ERROR):].strip()}")
-        return None
+        return None if answer is None else MigrationError(f"destination failed: {transport.describe_error(answer)}")
 
     @staticmethod
-    def _end(streams: list[Stream]) -> dict[str, int]:
-        """Close every stream's connection; the bytes each put on the wire."""
-        wire = {}
-        for stream in streams:
-            wire[stream.name] = transport.tcp_bytes(stream.sock)[0]
+    def _end(conns: dict[str, socket.socket]) -> dict[str, int]:
+        """Close every connection; the bytes each put on the wire."""
+        wire = {"memory": 0, **{name: transport.tcp_bytes(sock)[0] for name, sock in conns.items()}}
+        for sock in conns.values():           # (closing one may end the others at the destination)
             try:
-                stream.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            stream.sock.close()
+            sock.close()
         return wire
 
-    def _fall_back(self, was_running: bool, cookies: dict[str, str]) -> bool:
+    def _fall_back(self, was_running: bool, cookies: dict[str, str], agreed: frozenset[str]) -> bool:
         """After a failure: whether the destination runs the VM after all (a commit whose
         confirmation was lost); else the source copy runs again, unless the destination may
         yet start it (it cannot say), when it stays paused so two copies never run."""
         if self.committed:
-            state = self._settled_state(cookies)
+            state = self._settled_state(cookies) if transport.EXT_STATE in agreed \
+                else "it does not answer state queries"
             if state == "running":
                 return True
             if state != transport.STATE_ABSENT:
@@ -249,7 +309,7 @@ class SourceMigration:
     def _settled_state(self, cookies: dict[str, str]) -> str:
         """The destination's state of the VM once it has decided (running, or absent because it
         destroyed its copy), polled for up to the connect timeout; or why that is unknown."""
-        query = {k: v for k, v in cookies.items() if k == transport.SECRET_COOKIE}
+        query = {k: v for k, v in cookies.items() if k in (transport.SECRET_COOKIE, transport.COOKIE_DBG)}
         deadline = time.monotonic() + self.options.timeouts.connect
         while True:
             try:

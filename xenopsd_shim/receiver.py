@@ -1,8 +1,11 @@
-"""`serve`: the receiving xenopsd, one thread per incoming migration.
+"""`serve`: the receiving xenopsd, one thread per connection.
 
-A migration is confirmed only after the domain is fully restored (and,
-when asked, verified page by page); the VM is started here only when the
-source commits, so the source can fall back at every earlier step.
+As xenops_server.ml's handlers: the vm connection (VM.receive_memory) creates
+the domain and answers at synchronisation point 1, before any image byte; the
+mem and vGPU connections (VM.receive_mem, VM.receive_vgpu) are answered at
+once and wait, parked, until the vm connection's thread takes them. The VM is
+started here only when the source commits (point 3), so the source can fall
+back at every earlier step; the answer is point 4.
 """
 from __future__ import annotations
 
@@ -18,14 +21,14 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from xenemu import DomainError, Host
+from xenemu import Domain, DomainError, Host
 from xenemu.memory import memory_digest
 
-from . import tlstunnel, transport
+from . import image, tlstunnel, transport
 from .accounting import CpuAccounting
-from .imagereader import ImageReader, valid_uuid
+from .imagereader import ImageReader, parse_vm_record, valid_uuid
 from .listener import Listener
 from .log import Logger
 from .policy import DEFAULT_MAX_CONNECTIONS, SECRET_NAME, SERVE_ADDRESS
@@ -33,8 +36,15 @@ from .timeouts import Timeouts
 from .zstdpipe import Zstd, ZstdError
 
 STREAM_STOP_TIMEOUT = 90.0   # on shutdown, for the migrations cut mid-stream to clean up, all together
-VGPU_POLL_MS = 200           # how often a parked vGPU connection looks for its peer's hangup and shutdown
-VGPU_SHARE = 2               # unmatched vGPU connections may hold at most 1/VGPU_SHARE of the connections
+PARK_POLL_MS = 200           # how often a parked connection looks for its peer's hangup and shutdown
+PARK_SHARE = 2               # unmatched mem/vGPU connections may hold at most 1/PARK_SHARE of the connections
+LINGER = 2.0                 # after an early error, how long the peer may take to read it and close
+
+# Routes, as xenopsd.ml handle_received_fd dispatches them: (prefix, handler).
+ROUTE_VM, ROUTE_MEM, ROUTE_VGPU = "vm", "mem", "vgpu"
+ROUTES = ((transport.MIGRATE_VM_PATH, ROUTE_VM), (transport.LEGACY_MEMORY_PATH, ROUTE_VM),
+          (transport.MIGRATE_MEM_PATH, ROUTE_MEM),
+          (transport.MIGRATE_VGPU_PATH, ROUTE_VGPU), (transport.LEGACY_VGPU_PATH, ROUTE_VGPU))
 
 
 class ReceiverError(Exception):
@@ -76,7 +86,7 @@ class Receiver:
         self._lock = threading.Lock()
         self.listener = Listener(sock, log, timeouts.request, max_connections, handled=lambda: len(self.active),
                                  on_request=self._start)
-        self.vgpu_streams = VgpuStreams(timeouts, self.stopping, max(1, self.listener.bound // VGPU_SHARE))
+        self.parked = ParkedStreams(timeouts, self.stopping, max(1, self.listener.bound // PARK_SHARE))
 
     def _discard_half_restored(self) -> None:
         """Domains still `building` were being restored by a receiver that died: nothing of
@@ -119,7 +129,7 @@ class Receiver:
     def _start(self, conn: socket.socket, peer: str, deadline: float) -> None:
         """A connection with bytes to read: its own thread from here on."""
         incoming = IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer}]"),
-                                     self.vgpu_streams, self.secret, self.timeouts, deadline)
+                                     self.parked, self.secret, self.timeouts, deadline)
         thread = threading.Thread(target=self._handle, args=(incoming, peer), daemon=True)
         with self._lock:
             self.active[thread] = incoming
@@ -133,7 +143,7 @@ class Receiver:
             items = list(self.active.items())
         for _, incoming in items:
             if not incoming.restored:
-                for conn in (incoming.conn, incoming.vgpu_conn):
+                for conn in (incoming.conn, incoming.mem_conn, incoming.vgpu_conn):
                     if conn is not None:
                         try:
                             conn.shutdown(socket.SHUT_RDWR)
@@ -167,94 +177,108 @@ class Receiver:
                 self.active.pop(threading.current_thread(), None)
 
 
-class VgpuRefused(Exception):
-    def __init__(self, code: int, reason: str, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.reason = reason
+class StreamRefused(Exception):
+    """A mem or vGPU connection that cannot be parked; the text goes back as a handshake error."""
 
 
 @dataclass
-class ParkedVgpu:
+class Parked:
     conn: socket.socket
     cookies: dict[str, str]
-    ready: bool = False                              # its 200 is sent: a migration may take it
+    ready: bool = False                              # its Success is sent: a migration may take it
     taken: threading.Event = field(default_factory=threading.Event)
 
 
-class VgpuStreams:
-    """vGPU connections, parked until the memory migration of the same VM takes them.
+class ParkedStreams:
+    """mem and vGPU connections, parked until the vm connection of the same VM takes them.
 
-    One per VM, at most `limit` at once, each for at most the vGPU timeout and only while
-    its peer stays connected: an unmatched one holds a thread and an fd, so it must not
-    hold them for long or in numbers. Once taken, the memory migration owns the connection."""
+    One per VM and kind, at most `limit` at once, each for at most the vGPU timeout and only
+    while its peer stays connected: an unmatched one holds a thread and an fd, so it must not
+    hold them for long or in numbers. Once taken, the vm connection's thread owns it."""
 
     def __init__(self, timeouts: Timeouts, stopping: threading.Event, limit: int) -> None:
         self.timeouts = timeouts
         self.stopping = stopping
         self.limit = limit
         self._cond = threading.Condition()
-        self._waiting: dict[str, ParkedVgpu] = {}
+        self._waiting: dict[tuple[str, str], Parked] = {}
 
-    def park(self, uuid: str, conn: socket.socket, cookies: dict[str, str], log: Logger) -> bool:
-        """Called on the vGPU connection's thread, which answers the request here; True when
-        a migration took the connection (it is theirs now), False when it was dropped."""
-        parked = ParkedVgpu(conn, cookies)
+    def park(self, kind: str, vm_id: str, conn: socket.socket, cookies: dict[str, str], log: Logger) -> bool:
+        """Called on the connection's own thread, which answers it here (Success: point 1-mem or
+        1-vgpu); True when a migration took the connection (it is theirs now), False when dropped."""
+        key = (kind, vm_id)
+        parked = Parked(conn, cookies)
         with self._cond:
-            if uuid in self._waiting:
-                raise VgpuRefused(409, "Conflict", f"a vGPU stream for VM {uuid} is already waiting")
+            if key in self._waiting:
+                raise StreamRefused(f"a {kind} connection for VM {vm_id} is already waiting")
             if len(self._waiting) >= self.limit:
-                raise VgpuRefused(503, "Service Unavailable",
-                                  f"{self.limit} vGPU streams already wait for their migrations")
-            self._waiting[uuid] = parked
+                raise StreamRefused(f"{self.limit} mem/vGPU connections already wait for their migrations")
+            self._waiting[key] = parked
         try:
-            transport.send_status(conn, 200, "OK")
+            transport.send_result(conn)
         except transport.TransportError:
-            self._forget(uuid, parked)
+            self._forget(key, parked)
             raise
         with self._cond:
             parked.ready = True
             self._cond.notify_all()
-        log.info(f"vGPU stream of VM {uuid} waiting for its migration")
+        log.info(f"{kind} connection of VM {vm_id} waiting for its migration")
         deadline = time.monotonic() + self.timeouts.vgpu
         hangup = select.poll()
         hangup.register(conn, select.POLLRDHUP)
         while not parked.taken.is_set():
-            hung_up = bool(hangup.poll(VGPU_POLL_MS))
+            hung_up = bool(hangup.poll(PARK_POLL_MS))
             if self.stopping.is_set():           # (shutting down closes it too)
                 why = "shutting down"
             elif hung_up:
                 why = "its peer closed the connection"
             elif time.monotonic() > deadline:
-                why = f"no migration of VM {uuid} took it within {self.timeouts.vgpu:g} s"
+                why = f"no migration of VM {vm_id} took it within {self.timeouts.vgpu:g} s"
             else:
                 continue
-            if self._forget(uuid, parked):
-                log.warning(f"dropped the vGPU stream of VM {uuid}: {why}")
+            if self._forget(key, parked):
+                log.warning(f"dropped the {kind} connection of VM {vm_id}: {why}")
                 return False
         return True
 
-    def _forget(self, uuid: str, parked: ParkedVgpu) -> bool:
+    def _forget(self, key: tuple[str, str], parked: Parked) -> bool:
         """Unpark unless a migration took it meanwhile."""
         with self._cond:
             if parked.taken.is_set():
                 return False
-            del self._waiting[uuid]
+            del self._waiting[key]
             return True
 
-    def take(self, uuid: str) -> tuple[socket.socket, dict[str, str]]:
+    def take(self, kind: str, vm_id: str) -> tuple[socket.socket, dict[str, str]]:
+        key = (kind, vm_id)
         with self._cond:
-            if not self._cond.wait_for(lambda: uuid in self._waiting and self._waiting[uuid].ready,
+            if not self._cond.wait_for(lambda: key in self._waiting and self._waiting[key].ready,
                                        self.timeouts.vgpu):
-                raise transport.TransportError(f"no vGPU stream arrived for VM {uuid} "
+                raise transport.TransportError(f"no {kind} connection arrived for VM {vm_id} "
                                                f"within {self.timeouts.vgpu:g} s")
-            parked = self._waiting.pop(uuid)
+            parked = self._waiting.pop(key)
             parked.taken.set()
             return parked.conn, parked.cookies
 
 
+def route_of(request: transport.Request) -> tuple[str | None, str]:
+    """The handler a request goes to (None: xenopsd answers 404) and the VM id its path names
+    (a vGPU path names `<vm>.<device>`)."""
+    if request.method != "PUT":
+        return None, ""
+    for prefix, route in ROUTES:
+        if request.path.startswith(prefix):
+            vm_id = request.path[len(prefix):]
+            return route, vm_id.partition(".")[0] if route == ROUTE_VGPU else vm_id
+    return None, ""
+
+
+class MigrationRefused(Exception):
+    """The vm connection cannot go on; the text is sent as the handshake's error."""
+
+
 class IncomingMigration:
-    def __init__(self, host: Host, conn: socket.socket, log: Logger, vgpu_streams: VgpuStreams,
+    def __init__(self, host: Host, conn: socket.socket, log: Logger, parked: ParkedStreams,
                  secret: str | None, timeouts: Timeouts, deadline: float) -> None:
         self.secret = secret
         self.deadline = deadline   # for the request's head (monotonic)
@@ -262,11 +286,12 @@ class IncomingMigration:
         self.host = host
         self.conn = conn
         self.log = log
-        self.vgpu_streams = vgpu_streams
+        self.parked = parked
+        self.mem_conn: socket.socket | None = None      # the memory connection, once taken
         self.vgpu_conn: socket.socket | None = None     # the vGPU stream's connection, once taken
         self.vgpu_zstd: Zstd | None = None
         self.restored = False      # past the stream: a shutdown lets the handshake finish
-        self.handed_over = False   # a parked vGPU connection now owned by its memory migration
+        self.handed_over = False   # a parked connection now owned by its vm connection's thread
 
     def time_left(self) -> float:
         return max(0.001, self.deadline - time.monotonic())
@@ -277,128 +302,219 @@ class IncomingMigration:
         except transport.TransportError as e:
             self.log.warning(f"bad request: {e}")
             return
-        if self.secret is not None and not hmac.compare_digest(
-                request.cookies.get(transport.SECRET_COOKIE, "").encode(), self.secret.encode()):
-            transport.send_status(self.conn, 403, "Forbidden")
-            how = "a wrong" if transport.SECRET_COOKIE in request.cookies else "no"
-            self.log.warning(f"refused {request.method} {request.path[:80]}: {how} migration secret")
+        if request.method == "GET" and request.path.startswith(transport.STATE_PATH):
+            self._answer_state(request)
             return
-        if request.method == "PUT" and request.path.startswith((transport.VGPU_PATH, transport.MEMORY_PATH)) \
-                and not valid_uuid(request.vm_uuid):
-            transport.send_status(self.conn, 400, "Bad Request")
-            self.log.warning(f"refused {request.method} {request.path[:80]}: not a VM uuid")
-            return
-        if request.method == "PUT" and request.path.startswith(transport.VGPU_PATH):
-            try:
-                self.handed_over = self.vgpu_streams.park(request.vm_uuid, self.conn, request.cookies, self.log)
-            except VgpuRefused as e:
-                transport.send_status(self.conn, e.code, e.reason)
-                self.log.warning(f"refused {request.method} {request.path[:80]}: {e}")
-            return
-        if request.method == "GET" and request.path.startswith(transport.STATE_PATH) and valid_uuid(request.vm_uuid):
-            transport.send_status(self.conn, 200, "OK")
-            transport.send_line(self.conn, self._state_of(request.vm_uuid))
-            return
-        if request.method != "PUT" or not request.path.startswith(transport.MEMORY_PATH):
+        route, vm_id = route_of(request)
+        if route is None:
             transport.send_status(self.conn, 404, "Not Found")
             self.log.warning(f"refused {request.method} {request.path[:80]}")
             return
-        transport.send_status(self.conn, 200, "OK")
+        refusal = self._refusal(request, route, vm_id)
+        if refusal is not None:
+            self.log.warning(f"refused {request.method} {request.path[:80]}: {refusal}")
+            transport.send_result(self.conn, transport.xenopsd_error(refusal))
+            return
+        if route != ROUTE_VM:
+            try:
+                self.handed_over = self.parked.park(route, vm_id, self.conn, request.cookies, self.log)
+            except StreamRefused as e:
+                transport.send_result(self.conn, transport.xenopsd_error(str(e)))
+                self.log.warning(f"refused {request.method} {request.path[:80]}: {e}")
+            return
         try:
-            self._receive(request)
+            self._receive(request, vm_id)
         finally:
             if self.vgpu_zstd is not None:
                 self.vgpu_zstd.stop()
-            if self.vgpu_conn is not None:
-                self.vgpu_conn.close()
+            for conn in (self.mem_conn, self.vgpu_conn):
+                if conn is not None and conn is not self.conn:
+                    conn.close()
 
-    def _state_of(self, vm_uuid: str) -> str:
-        """For a source whose commit went unconfirmed: did the VM start here?"""
+    def _refusal(self, request: transport.Request, route: str, vm_id: str) -> str | None:
+        """Why a migration route refuses the request at once (its first handshake message)."""
+        if self.secret is not None and not hmac.compare_digest(
+                request.cookies.get(transport.SECRET_COOKIE, "").encode(), self.secret.encode()):
+            how = "a wrong" if transport.SECRET_COOKIE in request.cookies else "no"
+            return f"{how} migration secret"
+        if not valid_uuid(vm_id):
+            return "not a VM uuid"
+        if route == ROUTE_VGPU and transport.COOKIE_VGPU_MIGRATION not in request.cookies:
+            # xenops_server.ml receive_vgpu: only senders that send this cookie are accepted.
+            return (f"VM.migrate: version of sending host incompatible with receiving host: "
+                    f"no cookie {transport.COOKIE_VGPU_MIGRATION}")
+        return None
+
+    def _answer_state(self, request: transport.Request) -> None:
+        """Our extension: for a source whose commit went unconfirmed, did the VM start here?"""
+        vm_uuid = request.vm_uuid
+        if self.secret is not None and not hmac.compare_digest(
+                request.cookies.get(transport.SECRET_COOKIE, "").encode(), self.secret.encode()):
+            transport.send_status(self.conn, 403, "Forbidden")
+            self.log.warning(f"refused {request.method} {request.path[:80]}: no or a wrong migration secret")
+            return
+        if not valid_uuid(vm_uuid):
+            transport.send_status(self.conn, 404, "Not Found")
+            return
         try:
             state = self.host.find(vm_uuid).state
         except DomainError:
             state = transport.STATE_ABSENT
         self.log.info(f"asked for the state of VM {vm_uuid}: {state}")
-        return state
+        transport.send_status(self.conn, 200, "OK")
+        transport.send_line(self.conn, state)
 
-    def _vgpu_fd(self, request: transport.Request) -> int:
+    def _vgpu_fd(self, compressed: bool) -> int:
         """The vGPU stream's fd: its own connection, through its own zstd in stream mode."""
-        self.vgpu_conn, cookies = self.vgpu_streams.take(request.vm_uuid)
-        conn = self.vgpu_conn
-        if cookies.get("compress") == "zstd":
-            self.vgpu_zstd = Zstd(compress=False, far_fd=conn.fileno(), relay_from=conn)
+        if self.vgpu_conn is None:
+            raise transport.TransportError("the image has a vGPU stream but the VM has no vGPU connection")
+        if compressed:
+            self.vgpu_zstd = Zstd(compress=False, far_fd=self.vgpu_conn.fileno(), relay_from=self.vgpu_conn)
             assert self.vgpu_zstd.fd is not None
             return self.vgpu_zstd.fd
-        return conn.fileno()
+        return self.vgpu_conn.fileno()
 
-    def _receive(self, request: transport.Request) -> None:
-        stream = request.cookies.get("compress")
-        self.log.info(f"incoming migration of VM {request.vm_uuid}" + (f" (compress={stream})" if stream else ""))
-        cpu_start = time.thread_time()
-        if stream not in (None, "zstd"):
-            self._fail(f"unknown stream compression {stream!r}")
-            return
+    def _create(self, request: transport.Request, vm_id: str) -> tuple[Domain, frozenset[str]]:
+        """Up to synchronisation point 1: the cookies checked, the extensions announced if asked,
+        the vGPU connection taken (after its 1-vgpu ACK), the domain created."""
+        cookies = request.cookies
+        for required in (transport.COOKIE_DBG, transport.COOKIE_MEMORY_LIMIT):
+            if required not in cookies:
+                raise MigrationRefused(f"no cookie {required}")
+        limit = cookies[transport.COOKIE_MEMORY_LIMIT]
+        if not limit.isdigit():
+            raise MigrationRefused(f"invalid memory_limit {limit[:40]!r}")
+        final_id = cookies.get(transport.COOKIE_FINAL_ID, vm_id)
+        if not valid_uuid(final_id):
+            raise MigrationRefused("final_id is not a VM uuid")
+        agreed: frozenset[str] = frozenset()
+        if transport.EXTENSIONS_COOKIE in cookies:
+            agreed = frozenset(cookies[transport.EXTENSIONS_COOKIE].split(",")) & frozenset(transport.EXTENSIONS)
+            transport.send_result(self.conn, transport.EXT_ANNOUNCE + ",".join(sorted(agreed)))
+        if transport.METADATA_COOKIE not in cookies:
+            raise MigrationRefused(f"VM {final_id} is unknown here: no {transport.METADATA_COOKIE} cookie "
+                                   "(this project's substitute for VM.import_metadata)")
         try:
-            zstd = Zstd(compress=False, far_fd=self.conn.fileno(), relay_from=self.conn) if stream == "zstd" else None
-        except ZstdError as e:
+            meta = parse_vm_record(cookies[transport.METADATA_COOKIE].encode())
+        except image.ImageError as e:
+            raise MigrationRefused(f"VM metadata: {e}") from None
+        if meta["uuid"] != final_id:
+            raise MigrationRefused(f"the metadata describes VM {meta['uuid']}, not VM {final_id}")
+        if meta["vgpu_bytes"]:
+            ack = transport.recv_result(self.conn, self.timeouts.vgpu, "the source's 1-vgpu ACK")
+            if ack is not None:
+                raise MigrationRefused(f"source failed: {transport.describe_error(ack)}")
+            self.vgpu_conn, _ = self.parked.take(ROUTE_VGPU, vm_id)
+        try:
+            domain = self.host.create_domain(meta["name"], int(limit), uuid=final_id,
+                                             meta={"workload": meta["workload"], "vgpu_bytes": meta["vgpu_bytes"]})
+        except (DomainError, ValueError) as e:
+            raise MigrationRefused(str(e)) from None
+        return domain, agreed
+
+    def _receive(self, request: transport.Request, vm_id: str) -> None:
+        compressed = transport.COOKIE_COMPRESS in request.cookies      # its presence, as xenopsd reads it
+        self.log.info(f"incoming migration of VM {vm_id}"
+                      + (f" (compress={request.cookies[transport.COOKIE_COMPRESS]})" if compressed else ""))
+        cpu_start = time.thread_time()
+        try:
+            domain, agreed = self._create(request, vm_id)
+        except (MigrationRefused, transport.TransportError) as e:
             self._fail(str(e))
             return
-        reader = ImageReader(self.host, zstd.fd if zstd else self.conn.fileno(), log=self.log,
-                             vgpu_fd=lambda: self._vgpu_fd(request), uuid=request.vm_uuid)
+        try:
+            transport.send_result(self.conn)                           # point 1
+            self.log.info(f"synchronisation point 1: domain {domain.domid} created for VM {domain.name}")
+            if transport.COOKIE_MEM_MIGRATION in request.cookies:
+                ack = transport.recv_result(self.conn, self.timeouts.vgpu, "the source's 1-mem ACK")
+                if ack is not None:
+                    raise transport.TransportError(f"source failed: {transport.describe_error(ack)}")
+                self.mem_conn, _ = self.parked.take(ROUTE_MEM, vm_id)
+            else:
+                self.mem_conn = self.conn        # an older sender: the image follows on this connection
+        except transport.TransportError as e:
+            domain.destroy()
+            self._fail(str(e))
+            return
+        mem = self.mem_conn
+        try:
+            zstd = Zstd(compress=False, far_fd=mem.fileno(), relay_from=mem) if compressed else None
+        except ZstdError as e:
+            domain.destroy()
+            self._fail(str(e))
+            return
+        reader = ImageReader(self.host, zstd.fd if zstd else mem.fileno(), log=self.log,
+                             vgpu_fd=lambda: self._vgpu_fd(compressed), uuid=domain.uuid, domain=domain)
         roots = lambda: [*reader.emu_pids, *(z.pid for z in (zstd, self.vgpu_zstd) if z)]  # noqa: E731
         with CpuAccounting(roots=roots) as cpu:
-            domain = None
             try:
-                domain = reader.run()
+                reader.run()
                 for z in (zstd, self.vgpu_zstd):
                     if z is not None:
                         z.finish()     # each frame ended with its stream: zstd must exit 0 now
             except Exception as e:
                 failure = next(filter(None, (z.failure() for z in (zstd, self.vgpu_zstd) if z)), None)
-                if domain is not None:
-                    domain.destroy()
-                self._fail(f"restore failed: {failure or e}")
+                domain.destroy()
+                self._fail(f"restore failed: {failure or e}", linger=True)
                 return
             finally:
                 if zstd is not None:
                     zstd.stop()
         self.restored = True
+        self.log.info("synchronisation point 2: image restored")
         try:
-            stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != "xenopsd-shim"},
-                                     "xenopsd-shim": round(time.thread_time() - cpu_start, 3)}}
-            transport.send_line(self.conn, transport.HS_STATS + json.dumps(stats))
-            transport.send_line(self.conn, transport.HS_SUCCESS)
-            if request.cookies.get("verify") == "true":
+            if transport.EXT_VERIFY in agreed:
                 self._verify(domain)
-                transport.send_line(self.conn, transport.HS_SUCCESS)
-            commit = transport.recv_line(self.conn, self.timeouts.handshake, "the source's commit")
-            if commit != transport.HS_SUCCESS:
-                raise transport.TransportError(f"source did not commit: {commit[:80]!r}")
+            commit = transport.recv_result(self.conn, self.timeouts.handshake, "the source's commit (point 3)")
+            if commit is not None:
+                raise transport.TransportError(f"source failed: {transport.describe_error(commit)}")
             domain.unpause()
         except Exception as e:
             domain.destroy()
             self._fail(str(e))
             return
         try:
-            transport.send_line(self.conn, transport.HS_SUCCESS)
+            transport.send_result(self.conn)                           # point 4
+            if transport.EXT_STATS in agreed:
+                stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != "xenopsd-shim"},
+                                         "xenopsd-shim": round(time.thread_time() - cpu_start, 3)}}
+                transport.send_result(self.conn, json.dumps(stats))
+            self._linger()     # the source reads its stream connections' counters before it closes
         except transport.TransportError:
-            pass   # the VM runs here now; the source learns by its own timeout
+            pass   # the VM runs here now; the source learns by its own timeout, or asks
         self.log.info(f"VM {domain.name} (domid {domain.domid}) restored and running")
         domain.close()         # the VM belongs to the host now, not to this long-lived process
 
-    def _verify(self, domain: Any) -> None:
-        line = transport.recv_line(self.conn, self.timeouts.handshake, "the source's digest")
-        if not line.startswith(transport.HS_VERIFY):
-            raise transport.TransportError(f"expected the source's digest, got {line[:80]!r}")
-        ours = memory_digest(domain.memory)
-        if line[len(transport.HS_VERIFY):] != ours:
+    def _verify(self, domain: Domain) -> None:
+        """Our extension: the source's digest of every page at the pause point, answered."""
+        digest = transport.recv_result(self.conn, self.timeouts.handshake, "the source's digest")
+        if digest != memory_digest(domain.memory):
             raise transport.TransportError("verification failed: restored memory differs from the source's "
                                            "memory at the pause point")
+        transport.send_result(self.conn)
         self.log.info(f"VM {domain.name}: every page verified")
 
-    def _fail(self, text: str) -> None:
+    def _fail(self, text: str, linger: bool = False) -> None:
+        """The error as xenopsd sends it; `linger`: sent early (the source may still be writing),
+        so wait for the source to read it and close rather than reset the connection on it."""
         self.log.warning(text)
         try:
-            transport.send_line(self.conn, f"{transport.HS_ERROR} {text}")
+            transport.send_result(self.conn, transport.xenopsd_error(text))
+            if linger:
+                self._linger()
         except transport.TransportError:
+            pass
+
+    def _linger(self) -> None:
+        """Said all on the vm connection: wait (briefly) for the source to close it, reading
+        what it still sends, so that nothing resets the connection on unread bytes."""
+        try:
+            self.conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER
+            poller = select.poll()
+            poller.register(self.conn, select.POLLIN | select.POLLRDHUP)
+            while time.monotonic() < deadline and poller.poll(int(LINGER * 1000)):
+                if not self.conn.recv(1 << 16):
+                    break
+        except OSError:
             pass

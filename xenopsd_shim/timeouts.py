@@ -25,7 +25,7 @@ class Timeouts:
     request: float = 30.0     # the receiver waiting for a request's head
     stall: float = 120.0      # no byte moves either way on a migration socket
     handshake: float = 300.0  # restore result, verification, commit, start
-    vgpu: float = 30.0        # a VM's vGPU connection arriving after its memory one
+    vgpu: float = 30.0        # a VM's mem or vGPU connection (and its ACK) arriving after its vm one
 
     @classmethod
     def keys(cls) -> dict[str, str]:

@@ -1,13 +1,17 @@
-"""The migration transport: an HTTP/1.1 request on a TCP connection, then the raw stream.
+"""The migration transport: HTTP/1.1 requests that turn into raw streams, and xenopsd's handshake.
 
-As xenopsd does it: `PUT /services/xenops/memory/<vm-uuid>` with options in
-cookies, a status line back, then the suspend image on the same socket; after
-the image, text handshake lines. Reads never take a byte beyond what they
-parse (MSG_PEEK first), because the rest of the socket belongs to the
-emulators reading their streams from the same fd.
+As xenopsd does it (xenops_server.ml VM_migrate / VM_receive_memory, xenopsd.ml
+handle_received_fd): the source opens up to three connections, each a `PUT`
+with cookies and no HTTP response, only binary handshake messages
+(Xenops_migrate.Handshake: u16 big-endian length, 0 = Success, else that many
+bytes of error text) and the streams. Reads never take a byte beyond what they
+parse (MSG_PEEK first, or exact lengths), because the rest of the socket
+belongs to the emulators reading their streams from the same fd.
 """
 from __future__ import annotations
 
+import json
+import select
 import socket
 import ssl
 import struct
@@ -18,21 +22,42 @@ from urllib.parse import quote, unquote
 from . import tlstunnel
 from .timeouts import Timeouts
 
-MEMORY_PATH = "/services/xenops/memory/"
-VGPU_PATH = "/services/xenops/migrate-vgpu/"     # the vGPU stream's own connection
+SERVICES = "/services/xenops/"
+MIGRATE_VM_PATH = SERVICES + "migrate/vm/"       # signalling; the receiver creates the domain
+MIGRATE_MEM_PATH = SERVICES + "migrate/mem/"     # the suspend image
+MIGRATE_VGPU_PATH = SERVICES + "migrate/vgpu/"   # the vGPU stream: <vm id>.<device id>
+LEGACY_MEMORY_PATH = SERVICES + "memory/"        # older senders: as migrate/vm, cookies decide
+LEGACY_VGPU_PATH = SERVICES + "migrate-vgpu/"    # older senders' vGPU route: as migrate/vgpu
 # Ours, not xenopsd's: where a source whose commit went unconfirmed asks what became of
-# the VM (xapi would ask the destination pool through its API instead).
-STATE_PATH = "/services/xenops/vm-state/"
+# the VM (xapi would ask the destination pool through its API instead). Plain HTTP.
+STATE_PATH = SERVICES + "vm-state/"
 STATE_ABSENT = "absent"      # the answer when the destination has no such VM
 MAX_HEAD = 16 << 10
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
-# Handshake lines after the image (xenopsd's Handshake: Success / Error:<msg>).
-SECRET_COOKIE = "secret"     # the destination's migration secret, when it requires one
-HS_SUCCESS = "Success"
-HS_ERROR = "Error:"
-HS_VERIFY = "Verify:"        # + digest of every page at the pause point (sender -> receiver)
-HS_STATS = "Stats:"          # + JSON of the receiver's accounting (receiver -> sender)
+# xenopsd's cookies (xenops_server.ml VM_migrate do_request, VM.receive_memory).
+COOKIE_INSTANCE_ID = "instance_id"     # the sending xenopsd's instance
+COOKIE_FINAL_ID = "final_id"           # the VM's uuid once migrated (the path names a temporary one)
+COOKIE_DBG = "dbg"                     # the task's debug string; the receiver requires it
+COOKIE_MEM_MIGRATION = "mem_migration"  # the sender's version: memory comes on its own connection
+COOKIE_COMPRESS = "compress"           # present: the streams are zstd (the stream method)
+COMPRESS_ZSTD = "zstd"
+COOKIE_MEMORY_LIMIT = "memory_limit"   # vm connection: bytes to allocate; the receiver requires it
+COOKIE_MEMORY_TOTAL_SOURCE = "memory_total_source"   # vm connection (see docs/xenopsd-protocol.md)
+COOKIE_VGPU_MIGRATION = "vgpu_migration"  # vGPU connection: without it the receiver refuses
+MEM_MIGRATION_VERSION = "xenmig-1"
+# This project's extensions: extra cookies a real receiver ignores (docs/xenopsd-protocol.md).
+SECRET_COOKIE = "secret"               # the destination's migration secret, when it requires one
+METADATA_COOKIE = "vm_metadata"        # our substitute for the VM.import_metadata call
+EXTENSIONS_COOKIE = "xenmig_extensions"  # what the sender asks for, comma-separated
+EXT_VERIFY = "verify"      # digest of every page at the pause point, checked before the commit
+EXT_STATS = "stats"        # the receiver's accounting after point 4
+EXT_STATE = "state"        # the receiver answers STATE_PATH queries
+EXTENSIONS = (EXT_VERIFY, EXT_STATS, EXT_STATE)
+EXT_ANNOUNCE = "xenmig-extensions:"    # the receiver's answer, a message before point 1, only if asked
+
+HANDSHAKE = struct.Struct("!H")
+MAX_MESSAGE = 0xFFFF
 
 
 class TransportError(Exception):
@@ -92,20 +117,13 @@ def _read_until(sock: socket.socket, terminator: bytes, limit: int, timeout: flo
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise TransportError("connection closed")
-        data += chunk
-    return data
+    return recv_exact(sock, n, None, "the rest of a line")
 
 
 # Client side -------------------------------------------------------------------
-def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeouts,
-                max_bandwidth: int | None = None, tls: ssl.SSLContext | None = None,
-                method: str = "PUT") -> socket.socket:
-    """Connect and make the request; `max_bandwidth` (bytes/s) paces the socket in the kernel,
+def connect(dest: str, timeouts: Timeouts, max_bandwidth: int | None = None,
+            tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A connection to the destination; `max_bandwidth` (bytes/s) paces the socket in the kernel,
     so it holds whoever writes to the fd (xenguest, zstd) with no relay in between. With
     `tls`, the socket returned is the local end of a TLS tunnel (see tlstunnel)."""
     host, port = parse_address(dest)
@@ -123,28 +141,40 @@ def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeout
         except tlstunnel.TlsError as e:
             raise TransportError(f"{dest}: {e}") from None
         timeouts.arm(sock)
-    cookie = "; ".join(f"{k}={quote(v)}" for k, v in cookies.items())
-    head = (f"{method} {path} HTTP/1.1\r\nHost: {format_address(host, port)}\r\n"
-            + (f"Cookie: {cookie}\r\n" if cookie else "") + "Connection: close\r\n\r\n")
+    return sock
+
+
+def build_request(method: str, path: str, host: str, cookies: dict[str, str]) -> bytes:
+    """The request head as xenopsd's do_request writes it: cookies, keep-alive, no body."""
+    cookie = "; ".join(f"{k}={quote(v, safe='')}" for k, v in cookies.items())
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n" + (f"Cookie: {cookie}\r\n" if cookie else "")
+            + "Connection: keep-alive\r\nUser-agent: xenopsd\r\n\r\n").encode()
+
+
+def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeouts,
+                max_bandwidth: int | None = None, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """Connect and PUT; no response comes back but handshake messages (recv_result)."""
+    sock = connect(dest, timeouts, max_bandwidth, tls)
     try:
-        sock.sendall(head.encode())
-        status = _read_until(sock, b"\r\n\r\n", MAX_HEAD, timeouts.connect, "the receiver's response")
-    except (OSError, TransportError) as e:
+        send(sock, build_request("PUT", path, format_address(*parse_address(dest)), cookies))
+    except TransportError as e:
         sock.close()
         raise TransportError(f"{dest}: {e}") from None
-    line = status.split(b"\r\n", 1)[0].decode(errors="replace")
-    parts = line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
-        sock.close()
-        raise TransportError(f"{dest} refused the {'migration' if method == 'PUT' else 'request'}: {line}")
     return sock
 
 
 def query_state(dest: str, vm_uuid: str, cookies: dict[str, str], timeouts: Timeouts,
                 tls: ssl.SSLContext | None = None) -> str:
-    """The destination's word on a VM: its domain state, or STATE_ABSENT."""
-    sock = open_stream(dest, STATE_PATH + vm_uuid, cookies, timeouts, tls=tls, method="GET")
+    """The destination's word on a VM: its domain state, or STATE_ABSENT (our extension: a
+    plain HTTP GET with a status line and one line of answer)."""
+    sock = connect(dest, timeouts, tls=tls)
     try:
+        send(sock, build_request("GET", STATE_PATH + vm_uuid, format_address(*parse_address(dest)), cookies))
+        status = _read_until(sock, b"\r\n\r\n", MAX_HEAD, timeouts.connect, "the receiver's response")
+        line = status.split(b"\r\n", 1)[0].decode(errors="replace")
+        parts = line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
+            raise TransportError(f"{dest} refused the request: {line}")
         return recv_line(sock, timeouts.connect, "the destination's VM state")
     finally:
         sock.close()
@@ -169,15 +199,19 @@ def read_request(sock: socket.socket, timeout: float) -> Request:
 
 
 def send_status(sock: socket.socket, code: int, reason: str) -> None:
-    _send(sock, f"HTTP/1.1 {code} {reason}\r\nConnection: close\r\n\r\n".encode())
+    """An HTTP response: only where xenopsd writes one (an unknown route) and on our STATE_PATH."""
+    send(sock, f"HTTP/1.1 {code} {reason}\r\nConnection: close\r\n\r\n".encode())
 
 
-# Handshake lines -----------------------------------------------------------------
 def send_line(sock: socket.socket, line: str) -> None:
-    _send(sock, line.encode() + b"\n")
+    send(sock, line.encode() + b"\n")
 
 
-def _send(sock: socket.socket, data: bytes) -> None:
+def recv_line(sock: socket.socket, timeout: float | None, what: str) -> str:
+    return _read_until(sock, b"\n", MAX_HEAD, timeout, what)[:-1].decode(errors="replace")
+
+
+def send(sock: socket.socket, data: bytes) -> None:
     """A peer gone is a TransportError, as on the reading side."""
     try:
         sock.sendall(data)
@@ -185,8 +219,58 @@ def _send(sock: socket.socket, data: bytes) -> None:
         raise TransportError(f"connection lost: {e.strerror or e}") from None
 
 
-def recv_line(sock: socket.socket, timeout: float | None, what: str) -> str:
-    return _read_until(sock, b"\n", MAX_HEAD, timeout, what)[:-1].decode(errors="replace")
+# Handshake messages (Xenops_migrate.Handshake) -----------------------------------------
+def build_result(error: str | None) -> bytes:
+    """Success (None) or an error text, truncated to what the length field holds."""
+    text = b"" if error is None else (error.encode(errors="replace")[:MAX_MESSAGE] or b"?")
+    return HANDSHAKE.pack(len(text)) + text
+
+
+def send_result(sock: socket.socket, error: str | None = None) -> None:
+    send(sock, build_result(error))
+
+
+def xenopsd_error(text: str) -> str:
+    """An error as xenopsd's receiver sends it: its Xenopsd_error marshalled to JSON."""
+    return json.dumps(["Internal_error", text])
+
+
+def describe_error(text: str) -> str:
+    """The words of a received error: a marshalled Xenopsd_error's arguments, else the text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+        return ": ".join(value[1:]) or value[0]
+    return text
+
+
+def recv_result(sock: socket.socket, timeout: float | None, what: str) -> str | None:
+    """The next handshake message: None for Success, else its text. Exactly its bytes are read."""
+    (length,) = HANDSHAKE.unpack(recv_exact(sock, HANDSHAKE.size, timeout, what))
+    return None if length == 0 else recv_exact(sock, length, timeout, what).decode(errors="replace")
+
+
+def recv_exact(sock: socket.socket, n: int, timeout: float | None, what: str) -> bytes:
+    """n bytes within `timeout`, waiting in poll() so the fd's blocking mode (shared with the
+    emulators) is never changed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    data = b""
+    while len(data) < n:
+        wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+        if not poller.poll(wait):
+            raise TransportError(f"timed out waiting for {what}")
+        try:
+            chunk = sock.recv(n - len(data))
+        except OSError as e:
+            raise TransportError(f"connection error while reading {what}: {e.strerror or e}") from None
+        if not chunk:
+            raise TransportError(f"connection closed while waiting for {what}")
+        data += chunk
+    return data
 
 
 def tcp_bytes(sock: socket.socket) -> tuple[int, int]:
