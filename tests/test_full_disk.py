@@ -179,7 +179,7 @@ def test_vm_create_on_a_full_disk_and_past_the_limit(tmpfs, hosts, tmp_path):
     record = image.build_xenops_record(image.XenopsRecord(image.now(), image.WORD_SIZE, vm_str=meta))
     (tmp_path / "huge.img").write_bytes(image.SIGNATURE + image.build_header(image.XENOPS, len(record)) + record)
     err = one_line_error(shim(a, "vm-resume", str(tmp_path / "huge.img"), check=False))
-    assert "Xenops record has an invalid memory size" in err and "at most 64.0 GiB" in err, err
+    assert "Xenops record's vm_str has an invalid memory size" in err and "at most 64.0 GiB" in err, err
     assert list((disk / "domains").iterdir()) == []
     shim(a, "vm-create", "vm1", "--memory", "32M")
     assert [v["state"] for v in vms(a)] == ["running"]

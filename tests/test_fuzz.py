@@ -1034,17 +1034,22 @@ def recv_n(sock: socket.socket, n: int, deadline: float) -> bytes | None:
 
 
 def vm_metadata(img: Image) -> tuple[str, int]:
-    """The vm connection's metadata and memory_limit: the image's own Xenops record (a source sends
-    both from the same VM), or a seed's when the image has none."""
+    """The vm connection's metadata and memory_limit: the vm_str of the image's own Xenops record (a
+    source sends both from the same VM; a mangled record is sent as it is), or a seed's when the
+    image has none."""
     xen = [p for p in img.parts if p.htype == image.XENOPS]
     if len(xen) == 1:
         try:
-            rec = json.loads(xen[0].payload)
+            meta = image.parse_xenops_record(xen[0].payload).vm_str or ""
+        except image.ImageError:
+            meta = xen[0].payload.decode(errors="replace")
+        try:
+            rec = json.loads(meta)
             limit = rec["memory_bytes"] if isinstance(rec, dict) and isinstance(rec.get("memory_bytes"), int) \
                 and 0 < rec["memory_bytes"] < 1 << 40 else MEMORY
         except (ValueError, RecursionError):
             limit = MEMORY
-        return xen[0].payload.decode(errors="replace"), limit
+        return meta, limit
     return json.dumps({"name": "vm-fuzz", "uuid": img.uuid, "memory_bytes": MEMORY, "workload": "none",
                        "vgpu_bytes": 0}), MEMORY
 

@@ -286,8 +286,8 @@ def test_request_naming_another_vm_is_refused(ab, receiver):
     other = str(uuidlib.uuid4())
     # The real sender, but its requests name another VM's uuid.
     code = ("import os; from xenopsd_shim import cli, migrate\n"
-            "other, record, cookies = os.environ['OTHER_UUID'], migrate.vm_record, migrate.SourceMigration._cookies\n"
-            "migrate.vm_record = lambda d: record(d).replace(d.uuid.encode(), other.encode())\n"
+            "other, meta, cookies = os.environ['OTHER_UUID'], migrate.vm_metadata, migrate.SourceMigration._cookies\n"
+            "migrate.vm_metadata = lambda d: meta(d).replace(d.uuid.encode(), other.encode())\n"
             "migrate.SourceMigration._cookies = lambda self: {**cookies(self), 'final_id': other}\n"
             "cli.main()\n")
     proc = subprocess.run([sys.executable, "-c", code, "vm-migrate", "vm1", "--dest", r.address],

@@ -40,33 +40,35 @@ def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, A
     return parse_vm_metadata(rec.vm_str.encode("latin-1"), name_override)
 
 
-def parse_vm_metadata(raw: bytes, name_override: str | None = None) -> dict[str, Any]:
-    """Validate the VM's metadata (JSON): it comes from the wire and names files and processes."""
+def parse_vm_metadata(raw: bytes, name_override: str | None = None,
+                      what: str = "the Xenops record's vm_str") -> dict[str, Any]:
+    """Validate the VM's metadata (JSON): it comes from the wire and names files and processes.
+    `what` names where it came from (an image's record, or the vm connection's cookie)."""
     try:
         rec = json.loads(raw)
     except ValueError:
-        raise image.ImageError("the Xenops record's vm_str is not this project's VM metadata (not JSON; "
+        raise image.ImageError(f"{what} is not this project's VM metadata (not JSON; "
                                "a real xenopsd's VM record?): cannot build the VM from it") from None
     except RecursionError:       # 1 MiB of "[" is valid framing
-        raise image.ImageError("the Xenops record's vm_str is nested too deeply") from None
+        raise image.ImageError(f"{what} is nested too deeply") from None
     if not isinstance(rec, dict):
-        raise image.ImageError("the Xenops record's vm_str is not this project's VM metadata (not a JSON object)")
+        raise image.ImageError(f"{what} is not this project's VM metadata (not a JSON object)")
     name = name_override or rec.get("name")
     mem = rec.get("memory_bytes")
     if not isinstance(name, str):
-        raise image.ImageError("Xenops record has no VM name")
+        raise image.ImageError(f"{what} has no VM name")
     check_name(name)
     if not valid_uuid(rec.get("uuid")):
-        raise image.ImageError("Xenops record has an invalid uuid")
+        raise image.ImageError(f"{what} has an invalid uuid")
     vgpu = rec.get("vgpu_bytes", 0)
     try:
         check_size(mem)
         check_size(vgpu, "vGPU", optional=True)
     except ValueError as e:
-        raise image.ImageError(f"Xenops record has an {e}") from None
+        raise image.ImageError(f"{what} has an {e}") from None
     workload = rec.get("workload", "none")
     if not isinstance(workload, str):
-        raise image.ImageError("Xenops record has an invalid workload")
+        raise image.ImageError(f"{what} has an invalid workload")
     try:
         parse_spec(workload)
     except ValueError as e:

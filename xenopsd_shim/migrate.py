@@ -29,7 +29,7 @@ from xenemu.memory import memory_digest
 
 from . import cancel, tlstunnel, transport
 from .accounting import CpuAccounting
-from .imagewriter import ImageWriter, vm_record
+from .imagewriter import ImageWriter, vm_metadata
 from .log import Logger
 from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST, is_same_host
 from .timeouts import Timeouts
@@ -205,7 +205,7 @@ class SourceMigration:
         conns["vm"] = vm = self._connect(transport.MIGRATE_VM_PATH + dest_id, {
             **cookies, transport.COOKIE_MEMORY_LIMIT: str(meta["memory_bytes"]),
             transport.COOKIE_MEMORY_TOTAL_SOURCE: str(meta["memory_bytes"]),
-            transport.METADATA_COOKIE: vm_record(self.domain).decode(),
+            transport.METADATA_COOKIE: vm_metadata(self.domain).decode(),
             transport.EXTENSIONS_COOKIE: ",".join(asked)})
         if self.domain.vgpu_bytes:
             conns["vgpu"] = self._connect(f"{transport.MIGRATE_VGPU_PATH}{dest_id}.{VGPU_DEVICE}",

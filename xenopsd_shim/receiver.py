@@ -28,7 +28,7 @@ from xenemu.memory import memory_digest
 
 from . import image, tlstunnel, transport
 from .accounting import CpuAccounting
-from .imagereader import ImageReader, parse_vm_record, valid_uuid
+from .imagereader import ImageReader, parse_vm_metadata, valid_uuid
 from .listener import Listener
 from .log import Logger
 from .policy import DEFAULT_MAX_CONNECTIONS, SECRET_NAME, SERVE_ADDRESS
@@ -395,7 +395,8 @@ class IncomingMigration:
             raise MigrationRefused(f"VM {final_id} is unknown here: no {transport.METADATA_COOKIE} cookie "
                                    "(this project's substitute for VM.import_metadata)")
         try:
-            meta = parse_vm_record(cookies[transport.METADATA_COOKIE].encode())
+            meta = parse_vm_metadata(cookies[transport.METADATA_COOKIE].encode(),
+                                     what=f"the {transport.METADATA_COOKIE} cookie")
         except image.ImageError as e:
             raise MigrationRefused(f"VM metadata: {e}") from None
         if meta["uuid"] != final_id:
