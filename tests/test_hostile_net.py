@@ -360,7 +360,7 @@ def test_second_serve_on_the_same_host_is_refused(ab, receiver):
     """It would destroy the first's half-restored domains and remove its address file."""
     a, b = ab
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "32M", *WRITING)
+    shim(a, "vm-create", "vm1", "--memory", "16M", *WRITING)
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--verify",
                             "--max-bandwidth", "8MB/s"], env={**a.env, "XENOPSD_MIGRATION_SECRET": SECRET},
                            stderr=subprocess.PIPE, text=True)
