@@ -16,8 +16,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Two workers: the suite waits on processes, pipes and timeouts as much as it computes, and each
+# test has its own hosts (directories, ports, namespaces), so two at a time halve its wall time.
+# check-all stays serial: its soak cases print figures that a neighbour would skew.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 check-all: $(STAMP)
 	$(BIN)/pytest -q -m ""
