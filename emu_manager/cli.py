@@ -12,10 +12,10 @@ import stat
 import sys
 
 from xenemu import Host
-from xenguest.log import Log
-from xenguest.longopts import Opt, UsageError, parse
+from xenmig.control import LineChannel
+from xenmig.log import Log
+from xenmig.longopts import Opt, UsageError, parse
 
-from .control import LineChannel
 from .emus import Emu, find_executable
 from .orchestrator import Orchestrator
 

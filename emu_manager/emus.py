@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xenguest import emp
+from xenmig import emp
 
 
 class EmuState(enum.Enum):

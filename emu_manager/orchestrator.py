@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from xenguest import emp
-from xenguest.log import Log
+from xenmig import control as ctl
+from xenmig import emp
+from xenmig.log import Log
 
-from . import control as ctl
 from .emus import Emu, EmuFailure, EmuState
 
 

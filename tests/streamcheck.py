@@ -404,7 +404,7 @@ def check_file(path: str, offset: int = 0, **kwargs: Any) -> dict[str, Any]:
 # From xen-api ocaml/xenopsd/lib/suspend_image.ml (header numbers, the
 # Xenops_record fields) and xc/domain.ml `suspend` (what it writes, in which
 # order), and sexplib0's machine printer (sexp.ml to_buffer_mach, must_escape,
-# escaped), all read separately from the project's image.py and sexp.py.
+# escaped), all read separately from the project's xenmig/image.py and xenmig/sexp.py.
 SAVE_SIGNATURE = b"XenSavedDomv2-\n"
 IMAGE_HDR = struct.Struct("<qq")    # type, length: little-endian int64 each
 IMAGE_HEADERS = {0x000F: "Xenops", 0x00F0: "Libxc", 0x00F1: "Libxl", 0x00F2: "Libxc_legacy",

@@ -295,7 +295,7 @@ def test_host_is_private_and_names_cannot_escape_it(hosts, tmp_path):
     raw = (tmp_path / "vm1.img").read_bytes()
     evil = raw.replace(b'\\"name\\": \\"vm1\\"', b'\\"name\\": \\"../../escape\\"', 1)  # in vm_str
     assert evil != raw
-    from xenopsd_shim import image
+    from xenmig import image
     head = len(image.SIGNATURE)
     htype, length = image.parse_header(evil[head:head + image.HEADER_SIZE])
     evil = evil[:head] + image.build_header(htype, length + len(b"../../escape") - len(b"vm1")) + evil[head + image.HEADER_SIZE:]

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 from conftest import HostDir, Receiver
-from xenopsd_shim import image
+from xenmig import image
 
 NO_SPACE = os.strerror(errno.ENOSPC)
 SIGBUS_CODES = (128 + 7, -7)

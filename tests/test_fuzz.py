@@ -70,8 +70,8 @@ from hypothesis import strategies as st
 
 from conftest import HostDir, Receiver, assert_clean, exe, processes_of
 from xenemu import Host
-from xenguest import compressed, libxc
-from xenopsd_shim import image, transport, zstdframe
+from xenmig import compressed, image, libxc
+from xenopsd_shim import transport, zstdframe
 from xenopsd_shim.policy import SERVE_ADDRESS
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 15))

@@ -203,7 +203,7 @@ def test_header_types_the_real_reader_refuses(hosts, saved, tmp_path, cases):
 NO_VGPU_FOOTER = """
 import sys
 import xenopsd_shim.imagewriter as w
-from xenopsd_shim import image
+from xenmig import image
 real = w.write_all
 w.write_all = lambda fd, bufs: None if list(bufs) == [image.build_header(image.END_OF_IMAGE)] else real(fd, bufs)
 from xenopsd_shim.cli import main

@@ -10,10 +10,10 @@ import sys
 
 
 from xenemu import Domain, DomainError, Host
-from xenguest.empserver import EmpServer, Work
-from xenguest.fdio import Reader, Truncated, write_all
-from xenguest.log import Log
-from xenguest.longopts import Opt, UsageError, parse
+from xenmig.empserver import EmpServer, Work
+from xenmig.fdio import Reader, Truncated, write_all
+from xenmig.log import Log
+from xenmig.longopts import Opt, UsageError, parse
 
 from . import stream
 

@@ -12,14 +12,18 @@ import sys
 
 from xenemu import DomainError, Host
 
-from . import convert, inspect, libxc
-from .compressed import CompressedPages
-from .fdio import Truncated
+from xenmig import libxc
+from xenmig.compressed import CompressedPages
+from xenmig.fdio import Truncated
+from xenmig.libxc import PlainPages
+from xenmig.log import Log
+from xenmig.longopts import Opt, UsageError, parse
+from xenmig.precopy import Aborted
+
+from . import convert, inspect
 from .listen import Server
-from .log import Log
-from .longopts import Opt, UsageError, parse
 from .restore import Restorer
-from .save import Aborted, PlainPages, Saver, simple_precopy_policy
+from .save import Saver, simple_precopy_policy
 
 PROG = "xenguest"
 # As the real xenguest's option table (parse_options): -live, -debug and -fork take no argument.

@@ -13,8 +13,9 @@ import numpy as np
 
 from xenemu.memory import PAGE_SIZE
 
-from . import compressed, libxc
-from .fdio import Buffer, write_all
+from xenmig import compressed, libxc
+from xenmig.fdio import Buffer, write_all
+
 from .inspect import Pages, Record, Start, walk
 
 

@@ -20,10 +20,9 @@ import numpy as np
 import zstandard
 
 from xenemu.memory import PAGE_SIZE
-from xenopsd_shim import image, sexp
+from xenmig import compressed, image, libxc, sexp
+from xenmig.fdio import Reader, Truncated
 
-from . import compressed, libxc
-from .fdio import Reader, Truncated
 from .restore import CONTEXT_RECORDS, REQUIRED_RECORDS, context_blob
 
 # No domain to check pfns against: any pfn the format can express is accepted.

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from xenemu import Domain, Host
 
-from .compressed import CompressedPages
-from .empserver import SET_ARG_BOOL, SET_ARG_INT, EmpServer, Work
-from .log import Log
+from xenmig.compressed import CompressedPages
+from xenmig.empserver import SET_ARG_BOOL, SET_ARG_INT, EmpServer, Work
+from xenmig.libxc import PlainPages
+from xenmig.log import Log
+
 from .restore import Restorer
-from .save import PlainPages, Saver
+from .save import Saver
 
 
 class Server(EmpServer):

@@ -18,8 +18,8 @@ from xenemu import Domain
 from xenemu.context import HVM_PARAM_CONSOLE_PFN, HVM_PARAM_STORE_PFN, hvm_param
 from xenemu.memory import PAGE_SIZE
 
-from . import compressed, libxc
-from .fdio import Reader, Truncated
+from xenmig import compressed, libxc
+from xenmig.fdio import Reader, Truncated
 
 # Records that must arrive before END, with the context blob each one fills.
 CONTEXT_RECORDS = {

@@ -18,26 +18,16 @@ import threading
 from dataclasses import dataclass, field, replace
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable
 
 import numpy as np
 
 from xenemu import Domain
+from xenmig import libxc
+from xenmig.fdio import write_all
+from xenmig.libxc import Encoded, PageEncoder, PlainPages
+from xenmig.precopy import Aborted, PrecopyPolicy, PrecopyStats
 
-from . import libxc
-from .fdio import write_all
-
-
-@dataclass(frozen=True)
-class PrecopyStats:
-    """libxc's struct precopy_stats, what a precopy policy decides from."""
-    iteration: int = 0
-    total_written: int = 0      # pages sent by the passes before this one
-    dirty_count: int = -1       # pages this pass would send; -1 while unknown
-
-
-# True: stop pre-copy and suspend (XGS_POLICY_STOP_AND_COPY); False: another pass.
-PrecopyPolicy = Callable[[PrecopyStats], bool]
 
 # libxc's built-in policy when its caller gives none (xg_sr_save.c, simple_precopy_policy): fewer
 # than 50 dirty pages, or 5 passes done. Standalone `xenguest -mode save` uses it; tests and
@@ -67,36 +57,6 @@ class Progress:
         """The one line xenguest logs at the end of a save (the toolstack parses it)."""
         return (f"saved domain {domid}: iterations {len(self.history)}, pages {self.sent}, "
                 f"zero pages {self.zero_pages}, bytes {self.wire_bytes}, per iteration {self.history}")
-
-
-class Aborted(Exception):
-    """migrate_abort arrived; the stream is left incomplete on purpose."""
-
-
-class Encoded(NamedTuple):
-    buffers: list            # what to writev: record header, body parts, padding
-    zero_pages: int          # pages sent without data
-
-
-class PageEncoder(Protocol):
-    """`pages` may be a view of memory the guest is writing. A page read once is safe: if the
-    guest wrote it meanwhile, it is dirty and a later iteration sends it again. An encoder that
-    reads a page more than once (zstd: match finding, then literals and checksum) must first
-    copy it out in one pass and encode only the copy, or a write between two reads could give
-    *other* pages content they never had, and those are not dirty."""
-
-    threads: int             # batches it may encode at once (it must then be thread-safe)
-
-    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded: ...
-
-
-class PlainPages:
-    """Upstream PAGE_DATA: every page of the batch, uncompressed."""
-
-    threads = 1              # (writev reads each byte once)
-
-    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
-        return Encoded([libxc.page_data_record_header(len(pfns)), libxc.page_data_header(pfns), pages], 0)
 
 
 def frames(pages: np.ndarray, batch: np.ndarray) -> np.ndarray:

@@ -15,8 +15,9 @@ from xenemu.build import build
 from xenemu.memory import digest_report
 from xenemu.profiles import PROFILES
 from xenemu.units import format_size, parse_rate, parse_size
+from xenmig import image
 
-from . import cancel, image, policy, tlstunnel, transport
+from . import cancel, policy, tlstunnel, transport
 from .emuctl import EmuManagerError
 from .imagereader import ImageReader
 from .imagewriter import ImageWriter

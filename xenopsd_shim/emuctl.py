@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from emu_manager import control as ctl
 from xenemu import Host
+from xenmig import control as ctl
 
 from .log import Logger
 

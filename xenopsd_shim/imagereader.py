@@ -10,13 +10,13 @@ import json
 import re
 from typing import Any, Callable
 
-from emu_manager import control as ctl
 from xenemu import Domain, DomainError, Host, check_name
 from xenemu.memory import check_size
 from xenemu.workload import parse_spec
-from xenguest.fdio import Reader, Truncated
+from xenmig import control as ctl
+from xenmig import image
+from xenmig.fdio import Reader, Truncated
 
-from . import image
 from .emuctl import EmuManager, EmuManagerError
 from .log import Logger
 

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from emu_manager import control as ctl
 from xenemu import Domain
-from xenguest.fdio import write_all
+from xenmig import control as ctl
+from xenmig import image
+from xenmig.fdio import write_all
 
-from . import image
 from .emuctl import EmuManager, EmuManagerError
 from .log import Logger
 

@@ -25,8 +25,9 @@ from typing import Callable
 
 from xenemu import Domain, DomainError, Host
 from xenemu.memory import memory_digest
+from xenmig import image
 
-from . import image, tlstunnel, transport
+from . import tlstunnel, transport
 from .accounting import CpuAccounting
 from .imagereader import ImageReader, parse_vm_metadata, valid_uuid
 from .listener import Listener

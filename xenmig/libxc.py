@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -220,6 +221,33 @@ def check_pfn_entries(entries: np.ndarray, data_bytes: int, npages: int, data_of
     if data_bytes != PAGE_SIZE * data_pfns.size:
         raise StreamError(f"PAGE_DATA carries {data_bytes} bytes of page data for {data_pfns.size} pages")
     return PageData(data_pfns, data_offset)
+
+
+# Page encoders: how a saver turns a batch of pages into records ------------
+class Encoded(NamedTuple):
+    buffers: list            # what to writev: record header, body parts, padding
+    zero_pages: int          # pages sent without data
+
+
+class PageEncoder(Protocol):
+    """`pages` may be a view of memory the guest is writing. A page read once is safe: if the
+    guest wrote it meanwhile, it is dirty and a later iteration sends it again. An encoder that
+    reads a page more than once (zstd: match finding, then literals and checksum) must first
+    copy it out in one pass and encode only the copy, or a write between two reads could give
+    *other* pages content they never had, and those are not dirty."""
+
+    threads: int             # batches it may encode at once (it must then be thread-safe)
+
+    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded: ...
+
+
+class PlainPages:
+    """Upstream PAGE_DATA: every page of the batch, uncompressed."""
+
+    threads = 1              # (writev reads each byte once)
+
+    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
+        return Encoded([page_data_record_header(len(pfns)), page_data_header(pfns), pages], 0)
 
 
 # Context records ------------------------------------------------------------

@@ -30,7 +30,7 @@ import zstandard
 from xenemu.memory import PAGE_SIZE
 
 from . import libxc
-from .save import Encoded, PlainPages
+from .libxc import Encoded, PlainPages
 
 REC_TYPE = libxc.REC_TYPE_COMPRESSED_PAGE_DATA
 HEADER_FORMAT = "<IHHII"

@@ -19,7 +19,7 @@ from xenemu import DomainError, Host
 
 from . import emp
 from .log import Log
-from .save import Aborted, PrecopyStats
+from .precopy import Aborted, PrecopyStats
 
 ACCEPT_TIMEOUT = float(os.environ.get("XENGUEST_ACCEPT_TIMEOUT", 180))
 # From the end of pre-copy to migrate_paused: longer than emu-manager's wait for xenopsd's ack.
