@@ -26,14 +26,14 @@ check-all: $(STAMP)
 	$(BIN)/pytest -q -m ""
 
 demo: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.demo
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m harness.demo
 
 e2e: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.e2e
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m harness.e2e
 
 # Every method live across two network namespaces, a veth pair shaped to 1 Gbit/s (root; skips otherwise).
 e2e-netns: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m xenopsd_shim.e2e_netns
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m harness.e2e_netns
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench,test]'

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from xenopsd_shim import netns
-from xenopsd_shim.netns import NetnsLink, sh
+from harness import netns
+from harness.netns import NetnsLink, sh
 
 BIN = Path(sys.executable).parent
 OUT = Path(__file__).resolve().parent

@@ -28,7 +28,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="e2e-netns needs root 
 
 
 def _start(short_tmp: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "xenopsd_shim.e2e_netns"], cwd=Path(__file__).parents[1],
+    return subprocess.Popen([sys.executable, "-m", "harness.e2e_netns"], cwd=Path(__file__).parents[1],
                             env={**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
                                  "TMPDIR": str(short_tmp), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -103,7 +103,7 @@ def test_e2e_netns_interrupted_mid_migration_cleans_up(short_tmp):
 
 
 def test_e2e_netns_skips_without_ip_and_tc(short_tmp):
-    proc = subprocess.run([sys.executable, "-m", "xenopsd_shim.e2e_netns"], cwd=Path(__file__).parents[1],
+    proc = subprocess.run([sys.executable, "-m", "harness.e2e_netns"], cwd=Path(__file__).parents[1],
                           env={**os.environ, "PATH": str(short_tmp)}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     reason = "needs root" if os.geteuid() != 0 else "needs ip and tc"

@@ -1,7 +1,7 @@
 """`make e2e-netns`: live migrations across a real, shaped network link, every method, checked.
 
 Two network namespaces joined by a veth pair shaped by `tc tbf` to 1 Gbit/s
-(xenopsd_shim/netns.py); host A in one, host B in the other, each its own
+(harness/netns.py); host A in one, host B in the other, each its own
 directory. `xenopsd-shim serve` listens on B's address inside B's namespace;
 each method (none, stream, xenguest) live-migrates a running VM from inside
 A's namespace with --verify (the destination checks every page against the
