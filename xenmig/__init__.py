@@ -5,6 +5,6 @@ record), `libxc` (the libxc migration stream v3 and its page encoders),
 `compressed` (this project's COMPRESSED_PAGE_DATA record). Protocols:
 `control` (xenopsd <-> emu-manager pipes), `emp` (emu-manager <-> emulators)
 and `empserver` (the emulator side of EMP), `precopy` (the saver's pre-copy
-interface). Common: `fdio`, `longopts`, `log`. The executables' packages
-import this one and `xenemu`, never each other: they talk through processes.
+interface). Common: `fdio`, `longopts`, `log`. The executables' packages use
+this one and `xenemu`, never each other: they talk through processes.
 """
