@@ -7,19 +7,21 @@ host's run directory.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import psutil
 import pytest
 
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).parent))
+T = TypeVar("T")
 
 
 def exe(name: str) -> str:
@@ -44,6 +46,18 @@ class HostDir:
     def xenemu(self, *argv: str, **kw) -> str:
         return self.run("xenemu", *argv, **kw).stdout.strip()
 
+    def shim(self, *argv: str, **kw) -> subprocess.CompletedProcess:
+        """The toolstack's command line on this host (`check`, `timeout` as for `run`)."""
+        return self.run("xenopsd-shim", *argv, **kw)
+
+    def vms(self) -> list[dict]:
+        """The toolstack's `vm-list`, in its order."""
+        return json.loads(self.shim("vm-list", "--json").stdout)
+
+    def vms_by_name(self) -> dict[str, dict]:
+        """`vms()` keyed by VM name, for tests that look VMs up among many."""
+        return {vm["name"]: vm for vm in self.vms()}
+
     def create(self, name: str, memory: str, image: str = "mixed", workload: str = "none") -> int:
         return int(self.xenemu("create", name, "--memory", memory, "--image", image, "--workload", workload))
 
@@ -51,8 +65,6 @@ class HostDir:
         return int(self.xenemu("create", name, "--memory", memory, "--empty"))
 
     def domains(self) -> list[dict]:
-        import json
-
         return json.loads(self.xenemu("list", "--json"))
 
     def page_digests(self, ref: str | int) -> list[str]:
@@ -81,6 +93,15 @@ def processes_of(root: Path) -> list[psutil.Process]:
                     found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+    return found
+
+
+def wait_for(pred: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll `pred` until it returns something true, and return that; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (found := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
     return found
 
 

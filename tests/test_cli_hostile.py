@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from conftest import exe
-from test_faults import domain_state, procs, shim, vms, wait_for
+from conftest import exe, wait_for
+from test_faults import domain_state, procs
 
 
 def test_vm_create_cancelled_by_sigterm_leaves_nothing(hosts, tmp_path):
@@ -25,21 +25,21 @@ def test_vm_create_cancelled_by_sigterm_leaves_nothing(hosts, tmp_path):
     out, err = create.communicate(timeout=60)
     assert create.returncode == 128 + signal.SIGTERM and out == "", (create.returncode, out, err)
     assert err == "xenopsd-shim: cancelled by SIGTERM\n", err
-    assert vms(a) == [] and list((a.root / "domains").iterdir()) == [] and procs(a, "workload") == []
+    assert a.vms() == [] and list((a.root / "domains").iterdir()) == [] and procs(a, "workload") == []
 
 
 def test_vm_resume_of_a_uuid_already_on_the_host_is_refused(hosts, tmp_path):
     """Resuming the same image twice (under its own name or another) would run one VM twice."""
     a = hosts("A")
-    shim(a, "vm-create", "vm1", "--memory", "16M")
+    a.shim("vm-create", "vm1", "--memory", "16M")
     image = tmp_path / "vm1.img"
-    shim(a, "vm-suspend", "vm1", "--to", str(image))
-    uuid = shim(a, "vm-resume", str(image)).stdout.strip()
+    a.shim("vm-suspend", "vm1", "--to", str(image))
+    uuid = a.shim("vm-resume", str(image)).stdout.strip()
     for again in ([], ["--name", "vm1-again"]):
-        out = shim(a, "vm-resume", str(image), *again, check=False)
+        out = a.shim("vm-resume", str(image), *again, check=False)
         assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out
         assert out.stderr == f"xenopsd-shim: VM {uuid} already exists on this host, as domain 2 (vm1, running)\n"
-        assert [(v["uuid"], v["name"], v["state"]) for v in vms(a)] == [(uuid, "vm1", "running")]
+        assert [(v["uuid"], v["name"], v["state"]) for v in a.vms()] == [(uuid, "vm1", "running")]
     assert procs(a, "emu-manager") == [] and procs(a, "xenguest") == []
 
 
@@ -48,19 +48,19 @@ def test_migration_to_a_host_already_running_the_uuid_is_refused(hosts, receiver
     host is refused at synchronisation point 1, and each host keeps exactly its one running copy."""
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "32M", "--image", "random")
+    a.shim("vm-create", "vm1", "--memory", "32M", "--image", "random")
     image = tmp_path / "vm1.img"
-    shim(a, "vm-suspend", "vm1", "--to", str(image))
-    uuid = shim(a, "vm-resume", str(image)).stdout.strip()
-    shim(b, "vm-resume", str(image), "--name", "vm1-on-b")
-    before = shim(a, "vm-digest", "vm1").stdout
-    mig = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
+    a.shim("vm-suspend", "vm1", "--to", str(image))
+    uuid = a.shim("vm-resume", str(image)).stdout.strip()
+    b.shim("vm-resume", str(image), "--name", "vm1-on-b")
+    before = a.shim("vm-digest", "vm1").stdout
+    mig = a.shim("vm-migrate", "vm1", "--dest", r.address, check=False)
     assert mig.returncode == 2 and len(mig.stderr.splitlines()) == 1 and "Traceback" not in mig.stderr, mig
     assert f"destination failed: VM {uuid} already exists on this host, as domain 1 " \
         "(vm1-on-b, running); VM vm1 keeps running on this host" in mig.stderr, mig.stderr
-    assert [(v["uuid"], v["state"]) for v in vms(a)] == [(uuid, "running")]
-    assert shim(a, "vm-digest", "vm1").stdout == before
-    assert [(v["uuid"], v["name"], v["state"]) for v in vms(b)] == [(uuid, "vm1-on-b", "running")]
+    assert [(v["uuid"], v["state"]) for v in a.vms()] == [(uuid, "running")]
+    assert a.shim("vm-digest", "vm1").stdout == before
+    assert [(v["uuid"], v["name"], v["state"]) for v in b.vms()] == [(uuid, "vm1-on-b", "running")]
     wait_for(lambda: not procs(b, "emu-manager") and not procs(b, "xenguest"), what="B's emulators to exit")
 
 
@@ -68,9 +68,9 @@ def test_migration_to_its_own_host_still_shares_the_uuid(hosts, receiver):
     """A localhost migration restores a second copy beside the source's until the commit."""
     a = hosts("A")
     r = receiver(a)
-    uuid = shim(a, "vm-create", "vm1", "--memory", "16M").stdout.strip()
-    shim(a, "vm-migrate", "vm1", "--dest", r.address)
-    assert [(v["uuid"], v["state"], v["domid"]) for v in vms(a)] == [(uuid, "running", 2)]
+    uuid = a.shim("vm-create", "vm1", "--memory", "16M").stdout.strip()
+    a.shim("vm-migrate", "vm1", "--dest", r.address)
+    assert [(v["uuid"], v["state"], v["domid"]) for v in a.vms()] == [(uuid, "running", 2)]
 
 
 def test_a_vm_named_like_a_domid_is_found_by_its_name(hosts):
@@ -78,13 +78,13 @@ def test_a_vm_named_like_a_domid_is_found_by_its_name(hosts):
     "14", the number means domain 14."""
     a = hosts("A")
     (a.root / "next-domid").write_text("14")           # the hypervisor's counter: the next domid is 14
-    shim(a, "vm-create", "other", "--memory", "16M")
-    shim(a, "vm-create", "14", "--memory", "16M")
-    assert [(v["name"], v["domid"]) for v in vms(a)] == [("other", 14), ("14", 15)]
-    shim(a, "vm-destroy", "14")
-    assert [(v["name"], v["domid"]) for v in vms(a)] == [("other", 14)]
-    shim(a, "vm-destroy", "14")
-    assert vms(a) == []
+    a.shim("vm-create", "other", "--memory", "16M")
+    a.shim("vm-create", "14", "--memory", "16M")
+    assert [(v["name"], v["domid"]) for v in a.vms()] == [("other", 14), ("14", 15)]
+    a.shim("vm-destroy", "14")
+    assert [(v["name"], v["domid"]) for v in a.vms()] == [("other", 14)]
+    a.shim("vm-destroy", "14")
+    assert a.vms() == []
 
 
 @pytest.mark.parametrize("given,content,why", [
@@ -100,8 +100,8 @@ def test_an_unusable_config_file_is_one_line_naming_it(hosts, tmp_path, given, c
     config = tmp_path / given if given else a.root / "xenopsd.conf"     # (the host's own: no --config)
     if content is not None:
         config.write_bytes(content)
-    out = shim(a, *(["--config", str(config)] if given else []), "vm-create", "vm1", "--memory", "16M",
-               check=False)
+    out = a.shim(*(["--config", str(config)] if given else []), "vm-create", "vm1", "--memory", "16M",
+                 check=False)
     assert out.returncode == 2 and out.stderr == f"xenopsd-shim: config file {config} {why}\n", out
     assert out.stdout == "" and list((a.root / "domains").iterdir()) == []
 
@@ -112,14 +112,14 @@ def test_unknown_config_keys_are_warned_of_by_name(hosts):
     a = hosts("A")
     config = a.root / "xenopsd.conf"
     config.write_text("# tuned\nmigration-stall-timout = 3\nmigration-connect-timeout = 0\n")
-    create = shim(a, "vm-create", "vm1", "--memory", "16M")
+    create = a.shim("vm-create", "vm1", "--memory", "16M")
     [warning] = create.stderr.splitlines()
     assert warning.endswith(f'warning: {config}: unknown key "migration-stall-timout" ignored (known: '
                             "migration-compressor, migration-connect-timeout, migration-request-timeout, "
                             "migration-stall-timeout, migration-handshake-timeout, migration-vgpu-timeout, "
                             "migration-max-connections)"), create
-    out = shim(a, "vm-migrate", "vm1", "--dest", "127.0.0.1:9", check=False)
+    out = a.shim("vm-migrate", "vm1", "--dest", "127.0.0.1:9", check=False)
     [again, error] = out.stderr.splitlines()
     assert out.returncode != 0 and again.split(" ", 1)[1] == warning.split(" ", 1)[1]   # timestamp aside
     assert "migration-connect-timeout must be a number of seconds, not '0'" in error, out
-    assert [v["state"] for v in vms(a)] == ["running"]
+    assert [v["state"] for v in a.vms()] == ["running"]

@@ -15,16 +15,12 @@ ZSTD_SEND = ["/usr/bin/zstd", "--fast"]
 ZSTD_RECV = ["/usr/bin/zstd", "--decompress", "--stdout"]
 
 
-def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
-    return host.run("xenopsd-shim", *argv, **kw)
-
-
 def configure(host: HostDir, compressor: str) -> None:
     (host.root / "xenopsd.conf").write_text(f"# written by the test\nmigration-compressor = {compressor}\n")
 
 
 def migrate(host: HostDir, dest: str, *flags: str, check: bool = True) -> tuple[dict, subprocess.CompletedProcess]:
-    proc = shim(host, "vm-migrate", "vm1", "--dest", dest, "--json", *flags, check=check)
+    proc = host.shim("vm-migrate", "vm1", "--dest", dest, "--json", *flags, check=check)
     return (json.loads(proc.stdout) if proc.returncode == 0 else {}), proc
 
 
@@ -57,15 +53,15 @@ def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_co
     r = receiver(b)
     config, flag = SENDER[method]
     configure(a, config)
-    shim(a, "vm-create", "vm1", "--memory", "64M", "--image", "mixed", "--workload", "dirty:20MB/s",
-         *(["--vgpu", "16M"] if vgpu else []))
+    a.shim("vm-create", "vm1", "--memory", "64M", "--image", "mixed", "--workload", "dirty:20MB/s",
+           *(["--vgpu", "16M"] if vgpu else []))
     vgpu_before = [x for x in a.context_digests("vm1") if x.startswith("vgpu ")]
     watcher = ProcessWatcher()
     summary, _ = migrate(a, r.address, flag, "--verify", "--live" if live else "--non-live")
     seen = watcher.stop()
     assert summary["status"] == "success" and summary["mode"] == method and summary["verified"]
-    assert [v["state"] for v in json.loads(shim(b, "vm-list", "--json").stdout)] == ["running"]
-    assert json.loads(shim(a, "vm-list", "--json").stdout) == []
+    assert [v["state"] for v in b.vms()] == ["running"]
+    assert a.vms() == []
     assert [x for x in b.context_digests("vm1") if x.startswith("vgpu ")] == vgpu_before
 
     # -compress true reaches emu-manager and the sending xenguest exactly in xenguest mode.
@@ -110,7 +106,7 @@ def test_unknown_compressor_warns_with_the_users_value(hosts, receiver):
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
     configure(a, "zztd")
-    shim(a, "vm-create", "vm1", "--memory", "16M")
+    a.shim("vm-create", "vm1", "--memory", "16M")
     summary, proc = migrate(a, r.address, "--compress")
     assert 'unknown migration compressor "zztd"' in proc.stderr
     assert summary["mode"] == "stream"
@@ -122,35 +118,35 @@ def test_compressor_is_case_insensitive_and_config_path_overrides(hosts, receive
     configure(a, "stream")
     other = tmp_path / "other.conf"
     other.write_text("migration-compressor=XenGuest\n")
-    shim(a, "vm-create", "vm1", "--memory", "16M")
-    proc = shim(a, "--config", str(other), "vm-migrate", "vm1", "--dest", r.address, "--compress", "--json")
+    a.shim("vm-create", "vm1", "--memory", "16M")
+    proc = a.shim("--config", str(other), "vm-migrate", "vm1", "--dest", r.address, "--compress", "--json")
     assert json.loads(proc.stdout)["mode"] == "xenguest" and "warning" not in proc.stderr
 
 
 def test_pool_default_and_per_call_flag(hosts, receiver):
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
-    assert shim(a, "pool-param-get", "migration-compression").stdout.strip() == "false"
+    assert a.shim("pool-param-get", "migration-compression").stdout.strip() == "false"
     modes = []
     for pool, flag in (("false", None), ("false", "--compress"), ("true", None), ("true", "--no-compress")):
-        shim(a, "pool-param-set", f"migration-compression={pool}")
-        shim(a, "vm-create", "vm1", "--memory", "16M")
+        a.shim("pool-param-set", f"migration-compression={pool}")
+        a.shim("vm-create", "vm1", "--memory", "16M")
         summary, _ = migrate(a, r.address, *([flag] if flag else []))
         modes.append(summary["mode"])
-        shim(b, "vm-destroy", "vm1")
+        b.shim("vm-destroy", "vm1")
     assert modes == ["none", "stream", "stream", "none"]
-    bad = shim(a, "pool-param-set", "migration-compression=maybe", check=False)
+    bad = a.shim("pool-param-set", "migration-compression=maybe", check=False)
     assert bad.returncode != 0 and "true or false" in bad.stderr
 
 
 def test_same_host_migration_defaults_to_no_compression(hosts, receiver):
     a = hosts("A")
     r = receiver(a)
-    shim(a, "pool-param-set", "migration-compression=true")
-    uuid = shim(a, "vm-create", "vm1", "--memory", "32M").stdout.strip()
+    a.shim("pool-param-set", "migration-compression=true")
+    uuid = a.shim("vm-create", "vm1", "--memory", "32M").stdout.strip()
     summary, _ = migrate(a, r.address, "--verify")
     assert summary["mode"] == "none"
-    [vm] = json.loads(shim(a, "vm-list", "--json").stdout)
+    [vm] = a.vms()
     assert vm["uuid"] == uuid and vm["state"] == "running" and vm["domid"] == 2
 
 
@@ -158,7 +154,7 @@ def test_inband_is_within_5_percent_of_zstd_fast(hosts, receiver):
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
     configure(a, "xenguest")
-    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "mixed")
+    a.shim("vm-create", "vm1", "--memory", "128M", "--image", "mixed")
     memory = a.root / "domains" / "1" / "memory"
     cli = subprocess.run(["/usr/bin/zstd", "--fast", "-c", str(memory)], capture_output=True, check=True).stdout
     summary, _ = migrate(a, r.address, "--compress", "--non-live")
@@ -170,8 +166,8 @@ def test_inband_is_within_5_percent_of_zstd_fast(hosts, receiver):
 def test_zstd_failure_is_named_and_vm_stays(hosts, receiver):
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random")
-    before = shim(a, "vm-digest", "vm1").stdout
+    a.shim("vm-create", "vm1", "--memory", "128M", "--image", "random")
+    before = a.shim("vm-digest", "vm1").stdout
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--compress",
                             "--max-bandwidth", "40MB/s"], env=a.env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -183,34 +179,34 @@ def test_zstd_failure_is_named_and_vm_stays(hosts, receiver):
     _, err = mig.communicate(timeout=120)
     assert mig.returncode == 2
     assert len(err.strip().splitlines()) == 1 and "zstd --fast was killed by signal 9" in err, err
-    [vm] = json.loads(shim(a, "vm-list", "--json").stdout)
-    assert vm["state"] == "running" and shim(a, "vm-digest", "vm1").stdout == before
+    [vm] = a.vms()
+    assert vm["state"] == "running" and a.shim("vm-digest", "vm1").stdout == before
     deadline = time.monotonic() + 30
-    while json.loads(shim(b, "vm-list", "--json").stdout):
+    while b.vms():
         assert time.monotonic() < deadline
         time.sleep(0.1)
 
 
 def test_vgpu_vm_cannot_be_suspended_to_a_file(hosts, tmp_path):
     a = hosts("A")
-    shim(a, "vm-create", "vm1", "--memory", "16M", "--vgpu", "4M")
-    proc = shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "x.img"), check=False)
+    a.shim("vm-create", "vm1", "--memory", "16M", "--vgpu", "4M")
+    proc = a.shim("vm-suspend", "vm1", "--to", str(tmp_path / "x.img"), check=False)
     assert proc.returncode == 2 and "vGPU" in proc.stderr and not (tmp_path / "x.img").exists()
-    assert [v["state"] for v in json.loads(shim(a, "vm-list", "--json").stdout)] == ["running"]
+    assert [v["state"] for v in a.vms()] == ["running"]
 
 
 def test_suspend_resume_with_each_method(hosts, tmp_path):
     a, b = hosts("A"), hosts("B")
     for method in ("stream", "xenguest"):
         configure(a, method)
-        shim(a, "vm-create", f"vm-{method}", "--memory", "32M", "--image", "mixed")
-        before = shim(a, "vm-digest", f"vm-{method}", "--pages").stdout
+        a.shim("vm-create", f"vm-{method}", "--memory", "32M", "--image", "mixed")
+        before = a.shim("vm-digest", f"vm-{method}", "--pages").stdout
         path = tmp_path / f"{method}.img"
-        shim(a, "vm-suspend", f"vm-{method}", "--to", str(path), "--compress")
+        a.shim("vm-suspend", f"vm-{method}", "--to", str(path), "--compress")
         head = path.read_bytes()[:4]
         assert (head == b"\x28\xb5\x2f\xfd") == (method == "stream")
-        shim(b, "vm-resume", str(path))
-        assert shim(b, "vm-digest", f"vm-{method}", "--pages").stdout == before
+        b.shim("vm-resume", str(path))
+        assert b.shim("vm-digest", f"vm-{method}", "--pages").stdout == before
 
 
 def test_inband_suspend_image_converted_to_plain_passes_upstream_check(hosts, tmp_path):
@@ -218,9 +214,9 @@ def test_inband_suspend_image_converted_to_plain_passes_upstream_check(hosts, tm
 
     a = hosts("A")
     configure(a, "xenguest")
-    shim(a, "vm-create", "vm1", "--memory", "32M", "--image", "mixed")
+    a.shim("vm-create", "vm1", "--memory", "32M", "--image", "mixed")
     packed, plain = tmp_path / "packed.img", tmp_path / "plain.img"
-    shim(a, "vm-suspend", "vm1", "--to", str(packed), "--compress")
+    a.shim("vm-suspend", "vm1", "--to", str(packed), "--compress")
     with open(packed, "rb") as src, open(plain, "wb") as dst:
         a.run("xenguest", "-mode", "convert", "-fd", "0", "-outfd", "1", stdin=src, stdout=dst)
     data = plain.read_bytes()

@@ -8,23 +8,7 @@ import time
 
 import pytest
 
-from conftest import HostDir, exe
-
-
-def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
-    return host.run("xenopsd-shim", *argv, **kw)
-
-
-def vms(host: HostDir) -> list[dict]:
-    return json.loads(shim(host, "vm-list", "--json").stdout)
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (found := pred()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-    return found
+from conftest import HostDir, exe, wait_for
 
 
 def procs(host: HostDir, name: str):
@@ -35,19 +19,19 @@ def test_receiver_requires_its_secret(hosts, receiver, tmp_path):
     a, b = hosts("A"), hosts("B")
     (b.root / "migration-secret").write_text("s3cret-of-B\n")
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "16M")
-    missing = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
-    wrong = a.run("xenopsd-shim", "vm-migrate", "vm1", "--dest", r.address, check=False,
-                  env={**a.env, "XENOPSD_MIGRATION_SECRET": "guess"})
+    a.shim("vm-create", "vm1", "--memory", "16M")
+    missing = a.shim("vm-migrate", "vm1", "--dest", r.address, check=False)
+    wrong = a.shim("vm-migrate", "vm1", "--dest", r.address, check=False,
+                   env={**a.env, "XENOPSD_MIGRATION_SECRET": "guess"})
     for proc in (missing, wrong):
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert "migration secret; VM vm1 keeps running" in proc.stderr, proc.stderr   # refused at point 1
-        assert [v["state"] for v in vms(a)] == ["running"] and vms(b) == []
+        assert [v["state"] for v in a.vms()] == ["running"] and b.vms() == []
     log = (b.root / "xenopsd.log").read_text()
     assert "no migration secret" in log and "a wrong migration secret" in log and "guess" not in log
     (tmp_path / "secret").write_text("s3cret-of-B\n")
-    shim(a, "vm-migrate", "vm1", "--dest", r.address, "--secret-file", str(tmp_path / "secret"))
-    assert vms(a) == [] and [v["state"] for v in vms(b)] == ["running"]
+    a.shim("vm-migrate", "vm1", "--dest", r.address, "--secret-file", str(tmp_path / "secret"))
+    assert a.vms() == [] and [v["state"] for v in b.vms()] == ["running"]
 
 
 VICTIMS = {"source-xenguest": ("A", "xenguest"), "source-emu-manager": ("A", "emu-manager"),
@@ -79,9 +63,9 @@ def domain_state(host: HostDir, name: str) -> str | None:
 def at_final_copy(a: HostDir, mig: subprocess.Popen) -> str:
     """Wait for the source's pause, freeze the guest there; its memory digest at the pause point."""
     wait_for(lambda: domain_state(a, "vm1") == "paused", what="the pause for the final copy")
-    shim(a, "vm-list")                                  # (the pause is visible to the toolstack too)
+    a.shim("vm-list")                                   # (the pause is visible to the toolstack too)
     a.xenemu("workload", "vm1", "none")                 # freeze the guest: its memory at the pause point
-    before = shim(a, "vm-digest", "vm1").stdout
+    before = a.shim("vm-digest", "vm1").stdout
     assert mig.poll() is None, "the final copy ended before the kill"
     return before
 
@@ -99,9 +83,9 @@ def test_sigkill_vm_stays_on_source(hosts, receiver, victim, moment):
     # `increment` keeps every page dirty and incompressible, so the final copy is the whole VM.
     # A signal to vm-migrate needs no big VM either: it acts at once, whatever is in flight.
     memory, rate = ("48M", "10MB/s") if name in ("zstd", "vm-migrate") else ("128M", "30MB/s")
-    shim(a, "vm-create", "vm1", "--memory", memory, "--image", "random",
-         "--workload", "increment" if final else "none")
-    before = None if final else shim(a, "vm-digest", "vm1").stdout
+    a.shim("vm-create", "vm1", "--memory", memory, "--image", "random",
+           "--workload", "increment" if final else "none")
+    before = None if final else a.shim("vm-digest", "vm1").stdout
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
                             rate, "--compress" if name == "zstd" else "--no-compress",
                             "--non-live" if moment == "non-live" else "--live"],
@@ -123,8 +107,8 @@ def test_sigkill_vm_stays_on_source(hosts, receiver, victim, moment):
     recovered = time.monotonic() - started
     assert mig.returncode == (128 + SIGNALLED[victim] if victim in SIGNALLED else 2), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "keeps running on this host" in err
-    assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
-    wait_for(lambda: vms(b) == [], what="the destination to clean up")
+    assert [v["state"] for v in a.vms()] == ["running"] and a.shim("vm-digest", "vm1").stdout == before
+    wait_for(lambda: b.vms() == [], what="the destination to clean up")
     # The line names what failed.
     assert (f"migration cancelled by {SIGNALLED[victim].name}; VM vm1 keeps running on this host"
             if victim in SIGNALLED else name) in err, err
@@ -138,9 +122,9 @@ def test_receiver_killed_mid_stream(hosts, moment):
     a, b = hosts("A"), hosts("B")
     r = Receiver(b)
     final = moment == "final"
-    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random" if final else "mixed",
-         "--workload", "increment" if final else "none")
-    before = None if final else shim(a, "vm-digest", "vm1").stdout
+    a.shim("vm-create", "vm1", "--memory", "128M", "--image", "random" if final else "mixed",
+           "--workload", "increment" if final else "none")
+    before = None if final else a.shim("vm-digest", "vm1").stdout
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
                             "30MB/s" if final else "40MB/s"], env={**a.env, "EMU_MANAGER_LIVE_ITERATIONS": "2"},
                            stderr=subprocess.PIPE, text=True)
@@ -155,12 +139,12 @@ def test_receiver_killed_mid_stream(hosts, moment):
     _, err = mig.communicate(timeout=180)
     print(f"\nFAULT serve killed ({moment}): recovered in {time.monotonic() - started:.2f} s: {err.strip()}")
     assert mig.returncode == 2 and len(err.strip().splitlines()) == 1 and "keeps running on this host" in err, err
-    assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
+    assert [v["state"] for v in a.vms()] == ["running"] and a.shim("vm-digest", "vm1").stdout == before
     # The dead receiver's emulators go by themselves; its half-restored domain goes when serve restarts.
     wait_for(lambda: not procs(b, "xenguest") and not procs(b, "emu-manager"), what="orphans to exit")
-    assert [v["state"] for v in vms(b)] == ["building"]
+    assert [v["state"] for v in b.vms()] == ["building"]
     again = Receiver(b)
-    wait_for(lambda: vms(b) == [], what="the restarted receiver to clean up")
+    wait_for(lambda: b.vms() == [], what="the restarted receiver to clean up")
     assert again.stop() == 0
     assert "left half-restored by an earlier receiver" in (b.root / "xenopsd.log").read_text()
 
@@ -177,8 +161,8 @@ def test_link_cut_or_stalled_mid_stream(hosts, receiver, fault):
     r = receiver(b)
     proxy = TcpProxy(r.address)
     try:
-        shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random")
-        before = shim(a, "vm-digest", "vm1").stdout
+        a.shim("vm-create", "vm1", "--memory", "128M", "--image", "random")
+        before = a.shim("vm-digest", "vm1").stdout
         mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", proxy.address,
                                 "--max-bandwidth", "40MB/s"], env=a.env, stderr=subprocess.PIPE, text=True)
         proxy.wait_forwarded(32 << 20)
@@ -190,8 +174,8 @@ def test_link_cut_or_stalled_mid_stream(hosts, receiver, fault):
         assert "keeps running on this host" in err
         if fault == "stall":
             assert "stalled" in err and recovered >= 3
-        assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
-        wait_for(lambda: vms(b) == [], what="the destination to clean up")
+        assert [v["state"] for v in a.vms()] == ["running"] and a.shim("vm-digest", "vm1").stdout == before
+        wait_for(lambda: b.vms() == [], what="the destination to clean up")
         wait_for(lambda: "restore failed" in (b.root / "xenopsd.log").read_text(), what="the destination's log")
         print(f"\nFAULT link {fault}: recovered in {recovered:.2f} s: {err.strip()}")
     finally:
@@ -203,21 +187,21 @@ def test_restore_failing_at_the_end(hosts, receiver, tmp_path):
     destination never confirmed, so the source keeps the VM; vm-resume fails just as cleanly."""
     a, b = hosts("A"), hosts("B")
     r = receiver(b, env={"XENEMU_FAULTS": "hvm_setcontext"})
-    shim(a, "vm-create", "vm1", "--memory", "32M", "--workload", "increment")
+    a.shim("vm-create", "vm1", "--memory", "32M", "--workload", "increment")
     started = time.monotonic()
-    mig = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
+    mig = a.shim("vm-migrate", "vm1", "--dest", r.address, check=False)
     assert mig.returncode == 2 and len(mig.stderr.strip().splitlines()) == 1, mig.stderr
     assert "xc_domain_hvm_setcontext failed" in mig.stderr and "keeps running on this host" in mig.stderr
-    assert [v["state"] for v in vms(a)] == ["running"] and vms(b) == []
+    assert [v["state"] for v in a.vms()] == ["running"] and b.vms() == []
     log = (b.root / "xenopsd.log").read_text()
     assert "restore failed" in log and "restored and running" not in log
     print(f"\nFAULT restore fails at the end: failed in {time.monotonic() - started:.2f} s: {mig.stderr.strip()}")
 
-    shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
-    resume = b.run("xenopsd-shim", "vm-resume", str(tmp_path / "vm1.img"), check=False,
-                   env={**b.env, "XENEMU_FAULTS": "hvm_setcontext"})
+    a.shim("vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
+    resume = b.shim("vm-resume", str(tmp_path / "vm1.img"), check=False,
+                    env={**b.env, "XENEMU_FAULTS": "hvm_setcontext"})
     assert resume.returncode != 0 and len(resume.stderr.strip().splitlines()) == 1, resume.stderr
-    assert "xc_domain_hvm_setcontext failed" in resume.stderr and vms(b) == []
+    assert "xc_domain_hvm_setcontext failed" in resume.stderr and b.vms() == []
 
 
 def test_start_failing_after_the_commit(hosts, receiver):
@@ -225,16 +209,16 @@ def test_start_failing_after_the_commit(hosts, receiver):
     became of it, hears that the destination has no copy, and runs its own again."""
     a, b = hosts("A"), hosts("B")
     r = receiver(b, env={"XENEMU_FAULTS": "unpause"})
-    shim(a, "vm-create", "vm1", "--memory", "32M", "--image", "mixed")
-    before = shim(a, "vm-digest", "vm1").stdout
+    a.shim("vm-create", "vm1", "--memory", "32M", "--image", "mixed")
+    before = a.shim("vm-digest", "vm1").stdout
     started = time.monotonic()
-    mig = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
+    mig = a.shim("vm-migrate", "vm1", "--dest", r.address, check=False)
     assert mig.returncode == 2 and len(mig.stderr.strip().splitlines()) == 1, mig.stderr
     assert "destination failed to start the VM: domain 1: xc_domain_unpause failed: Invalid argument (injected " \
         "by XENEMU_FAULTS); VM vm1 keeps running on this host" in mig.stderr, mig.stderr
-    assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
-    assert vms(b) == []
-    assert f"asked for the state of VM {json.loads(shim(a, 'vm-list', '--json').stdout)[0]['uuid']}: absent" \
+    assert [v["state"] for v in a.vms()] == ["running"] and a.shim("vm-digest", "vm1").stdout == before
+    assert b.vms() == []
+    assert f"asked for the state of VM {a.vms()[0]['uuid']}: absent" \
         in (b.root / "xenopsd.log").read_text()
     print(f"\nFAULT start fails after the commit: failed in {time.monotonic() - started:.2f} s: {mig.stderr.strip()}")
 
@@ -254,25 +238,25 @@ def test_confirmation_lost_after_the_start(hosts, receiver, reachable):
         # the extensions' announcement before them has a non-zero length): cut there (and with it
         # the whole host).
         proxy.cut_on_reply(b"\x00\x00", 2, then_refuse=not reachable)
-        shim(a, "vm-create", "vm1", "--memory", "32M", "--image", "mixed")
-        before = shim(a, "vm-digest", "vm1").stdout
+        a.shim("vm-create", "vm1", "--memory", "32M", "--image", "mixed")
+        before = a.shim("vm-digest", "vm1").stdout
         started = time.monotonic()
-        mig = shim(a, "vm-migrate", "vm1", "--dest", proxy.address, "--json", check=False)
+        mig = a.shim("vm-migrate", "vm1", "--dest", proxy.address, "--json", check=False)
         print(f"\nFAULT confirmation lost ({'destination answers' if reachable else 'destination gone'}): "
               f"exit {mig.returncode} in {time.monotonic() - started:.2f} s: {mig.stderr.strip()}")
-        assert [v["state"] for v in vms(b)] == ["running"] and shim(b, "vm-digest", "vm1").stdout == before
+        assert [v["state"] for v in b.vms()] == ["running"] and b.shim("vm-digest", "vm1").stdout == before
         assert "restored and running" in (b.root / "xenopsd.log").read_text()
         if reachable:
             [warning] = mig.stderr.splitlines()              # the user hears of it, in one line
             assert mig.returncode == 0 and json.loads(mig.stdout)["status"] == "success", mig
             assert "its start was not confirmed (connection closed while waiting for the destination to " \
                 "start the VM), but the destination reports it running" in warning, mig
-            assert vms(a) == []
+            assert a.vms() == []
         else:
             assert mig.returncode == 2 and len(mig.stderr.strip().splitlines()) == 1, mig.stderr
             assert "VM vm1 left paused on this host (the destination was told to start it and cannot say " \
                 "whether it did: no answer: " in mig.stderr, mig.stderr
-            assert [v["state"] for v in vms(a)] == ["paused"]
+            assert [v["state"] for v in a.vms()] == ["paused"]
     finally:
         proxy.close()
 
@@ -280,18 +264,18 @@ def test_confirmation_lost_after_the_start(hosts, receiver, reachable):
 def test_host_is_private_and_names_cannot_escape_it(hosts, tmp_path):
     a = hosts("A")
     fresh = a.root / "made-by-the-shim" / "host"          # the shim makes this host directory itself
-    shim(a, "--root", str(fresh), "vm-create", "vm1", "--memory", "16M", "--workload", "increment")
+    a.shim("--root", str(fresh), "vm-create", "vm1", "--memory", "16M", "--workload", "increment")
     try:
         for d in [fresh, *(p for p in fresh.rglob("*") if p.is_dir())]:
             assert d.stat().st_mode & 0o077 == 0, f"{d} is open to others: {oct(d.stat().st_mode)}"
     finally:
-        shim(a, "--root", str(fresh), "vm-destroy", "vm1")
-    shim(a, "vm-create", "vm1", "--memory", "16M")
+        a.shim("--root", str(fresh), "vm-destroy", "vm1")
+    a.shim("vm-create", "vm1", "--memory", "16M")
     for bad in ("../escape", "a/b", ".hidden", "x" * 65, "vm\n1"):
-        out = shim(a, "vm-create", bad, "--memory", "16M", check=False)
+        out = a.shim("vm-create", bad, "--memory", "16M", check=False)
         assert out.returncode != 0 and "invalid VM name" in out.stderr and len(out.stderr.splitlines()) == 1
     # A suspend image whose Xenops record names the VM "../../escape" is refused before anything exists.
-    shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
+    a.shim("vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
     raw = (tmp_path / "vm1.img").read_bytes()
     evil = raw.replace(b'\\"name\\": \\"vm1\\"', b'\\"name\\": \\"../../escape\\"', 1)  # in vm_str
     assert evil != raw
@@ -300,19 +284,19 @@ def test_host_is_private_and_names_cannot_escape_it(hosts, tmp_path):
     htype, length = image.parse_header(evil[head:head + image.HEADER_SIZE])
     evil = evil[:head] + image.build_header(htype, length + len(b"../../escape") - len(b"vm1")) + evil[head + image.HEADER_SIZE:]
     (tmp_path / "evil.img").write_bytes(evil)
-    out = shim(a, "vm-resume", str(tmp_path / "evil.img"), check=False)
+    out = a.shim("vm-resume", str(tmp_path / "evil.img"), check=False)
     assert out.returncode != 0 and "invalid VM name '../../escape'" in out.stderr, out.stderr
-    assert vms(a) == [] and not (tmp_path / "escape").exists() and not (a.root.parent / "escape").exists()
+    assert a.vms() == [] and not (tmp_path / "escape").exists() and not (a.root.parent / "escape").exists()
 
 
 def test_a_bad_timeout_in_xenopsd_conf_is_one_line(hosts):
     a = hosts("A")
     (a.root / "xenopsd.conf").write_text("migration-stall-timeout = soon\n")
-    shim(a, "vm-create", "vm1", "--memory", "16M")
-    out = shim(a, "vm-migrate", "vm1", "--dest", "127.0.0.1:9", check=False)
+    a.shim("vm-create", "vm1", "--memory", "16M")
+    out = a.shim("vm-migrate", "vm1", "--dest", "127.0.0.1:9", check=False)
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert "migration-stall-timeout must be a number of seconds, not 'soon'" in out.stderr
-    assert [v["state"] for v in vms(a)] == ["running"]
+    assert [v["state"] for v in a.vms()] == ["running"]
 
 
 def test_source_xenguest_stopped_is_not_waited_for_forever(hosts, receiver):
@@ -322,8 +306,8 @@ def test_source_xenguest_stopped_is_not_waited_for_forever(hosts, receiver):
     for h in (a, b):
         (h.root / "xenopsd.conf").write_text("migration-stall-timeout = 3\n")
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "128M", "--image", "random")
-    before = shim(a, "vm-digest", "vm1").stdout
+    a.shim("vm-create", "vm1", "--memory", "128M", "--image", "random")
+    before = a.shim("vm-digest", "vm1").stdout
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--max-bandwidth",
                             "40MB/s"], env={**a.env, "EMU_MANAGER_EXIT_TIMEOUT": "2"}, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: procs(a, "xenguest") and procs(b, "xenguest"), what="both xenguests")
@@ -334,6 +318,6 @@ def test_source_xenguest_stopped_is_not_waited_for_forever(hosts, receiver):
     recovered = time.monotonic() - started
     assert mig.returncode == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "destination failed" in err and "stalled" in err and "keeps running on this host" in err
-    assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
-    wait_for(lambda: vms(b) == [], what="the destination to clean up")
+    assert [v["state"] for v in a.vms()] == ["running"] and a.shim("vm-digest", "vm1").stdout == before
+    wait_for(lambda: b.vms() == [], what="the destination to clean up")
     print(f"\nFAULT source xenguest stopped (SIGSTOP): recovered in {recovered:.2f} s: {err.strip()}")

@@ -48,14 +48,6 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
-def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
-    return host.run("xenopsd-shim", *argv, **kw)
-
-
-def vms(host: HostDir) -> list[dict]:
-    return json.loads(shim(host, "vm-list", "--json").stdout)
-
-
 def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     assert proc.returncode not in SIGBUS_CODES, proc.stderr
     assert proc.returncode == code and len(proc.stderr.strip().splitlines()) == 1, \
@@ -100,9 +92,9 @@ def configure(host: HostDir, compressor: str) -> None:
 
 def assert_serves_a_vm_that_fits(a: HostDir, b: HostDir, r: Receiver) -> None:
     assert r.proc.poll() is None, f"serve exited {r.proc.returncode}: {r.log[-2000:]}"
-    shim(a, "vm-create", "small", "--memory", "16M")
-    shim(a, "vm-migrate", "small", "--dest", r.address, "--no-compress")
-    assert [(v["name"], v["state"]) for v in vms(b)] == [("small", "running")]
+    a.shim("vm-create", "small", "--memory", "16M")
+    a.shim("vm-migrate", "small", "--dest", r.address, "--no-compress")
+    assert [(v["name"], v["state"]) for v in b.vms()] == [("small", "running")]
 
 
 def test_migration_into_a_full_destination(tmpfs, hosts, receiver):
@@ -111,21 +103,21 @@ def test_migration_into_a_full_destination(tmpfs, hosts, receiver):
     disk = tmpfs("B", "64m")
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "128M")
-    shim(a, "vm-create", "gpu", "--memory", "32M", "--vgpu", "48M")
-    before = {name: shim(a, "vm-digest", name).stdout for name in ("vm1", "gpu")}
+    a.shim("vm-create", "vm1", "--memory", "128M")
+    a.shim("vm-create", "gpu", "--memory", "32M", "--vgpu", "48M")
+    before = {name: a.shim("vm-digest", name).stdout for name in ("vm1", "gpu")}
     for name, compressor, flag in (("vm1", "stream", "--no-compress"), ("vm1", "stream", "--compress"),
                                    ("vm1", "xenguest", "--compress"), ("gpu", "stream", "--no-compress")):
         configure(a, compressor)
-        err = one_line_error(shim(a, "vm-migrate", name, "--dest", r.address, flag, check=False))
+        err = one_line_error(a.shim("vm-migrate", name, "--dest", r.address, flag, check=False))
         assert f"destination failed: cannot create domain for VM '{name}': {NO_SPACE}" in err, err
         assert f"VM {name} keeps running on this host" in err, err
-        assert [v["state"] for v in vms(a)] == ["running", "running"]
-        assert shim(a, "vm-digest", name).stdout == before[name]
+        assert [v["state"] for v in a.vms()] == ["running", "running"]
+        assert a.shim("vm-digest", name).stdout == before[name]
         assert list((disk / "domains").iterdir()) == []       # no half-made domain left
         assert r.proc.poll() is None, f"serve exited {r.proc.returncode}: {r.log[-2000:]}"
     for name in ("vm1", "gpu"):
-        shim(a, "vm-destroy", name)
+        a.shim("vm-destroy", name)
     assert_serves_a_vm_that_fits(a, b, r)
 
 
@@ -141,17 +133,17 @@ def test_old_sparse_half_made_domain_on_a_full_disk(tmpfs, hosts, receiver, tmp_
     unfinished.mkdir()
     (unfinished / "memory").write_bytes(b"\xff" * (8 << 20))
     filler = fill(disk)
-    shim(a, "vm-create", "vm1", "--memory", "16M")
-    shim(a, "vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
+    a.shim("vm-create", "vm1", "--memory", "16M")
+    a.shim("vm-suspend", "vm1", "--to", str(tmp_path / "vm1.img"))
 
-    err = one_line_error(shim(b, "vm-resume", str(tmp_path / "vm1.img"), check=False))
+    err = one_line_error(b.shim("vm-resume", str(tmp_path / "vm1.img"), check=False))
     assert f"cannot create domain for VM 'vm1': {NO_SPACE}" in err, err
     err = one_line_error(b.run("xenemu", "unpause", "old1", check=False), code=1)
     assert NO_SPACE in err, err
-    assert sorted(v["name"] for v in vms(b)) == ["old1", "old2"]
+    assert sorted(v["name"] for v in b.vms()) == ["old1", "old2"]
 
-    shim(b, "vm-destroy", "old1")                      # maps nothing: the disk is still full
-    assert [v["name"] for v in vms(b)] == ["old2"]
+    b.shim("vm-destroy", "old1")                       # maps nothing: the disk is still full
+    assert [v["name"] for v in b.vms()] == ["old2"]
     r = receiver(b)                                    # destroys old2, half-restored, before it serves
     deadline = time.monotonic() + 30
     while (disk / "domains" / "2").exists() and r.proc.poll() is None:    # still on a full disk
@@ -169,7 +161,7 @@ def test_vm_create_on_a_full_disk_and_past_the_limit(tmpfs, hosts, tmp_path):
     Xenops record share."""
     disk = tmpfs("A", "64m")
     a = hosts("A")
-    err = one_line_error(shim(a, "vm-create", "vm1", "--memory", "128M", check=False))
+    err = one_line_error(a.shim("vm-create", "vm1", "--memory", "128M", check=False))
     assert f"cannot create domain for VM 'vm1': {NO_SPACE}" in err and "free in" in err, err
     for argv, code in ((["xenopsd-shim", "vm-create", "vm1", "--memory", "1T"], 2),
                        (["xenemu", "create", "vm1", "--memory", "65G"], 1)):
@@ -178,11 +170,11 @@ def test_vm_create_on_a_full_disk_and_past_the_limit(tmpfs, hosts, tmp_path):
     meta = json.dumps({"name": "vm1", "uuid": str(uuidlib.uuid4()), "memory_bytes": 2 ** 1100})
     record = image.build_xenops_record(image.XenopsRecord(image.now(), image.WORD_SIZE, vm_str=meta))
     (tmp_path / "huge.img").write_bytes(image.SIGNATURE + image.build_header(image.XENOPS, len(record)) + record)
-    err = one_line_error(shim(a, "vm-resume", str(tmp_path / "huge.img"), check=False))
+    err = one_line_error(a.shim("vm-resume", str(tmp_path / "huge.img"), check=False))
     assert "Xenops record's vm_str has an invalid memory size" in err and "at most 64.0 GiB" in err, err
     assert list((disk / "domains").iterdir()) == []
-    shim(a, "vm-create", "vm1", "--memory", "32M")
-    assert [v["state"] for v in vms(a)] == ["running"]
+    a.shim("vm-create", "vm1", "--memory", "32M")
+    assert [v["state"] for v in a.vms()] == ["running"]
 
 
 def test_suspend_to_a_full_disk_says_no_space(tmpfs, hosts):
@@ -190,10 +182,10 @@ def test_suspend_to_a_full_disk_says_no_space(tmpfs, hosts):
     disk = tmpfs("F", "4m")
     a = hosts("A")
     configure(a, "stream")
-    shim(a, "vm-create", "vm1", "--memory", "16M", "--image", "random")
-    before = shim(a, "vm-digest", "vm1").stdout
+    a.shim("vm-create", "vm1", "--memory", "16M", "--image", "random")
+    before = a.shim("vm-digest", "vm1").stdout
     for flags in (["--compress"], []):
-        err = one_line_error(shim(a, "vm-suspend", "vm1", "--to", str(disk / "vm1.img"), *flags, check=False))
+        err = one_line_error(a.shim("vm-suspend", "vm1", "--to", str(disk / "vm1.img"), *flags, check=False))
         assert NO_SPACE in err and "Broken pipe" not in err, (flags, err)
         assert list(disk.iterdir()) == []
-        assert [v["state"] for v in vms(a)] == ["running"] and shim(a, "vm-digest", "vm1").stdout == before
+        assert [v["state"] for v in a.vms()] == ["running"] and a.shim("vm-digest", "vm1").stdout == before

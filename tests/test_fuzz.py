@@ -803,7 +803,7 @@ def domains_of(root: Path) -> list[dict]:
 
 
 def no_domains_cli(h: HostDir) -> None:
-    assert json.loads(h.run("xenopsd-shim", "vm-list", "--json").stdout) == []
+    assert h.vms() == []
     assert json.loads(h.xenemu("list", "--json")) == []
 
 
@@ -1085,14 +1085,14 @@ def seeds(tmp_path_factory) -> Seeds:
     for kind, compressor in (("plain", None), ("inband", "xenguest"), ("stream", "stream")):
         if compressor:
             (root / "xenopsd.conf").write_text(f"migration-compressor = {compressor}\n")
-        h.run("xenopsd-shim", "vm-create", f"vm-{kind}", "--memory", f"{MEMORY >> 20}M", "--image", "mixed")
-        digests = h.run("xenopsd-shim", "vm-digest", f"vm-{kind}", "--pages").stdout
+        h.shim("vm-create", f"vm-{kind}", "--memory", f"{MEMORY >> 20}M", "--image", "mixed")
+        digests = h.shim("vm-digest", f"vm-{kind}", "--pages").stdout
         path = root / f"{kind}.img"
-        h.run("xenopsd-shim", "vm-suspend", f"vm-{kind}", "--to", str(path), *(["--compress"] if compressor else []))
+        h.shim("vm-suspend", f"vm-{kind}", "--to", str(path), *(["--compress"] if compressor else []))
         # A seed restores page for page (the restorer's inflate queue included).
-        check.run("xenopsd-shim", "vm-resume", str(path))
-        assert check.run("xenopsd-shim", "vm-digest", f"vm-{kind}", "--pages").stdout == digests
-        check.run("xenopsd-shim", "vm-destroy", f"vm-{kind}")
+        check.shim("vm-resume", str(path))
+        assert check.shim("vm-digest", f"vm-{kind}", "--pages").stdout == digests
+        check.shim("vm-destroy", f"vm-{kind}")
         raw = path.read_bytes()
         if kind == "stream":
             assert raw[:4] == b"\x28\xb5\x2f\xfd"

@@ -23,8 +23,7 @@ from typing import Iterator
 import psutil
 import pytest
 
-from conftest import HostDir, Receiver, exe
-from test_faults import shim, vms, wait_for
+from conftest import HostDir, Receiver, exe, wait_for
 
 SECRET = "s3cret-of-B"
 SETTLE = 30.0       # bound on waits for the receiver to catch up (never an assertion on speed)
@@ -122,8 +121,8 @@ def close_all(socks: list[socket.socket]) -> None:
 def migrate(a: HostDir, r: Receiver, name: str, secret: str | None = SECRET) -> None:
     """A legitimate live migration, every page checked by the destination."""
     env = {**a.env, "XENOPSD_MIGRATION_SECRET": secret} if secret else a.env
-    shim(a, "vm-migrate", name, "--dest", r.address, "--verify", env=env)
-    assert name not in [v["name"] for v in vms(a)]
+    a.shim("vm-migrate", name, "--dest", r.address, "--verify", env=env)
+    assert name not in [v["name"] for v in a.vms()]
 
 
 def back_to(r: Receiver, base: tuple[int, int]) -> None:
@@ -157,7 +156,7 @@ def test_idle_flood_under_a_low_fd_limit(ab, receiver):
     a, b = ab
     configure(b, request_timeout=3)
     r = receiver(b, preexec_fn=low_fd_limit(200))
-    shim(a, "vm-create", "vm1", "--memory", "16M", *WRITING)
+    a.shim("vm-create", "vm1", "--memory", "16M", *WRITING)
     base = usage(r)
     peak = Peak(r)
     idle = flood(r.address, 250)
@@ -169,7 +168,7 @@ def test_idle_flood_under_a_low_fd_limit(ab, receiver):
         back_to(r, base)
     finally:
         close_all(idle)
-    assert [v["state"] for v in vms(b)] == ["running"]
+    assert [v["state"] for v in b.vms()] == ["running"]
     log = r.log
     assert "closing the oldest silent connections to make room (at the bound of 50" in log
     assert "sent no request within 3 s" in log
@@ -184,7 +183,7 @@ def test_accept_survives_running_out_of_fds(ab, receiver):
     a, b = ab
     configure(b, request_timeout=4)
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "16M", *WRITING)
+    a.shim("vm-create", "vm1", "--memory", "16M", *WRITING)
     base = usage(r)
     proc = psutil.Process(r.proc.pid)
     limits = proc.rlimit(resource.RLIMIT_NOFILE)
@@ -214,7 +213,7 @@ def test_parked_vgpu_connections_are_bounded(ab, receiver):
     a, b = ab
     configure(b, max_connections=16, vgpu_timeout=3)            # up to 16 / 2 parked at once
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "16M", "--vgpu", "8M", *WRITING)
+    a.shim("vm-create", "vm1", "--memory", "16M", "--vgpu", "8M", *WRITING)
     base = usage(r)
     nosecret, status = put(r.address, vgpu_path(str(uuidlib.uuid4())), secret=None)
     assert status.startswith("Error: ") and "no migration secret" in status and nosecret.recv(1) == b""
@@ -234,7 +233,7 @@ def test_parked_vgpu_connections_are_bounded(ab, receiver):
     wait_for(lambda: r.log.count("took it within 3 s") == 4, SETTLE, "unmatched vGPU streams dropped")
     close_all([s for s, _ in parked[4:]])
     back_to(r, base)
-    assert [v["state"] for v in vms(b)] == ["running"]
+    assert [v["state"] for v in b.vms()] == ["running"]
     assert "refused PUT /services/xenops/migrate/vgpu/" in r.log and "no migration secret" in r.log
     stop_promptly(r)
 
@@ -242,7 +241,7 @@ def test_parked_vgpu_connections_are_bounded(ab, receiver):
 def test_a_bad_connection_bound_is_one_line(hosts):
     b = hosts("B")
     configure(b, max_connections="lots")
-    proc = b.run("xenopsd-shim", "serve", "--listen", "127.0.0.1:0", check=False, timeout=30)
+    proc = b.shim("serve", "--listen", "127.0.0.1:0", check=False, timeout=30)
     assert proc.returncode == 1 and proc.stderr == (f"Error: {b.root / 'xenopsd.conf'}: migration-max-connections "
                                                     "must be a positive whole number, not 'lots'\n"), proc.stderr
 
@@ -273,7 +272,7 @@ def test_a_peer_that_resets_is_one_line(ab, receiver):
     finally:
         os.kill(r.proc.pid, signal.SIGCONT)
     wait_for(lambda: "Connection reset by peer" in r.log or "Broken pipe" in r.log, SETTLE, "the reset noticed")
-    shim(a, "vm-create", "vm1", "--memory", "16M")
+    a.shim("vm-create", "vm1", "--memory", "16M")
     migrate(a, r, "vm1")
     assert "Traceback" not in r.log, r.log[-2000:]
 
@@ -282,7 +281,7 @@ def test_request_naming_another_vm_is_refused(ab, receiver):
     """The VM in the stream must be the one the request names (final_id, and the metadata)."""
     a, b = ab
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "16M")
+    a.shim("vm-create", "vm1", "--memory", "16M")
     other = str(uuidlib.uuid4())
     # The real sender, but its requests name another VM's uuid.
     code = ("import os; from xenopsd_shim import cli, migrate\n"
@@ -295,7 +294,7 @@ def test_request_naming_another_vm_is_refused(ab, receiver):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert f"not VM {other} as its request says" in proc.stderr and "keeps running on this host" in proc.stderr
-    assert [v["state"] for v in vms(a)] == ["running"] and vms(b) == []
+    assert [v["state"] for v in a.vms()] == ["running"] and b.vms() == []
 
 
 def free_port() -> int:
@@ -314,8 +313,8 @@ def test_a_named_secret_file_must_be_readable(hosts, tmp_path, kind):
     elif kind == "directory":
         path.mkdir()
     port = free_port()
-    proc = b.run("xenopsd-shim", "serve", "--listen", f"127.0.0.1:{port}", "--secret-file", str(path),
-                 check=False, timeout=30)
+    proc = b.shim("serve", "--listen", f"127.0.0.1:{port}", "--secret-file", str(path),
+                  check=False, timeout=30)
     words = {"missing": "does not exist", "empty": "is empty", "directory": "is not a regular file"}[kind]
     assert proc.returncode == 2 and proc.stderr == f"xenopsd-shim: migration secret file {path} {words}\n"
     with pytest.raises(ConnectionRefusedError):
@@ -351,22 +350,22 @@ def test_ipv6_listener(ab, receiver):
     a, b = ab
     r = receiver(b, listen="[::1]:0")
     assert r.address.startswith("[::1]:")
-    shim(a, "vm-create", "vm1", "--memory", "16M", *WRITING)
+    a.shim("vm-create", "vm1", "--memory", "16M", *WRITING)
     migrate(a, r, "vm1")
-    assert [v["state"] for v in vms(b)] == ["running"]
+    assert [v["state"] for v in b.vms()] == ["running"]
 
 
 def test_second_serve_on_the_same_host_is_refused(ab, receiver):
     """It would destroy the first's half-restored domains and remove its address file."""
     a, b = ab
     r = receiver(b)
-    shim(a, "vm-create", "vm1", "--memory", "16M", *WRITING)
+    a.shim("vm-create", "vm1", "--memory", "16M", *WRITING)
     mig = subprocess.Popen([exe("xenopsd-shim"), "vm-migrate", "vm1", "--dest", r.address, "--verify",
                             "--max-bandwidth", "8MB/s"], env={**a.env, "XENOPSD_MIGRATION_SECRET": SECRET},
                            stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: [d["state"] for d in b.domains()] == ["building"], SETTLE, "the restore to start")
-        second = b.run("xenopsd-shim", "serve", "--listen", "127.0.0.1:0", check=False, timeout=30)
+        second = b.shim("serve", "--listen", "127.0.0.1:0", check=False, timeout=30)
         assert second.returncode == 2, second.stderr
         assert second.stderr == f"xenopsd-shim: another serve already runs on host directory {b.root}\n"
         assert (b.root / "run" / "serve-address").read_text() == r.address + "\n"
@@ -377,7 +376,7 @@ def test_second_serve_on_the_same_host_is_refused(ab, receiver):
             mig.wait()
         if mig.stderr:
             mig.stderr.close()
-    assert vms(a) == [] and [v["state"] for v in vms(b)] == ["running"]
+    assert a.vms() == [] and [v["state"] for v in b.vms()] == ["running"]
 
 
 def timed_migration(a: HostDir, r: Receiver, name: str) -> float:
@@ -394,7 +393,7 @@ def test_measure_idle_and_vgpu_floods(ab, receiver):
     a, b = ab
     r = receiver(b)
     for name in ("quiet", "idle", "vgpu"):
-        shim(a, "vm-create", name, "--memory", "64M", *WRITING)
+        a.shim("vm-create", name, "--memory", "64M", *WRITING)
     base = usage(r)
     quiet = timed_migration(a, r, "quiet")
     back_to(r, base)

@@ -48,18 +48,18 @@ def _run(hosts, receiver, method: str, threads: int | None, runs: int) -> None:
     for h in (a, b):
         _configure(h, method, threads)
     serves = {a: receiver(a), b: receiver(b)}
-    a.run("xenopsd-shim", "vm-create", "vm1", "--memory", "64M", "--image", "busy",
-          "--workload", "dirty:200MB/s")
+    a.shim("vm-create", "vm1", "--memory", "64M", "--image", "busy",
+           "--workload", "dirty:200MB/s")
     flag = "--no-compress" if method == "none" else "--compress"
     src, dst = a, b
     for run in range(runs):
-        proc = src.run("xenopsd-shim", "vm-migrate", "vm1", "--dest", serves[dst].address, flag,
-                       "--live", "--verify", "--json", check=False)
+        proc = src.shim("vm-migrate", "vm1", "--dest", serves[dst].address, flag,
+                        "--live", "--verify", "--json", check=False)
         assert proc.returncode == 0, f"run {run} {src.root.name}->{dst.root.name}: {proc.stderr.strip()}"
         summary = json.loads(proc.stdout)
         assert summary["verified"] and summary["mode"] == method and summary["zero_pages"] == 0, summary
-        assert [v["state"] for v in json.loads(dst.run("xenopsd-shim", "vm-list", "--json").stdout)] == ["running"]
-        assert json.loads(src.run("xenopsd-shim", "vm-list", "--json").stdout) == []
+        assert [v["state"] for v in dst.vms()] == ["running"]
+        assert src.vms() == []
         history = _iterations(src)[-1]
         # Pre-copy resent dirty pages. xenguest iterates until emu-manager's migrate_pause, which
         # emum.c sends after xenopsd's suspend ack: the pause point may fall in a live pass (then

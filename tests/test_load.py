@@ -67,14 +67,6 @@ class Migration:
         self.summary = json.loads(self.proc.stdout)
 
 
-def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
-    return host.run("xenopsd-shim", *argv, **kw)
-
-
-def vms(host: HostDir) -> dict[str, dict]:
-    return {v["name"]: v for v in json.loads(shim(host, "vm-list", "--json").stdout)}
-
-
 def configs(tmp_path: Path) -> dict[str, Path]:
     conf = {}
     for method in METHODS:
@@ -99,17 +91,17 @@ def plan(src: HostDir, dst: HostDir, prefix: str, count: int, offset: int = 0) -
 def create_all(migs: list[Migration]) -> None:
     """Create every VM (concurrently: the host's lock serialises what must be), record digests."""
     def create(m: Migration) -> None:
-        shim(m.src, "vm-create", m.name, "--memory", m.size, "--image", "mixed", "--workload", m.workload,
-             "--seed", str(sum(map(ord, m.name))))
+        m.src.shim("vm-create", m.name, "--memory", m.size, "--image", "mixed", "--workload", m.workload,
+                   "--seed", str(sum(map(ord, m.name))))
         if m.workload == "none":
-            m.digest = shim(m.src, "vm-digest", m.name).stdout
+            m.digest = m.src.shim("vm-digest", m.name).stdout
     in_parallel([lambda m=m: create(m) for m in migs])
     time.sleep(0.3)                  # the guests are writing before the migrations start
 
 
 def destroy_all(*hosts: HostDir) -> None:
     """Concurrently: a destroy waits for the guest workload it kills to be reaped, which can take a while."""
-    in_parallel([lambda h=h, n=n: shim(h, "vm-destroy", n) for h in hosts for n in vms(h)])
+    in_parallel([lambda h=h, n=n: h.shim("vm-destroy", n) for h in hosts for n in h.vms_by_name()])
 
 
 def run_all(migs: list[Migration], dest_of, conf: dict[str, Path]) -> None:
@@ -161,11 +153,11 @@ def check(migs: list[Migration], label: str) -> str:
     for m in migs:
         s = m.summary
         assert s["status"] == "success" and s["verified"] is True and s["mode"] == m.method, s
-        here = listed.setdefault(m.dst.root, vms(m.dst))
+        here = listed.setdefault(m.dst.root, m.dst.vms_by_name())
         assert here[m.name]["state"] == "running" and here[m.name]["uuid"] == s["uuid"]
-        assert m.name not in listed.setdefault(m.src.root, vms(m.src))
+        assert m.name not in listed.setdefault(m.src.root, m.src.vms_by_name())
         if m.workload == "none":
-            assert shim(m.dst, "vm-digest", m.name).stdout == m.digest, f"{m.name}: memory differs"
+            assert m.dst.shim("vm-digest", m.name).stdout == m.digest, f"{m.name}: memory differs"
     walls = sorted(m.wall for m in migs)
     per = ", ".join(f"{m.name}/{m.method}/{m.size}:{m.wall:.1f}" for m in migs)
     line = (f"{label}: {len(migs)} migrations, wall s min {walls[0]:.1f} median {statistics.median(walls):.1f} "
@@ -236,9 +228,9 @@ def test_receiver_lets_go_of_the_domains_it_restored(hosts, receiver):
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
     for i in range(2):
-        shim(a, "vm-create", f"vm{i}", "--memory", "16M")
-        shim(a, "vm-migrate", f"vm{i}", "--dest", r.address)
-        shim(b, "vm-destroy", f"vm{i}")
+        a.shim("vm-create", f"vm{i}", "--memory", "16M")
+        a.shim("vm-migrate", f"vm{i}", "--dest", r.address)
+        b.shim("vm-destroy", f"vm{i}")
     # Until xenemu's GuestMemory tied its lock fd to its lifetime, serve kept one fd per VM it had
     # restored (receiver.py never closes the domain; its mappings went with the object, the fd did not).
     fds, maps = domain_files_held(r.proc.pid)

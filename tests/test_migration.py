@@ -3,22 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 
 from conftest import HostDir, ProcessWatcher, argv_of
 
 
-def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
-    return host.run("xenopsd-shim", *argv, **kw)
-
-
 def vm_create(host: HostDir, name: str, memory: str, workload: str = "none", image: str = "mixed") -> str:
-    return shim(host, "vm-create", name, "--memory", memory, "--image", image, "--workload", workload).stdout.strip()
-
-
-def vms(host: HostDir) -> list[dict]:
-    return json.loads(shim(host, "vm-list", "--json").stdout)
+    return host.shim("vm-create", name, "--memory", memory, "--image", image, "--workload", workload).stdout.strip()
 
 
 def transcript(host: HostDir) -> list[str]:
@@ -28,7 +19,7 @@ def transcript(host: HostDir) -> list[str]:
 
 
 def pages(host: HostDir, name: str) -> list[str]:
-    return shim(host, "vm-digest", name, "--pages").stdout.split("\n")
+    return host.shim("vm-digest", name, "--pages").stdout.split("\n")
 
 
 def test_live_migration_page_exact_with_real_process_tree(hosts, receiver):
@@ -37,15 +28,15 @@ def test_live_migration_page_exact_with_real_process_tree(hosts, receiver):
     uuid = vm_create(a, "vm1", "256M", workload="increment")
     time.sleep(0.3)
     watcher = ProcessWatcher()
-    out = shim(a, "vm-migrate", "vm1", "--dest", r.address, "--verify", "--json")
+    out = a.shim("vm-migrate", "vm1", "--dest", r.address, "--verify", "--json")
     seen = watcher.stop()
     summary = json.loads(out.stdout)
     assert summary["status"] == "success" and summary["mode"] == "none" and summary["iterations"] >= 2
     assert summary["memory_bytes"] == 256 << 20 and summary["wire_bytes"] > 256 << 20
     assert summary["downtime_seconds"] < summary["total_seconds"]
     assert set(summary["cpu_seconds"]["source"]) >= {"xenopsd-shim", "emu-manager", "xenguest"}
-    assert vms(a) == []
-    [vm] = vms(b)
+    assert a.vms() == []
+    [vm] = b.vms()
     assert vm["uuid"] == uuid and vm["state"] == "running" and vm["workload"] == "increment"
 
     # The process tree, as a toolstack engineer would see it in ps.
@@ -75,7 +66,7 @@ def test_migration_with_workload_none_is_page_exact(hosts, receiver):
     r = receiver(b)
     vm_create(a, "vm1", "128M", image="mixed")
     before = pages(a, "vm1")
-    shim(a, "vm-migrate", "vm1", "--dest", r.address, "--non-live")
+    a.shim("vm-migrate", "vm1", "--dest", r.address, "--non-live")
     assert pages(b, "vm1") == before
 
 
@@ -85,11 +76,11 @@ def test_suspend_resume_on_another_host(hosts, tmp_path):
     before = pages(a, "vm1")
     ctx_before = a.context_digests("vm1")
     image = tmp_path / "vm1.img"
-    shim(a, "vm-suspend", "vm1", "--to", str(image))
-    assert vms(a) == []
+    a.shim("vm-suspend", "vm1", "--to", str(image))
+    assert a.vms() == []
     assert image.read_bytes()[:15] == b"XenSavedDomv2-\n"
-    uuid = shim(b, "vm-resume", str(image), "--name", "vm1-resumed").stdout.strip()
-    [vm] = vms(b)
+    uuid = b.shim("vm-resume", str(image), "--name", "vm1-resumed").stdout.strip()
+    [vm] = b.vms()
     assert vm["uuid"] == uuid and vm["name"] == "vm1-resumed" and vm["state"] == "running"
     assert pages(b, "vm1-resumed") == before
     assert b.context_digests("vm1-resumed") == ctx_before        # device model state included
@@ -100,28 +91,28 @@ def test_receiver_survives_and_accepts_after_failure(hosts, receiver):
     r = receiver(b)
     vm_create(a, "vm1", "64M")
     vm_create(b, "vm1", "16M")                 # a different VM of the same name: destination refuses
-    proc = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
+    proc = a.shim("vm-migrate", "vm1", "--dest", r.address, check=False)
     assert proc.returncode == 2 and "already exists" in proc.stderr and len(proc.stderr.splitlines()) == 1
-    assert [v["state"] for v in vms(a)] == ["running"]
-    shim(b, "vm-destroy", "vm1")
-    shim(a, "vm-migrate", "vm1", "--dest", r.address)
-    assert vms(a) == [] and [v["state"] for v in vms(b)] == ["running"]
+    assert [v["state"] for v in a.vms()] == ["running"]
+    b.shim("vm-destroy", "vm1")
+    a.shim("vm-migrate", "vm1", "--dest", r.address)
+    assert a.vms() == [] and [v["state"] for v in b.vms()] == ["running"]
 
 
 def test_unreachable_destination(hosts):
     a = hosts("A")
     vm_create(a, "vm1", "16M")
-    proc = shim(a, "vm-migrate", "vm1", "--dest", "127.0.0.1:1", check=False)
+    proc = a.shim("vm-migrate", "vm1", "--dest", "127.0.0.1:1", check=False)
     assert proc.returncode == 2 and "cannot connect" in proc.stderr and len(proc.stderr.splitlines()) == 1
-    assert [v["state"] for v in vms(a)] == ["running"]
+    assert [v["state"] for v in a.vms()] == ["running"]
 
 
 def test_host_leaves_no_files_behind(hosts, receiver):
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
     vm_create(a, "vm1", "32M")
-    shim(a, "vm-migrate", "vm1", "--dest", r.address)
-    shim(b, "vm-destroy", "vm1")
+    a.shim("vm-migrate", "vm1", "--dest", r.address)
+    b.shim("vm-destroy", "vm1")
     for h in (a, b):
         left = sorted(p.name for p in h.root.iterdir())
         assert left == [".lock", "domains", "next-domid", "run", "xenopsd.log"], left

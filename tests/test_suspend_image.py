@@ -19,10 +19,6 @@ XENOPS, LIBXC, LIBXL, LIBXC_LEGACY, QEMU_TRAD, QEMU_XEN = 0x000F, 0x00F0, 0x00F1
 VARSTORED, SWTPM0, SWTPM, END_OF_IMAGE = 0x0F11, 0x0F12, 0x0F13, 0xFFFF
 
 
-def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
-    return host.run("xenopsd-shim", *argv, **kw)
-
-
 def header(htype: int, length: int = 0) -> bytes:
     return struct.pack("<qq", htype, length)
 
@@ -41,9 +37,9 @@ def saved(tmp_path_factory) -> Saved:
     """One VM suspended by vm-suspend, checked against the independent checker."""
     root = tmp_path_factory.mktemp("src")
     h = HostDir(root)
-    uuid = shim(h, "vm-create", "vm1", "--memory", "8M").stdout.strip()
-    digests = shim(h, "vm-digest", "vm1", "--pages").stdout.splitlines()
-    shim(h, "vm-suspend", "vm1", "--to", str(root / "vm1.img"))
+    uuid = h.shim("vm-create", "vm1", "--memory", "8M").stdout.strip()
+    digests = h.shim("vm-digest", "vm1", "--pages").stdout.splitlines()
+    h.shim("vm-suspend", "vm1", "--to", str(root / "vm1.img"))
     raw = (root / "vm1.img").read_bytes()
     summary = check_image(raw)
     assert summary["headers"] == ["Xenops", "Libxc", "Qemu_trad", "End_of_image"]
@@ -66,7 +62,7 @@ def one_line(proc: subprocess.CompletedProcess, code: int) -> str:
 
 
 def no_vm(host: HostDir) -> None:
-    assert json.loads(shim(host, "vm-list", "--json").stdout) == []
+    assert host.vms() == []
     assert json.loads(host.xenemu("list", "--json")) == []
 
 
@@ -85,8 +81,8 @@ def test_vm_suspend_writes_the_record_sexplib_prints_and_resumes_page_exact(host
     assert out[2] == (f"          15  image header Xenops, length {len(record)}: time {rec['time']}, word_size 64, "
                       f'vm_str "{json.dumps(meta, sort_keys=True).replace(chr(34), chr(92) + chr(34))}", '
                       "xs_subtree of 0 entries")
-    assert shim(b, "vm-resume", str(tmp_path / "vm1.img")).stdout.strip() == saved.uuid
-    assert shim(b, "vm-digest", "vm1", "--pages").stdout.splitlines() == saved.digests
+    assert b.shim("vm-resume", str(tmp_path / "vm1.img")).stdout.strip() == saved.uuid
+    assert b.shim("vm-digest", "vm1", "--pages").stdout.splitlines() == saved.digests
 
 
 # Records a real xenopsd may write: no vm_str (xenopsd before vm_str), its own VM sexp as vm_str.
@@ -119,7 +115,7 @@ def test_records_a_real_xenopsd_writes_are_shown_but_not_resumed(hosts, saved, t
     h = hosts()
     for record, shown, error in REAL_RECORDS:
         path = with_record(saved, tmp_path / "x.img", record)
-        assert error in one_line(shim(h, "vm-resume", str(path), check=False), 2)
+        assert error in one_line(h.shim("vm-resume", str(path), check=False), 2)
         no_vm(h)
         proc = inspect(h, path)         # a valid record: inspect shows it and walks the whole image
         assert proc.returncode == 0, proc.stderr
@@ -133,7 +129,7 @@ def test_malformed_records_fail_the_restore_in_one_line(hosts, saved, tmp_path, 
     h = hosts()
     for record, error in cases:
         path = with_record(saved, tmp_path / "x.img", record)
-        assert error in one_line(shim(h, "vm-resume", str(path), check=False), 2)
+        assert error in one_line(h.shim("vm-resume", str(path), check=False), 2)
     no_vm(h)
     proc = inspect(h, path)
     assert error in one_line(proc, 2) and "image header Xenops" not in proc.stdout
@@ -150,8 +146,8 @@ def test_varstored_and_swtpm_records_are_read_and_skipped(hosts, saved, tmp_path
                  "image header Swtpm0, length 2: vTPM state (first format), skipped (no swtpm here)",
                  "image header Swtpm, length 3: vTPM state, skipped (no swtpm here)"):
         assert line in out, out
-    shim(h, "vm-resume", str(path))
-    assert shim(h, "vm-digest", "vm1", "--pages").stdout.splitlines() == saved.digests
+    h.shim("vm-resume", str(path))
+    assert h.shim("vm-digest", "vm1", "--pages").stdout.splitlines() == saved.digests
 
 
 def test_libxc_legacy_header_is_restored_as_libxc(hosts, saved, tmp_path):
@@ -161,8 +157,8 @@ def test_libxc_legacy_header_is_restored_as_libxc(hosts, saved, tmp_path):
     path.write_bytes(saved.raw[:at] + header(LIBXC_LEGACY) + saved.raw[at + 16:])
     h = hosts()
     assert "image header Libxc_legacy, length 0: a libxc stream follows" in inspect(h, path).stdout
-    shim(h, "vm-resume", str(path))
-    assert shim(h, "vm-digest", "vm1", "--pages").stdout.splitlines() == saved.digests
+    h.shim("vm-resume", str(path))
+    assert h.shim("vm-digest", "vm1", "--pages").stdout.splitlines() == saved.digests
 
 
 REFUSED = {
@@ -188,7 +184,7 @@ def test_header_types_the_real_reader_refuses(hosts, saved, tmp_path, cases):
         build, shown, error = REFUSED[case]
         path = tmp_path / f"{case}.img"
         path.write_bytes(build(saved))
-        assert error in one_line(shim(h, "vm-resume", str(path), check=False), 2), case
+        assert error in one_line(h.shim("vm-resume", str(path), check=False), 2), case
         no_vm(h)
         proc = inspect(h, path)
         if case == "no-libxc":              # valid framing: inspect shows it all
@@ -215,11 +211,11 @@ main()
 def test_vgpu_stream_ends_with_end_of_image_and_the_receiver_requires_it(hosts, receiver):
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
-    shim(a, "vm-create", "gpu", "--memory", "8M", "--vgpu", "4M")
-    shim(a, "vm-create", "gpu2", "--memory", "8M", "--vgpu", "4M")
-    vgpu = shim(a, "vm-digest", "gpu").stdout
-    shim(a, "vm-migrate", "gpu", "--dest", r.address, "--non-live")
-    assert shim(b, "vm-digest", "gpu").stdout == vgpu
+    a.shim("vm-create", "gpu", "--memory", "8M", "--vgpu", "4M")
+    a.shim("vm-create", "gpu2", "--memory", "8M", "--vgpu", "4M")
+    vgpu = a.shim("vm-digest", "gpu").stdout
+    a.shim("vm-migrate", "gpu", "--dest", r.address, "--non-live")
+    assert b.shim("vm-digest", "gpu").stdout == vgpu
     bad = subprocess.run([str(Path(BIN) / "python"), "-c", NO_VGPU_FOOTER, "vm-migrate", "gpu2", "--dest", r.address,
                           "--non-live"], env=a.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          timeout=300)
@@ -227,5 +223,5 @@ def test_vgpu_stream_ends_with_end_of_image_and_the_receiver_requires_it(hosts, 
     # The source ends the vGPU connection after its part (point 2), so the receiver sees the end at once.
     assert error == ("xenopsd-shim: migration failed: destination failed to start the VM: restore failed: the vGPU "
                      "stream ended without End_of_image after the vGPU state; VM gpu2 keeps running on this host"), error
-    assert [v["name"] for v in json.loads(shim(a, "vm-list", "--json").stdout)] == ["gpu2"]
-    assert [v["name"] for v in json.loads(shim(b, "vm-list", "--json").stdout)] == ["gpu"]
+    assert [v["name"] for v in a.vms()] == ["gpu2"]
+    assert [v["name"] for v in b.vms()] == ["gpu"]

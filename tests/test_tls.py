@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HostDir
 from tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a certificate")
@@ -29,14 +28,6 @@ def cert(tmp_path: Path) -> tuple[Path, Path]:
     return self_signed(tmp_path, "xenmig-test")
 
 
-def shim(host: HostDir, *argv: str, **kw) -> subprocess.CompletedProcess:
-    return host.run("xenopsd-shim", *argv, **kw)
-
-
-def vms(host: HostDir) -> list[dict]:
-    return json.loads(shim(host, "vm-list", "--json").stdout)
-
-
 @pytest.mark.parametrize("compress", ["--no-compress", "--compress"])
 def test_tls_migration_is_page_exact_and_opaque(hosts, receiver, cert, compress):
     a, b = hosts("A"), hosts("B")
@@ -45,13 +36,13 @@ def test_tls_migration_is_page_exact_and_opaque(hosts, receiver, cert, compress)
     r = receiver(b, "--tls-cert", str(crt), "--tls-key", str(key))
     proxy = TcpProxy(r.address)
     try:
-        shim(a, "vm-create", "vm1", "--memory", "64M", "--image", "mixed")
-        before = shim(a, "vm-digest", "vm1", "--pages").stdout
-        out = a.run("xenopsd-shim", "vm-migrate", "vm1", "--dest", proxy.address, "--tls-ca", str(crt), "--json",
-                    compress, env={**a.env, "XENOPSD_MIGRATION_SECRET": "tls-secret-42"})
+        a.shim("vm-create", "vm1", "--memory", "64M", "--image", "mixed")
+        before = a.shim("vm-digest", "vm1", "--pages").stdout
+        out = a.shim("vm-migrate", "vm1", "--dest", proxy.address, "--tls-ca", str(crt), "--json",
+                     compress, env={**a.env, "XENOPSD_MIGRATION_SECRET": "tls-secret-42"})
         summary = json.loads(out.stdout)
         assert summary["status"] == "success" and summary["mode"] == ("stream" if compress == "--compress" else "none")
-        assert vms(a) == [] and shim(b, "vm-digest", "vm1", "--pages").stdout == before
+        assert a.vms() == [] and b.shim("vm-digest", "vm1", "--pages").stdout == before
         # Through the proxy went TLS records only: no request line, no secret, no image signature.
         assert proxy.head[:1] == b"\x16"              # a TLS handshake record
         for clear in (b"PUT /services", b"tls-secret-42", b"XenSavedDomv2", b"xenops"):
@@ -65,10 +56,10 @@ def test_plain_sender_is_refused_by_a_tls_receiver(hosts, receiver, cert):
     a, b = hosts("A"), hosts("B")
     crt, key = cert
     r = receiver(b, "--tls-cert", str(crt), "--tls-key", str(key))
-    shim(a, "vm-create", "vm1", "--memory", "16M")
-    out = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
+    a.shim("vm-create", "vm1", "--memory", "16M")
+    out = a.shim("vm-migrate", "vm1", "--dest", r.address, check=False)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
-    assert [v["state"] for v in vms(a)] == ["running"] and vms(b) == []
+    assert [v["state"] for v in a.vms()] == ["running"] and b.vms() == []
     assert "TLS handshake failed" in (b.root / "xenopsd.log").read_text()
 
 
@@ -79,8 +70,8 @@ def test_sender_refuses_a_receiver_it_does_not_trust(hosts, receiver, cert, tmp_
     other = tmp_path / "other"
     other.mkdir()
     other_crt, _ = self_signed(other, "someone-else")
-    shim(a, "vm-create", "vm1", "--memory", "16M")
-    out = shim(a, "vm-migrate", "vm1", "--dest", r.address, "--tls-ca", str(other_crt), check=False)
+    a.shim("vm-create", "vm1", "--memory", "16M")
+    out = a.shim("vm-migrate", "vm1", "--dest", r.address, "--tls-ca", str(other_crt), check=False)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "TLS handshake failed: CERTIFICATE_VERIFY_FAILED" in out.stderr
-    assert [v["state"] for v in vms(a)] == ["running"] and vms(b) == []
+    assert [v["state"] for v in a.vms()] == ["running"] and b.vms() == []

@@ -14,7 +14,7 @@ import pytest
 import refpeer
 from conftest import HostDir, ProcessWatcher, argv_of
 from xenemu import Host
-from test_migration import pages, shim, vm_create, vms
+from test_migration import pages, vm_create
 
 
 def metadata(vm: dict) -> str:
@@ -25,10 +25,10 @@ def metadata(vm: dict) -> str:
 def suspended(host: HostDir, tmp_path: Path) -> tuple[dict, list[str], Path]:
     """A VM suspended to a file on `host`: its record, its pages, the image."""
     vm_create(host, "vm1", "16M", image="mixed")
-    [vm] = vms(host)
+    [vm] = host.vms()
     before = pages(host, "vm1")
     image = tmp_path / "vm1.img"
-    shim(host, "vm-suspend", "vm1", "--to", str(image))
+    host.shim("vm-suspend", "vm1", "--to", str(image))
     return vm, before, image
 
 
@@ -46,7 +46,7 @@ def test_reference_sender_migrates_into_serve(hosts, receiver, tmp_path, legacy)
     log = refpeer.send_vm(addr(r.address), vm["uuid"], image, cookies, legacy=legacy)
     handshake = ["point 1: Success"] + ([] if legacy else ["point 1-mem: Success", "point 1-mem ACK"])
     assert log == handshake + ["point 2", "point 3", "point 4: Success"]
-    [moved] = vms(b)
+    [moved] = b.vms()
     assert moved["uuid"] == vm["uuid"] and moved["name"] == "vm1" and moved["state"] == "running"
     assert pages(b, "vm1") == before
     assert "synchronisation point 1: domain" in r.log
@@ -60,8 +60,8 @@ def test_serve_refuses_at_point_1_without_memory_limit_or_metadata(hosts, receiv
                          ({"memory_limit": str(vm["memory_bytes"])}, "no vm_metadata cookie")):
         with pytest.raises(refpeer.PeerError, match="point 1: .*Internal_error.*" + why):
             refpeer.send_vm(addr(r.address), vm["uuid"], image, cookies)
-    b.run("xenopsd-shim", "vm-list")          # the host still answers
-    assert vms(b) == []
+    b.shim("vm-list")          # the host still answers
+    assert b.vms() == []
 
 
 def test_vm_migrate_to_reference_receiver(hosts, tmp_path):
@@ -73,14 +73,14 @@ def test_vm_migrate_to_reference_receiver(hosts, tmp_path):
     at_pause: dict = {}
 
     def point_3() -> None:                  # the source's all-clear: its copy is paused, complete
-        [at_pause["vm"]] = vms(a)
+        [at_pause["vm"]] = a.vms()
         at_pause["pages"] = pages(a, "vm1")
 
     store = tmp_path / "received.img"
     peer = refpeer.Receiver(store, at_point_3=point_3)
     try:
         time.sleep(0.3)
-        shim(a, "vm-migrate", "vm1", "--dest", peer.address, "--no-compress")
+        a.shim("vm-migrate", "vm1", "--dest", peer.address, "--no-compress")
     finally:
         peer.close()
     assert peer.error is None, peer.error
@@ -92,10 +92,10 @@ def test_vm_migrate_to_reference_receiver(hosts, tmp_path):
     assert vm_cookies["final_id"] == mem_cookies["final_id"] == uuid and "compress" not in vm_cookies
     assert set(mem_cookies) == common and vm_cookies["memory_limit"] == str(16 << 20)
     assert set(vm_cookies) == common | {"memory_limit", "memory_total_source", "vm_metadata", "xenmig_extensions"}
-    assert at_pause["vm"]["state"] == "paused" and vms(a) == []
+    assert at_pause["vm"]["state"] == "paused" and a.vms() == []
     assert dest_id != uuid
     # The image it stored resumes elsewhere, every page as it was at the pause point.
-    assert shim(c, "vm-resume", str(store)).stdout.strip() == uuid
+    assert c.shim("vm-resume", str(store)).stdout.strip() == uuid
     assert pages(c, "vm1") == at_pause["pages"]
 
 
@@ -109,9 +109,9 @@ def test_refusal_at_point_1_fails_before_precopy(hosts, receiver, tmp_path):
     plain = refpeer.Receiver(tmp_path / "unverified.img")      # takes the VM, announces no extension
     watcher = ProcessWatcher()
     try:
-        real = shim(a, "vm-migrate", "vm1", "--dest", peer.address, check=False)
-        ours = shim(a, "vm-migrate", "vm1", "--dest", r.address, check=False)
-        verify = shim(a, "vm-migrate", "vm1", "--dest", plain.address, "--verify", check=False)
+        real = a.shim("vm-migrate", "vm1", "--dest", peer.address, check=False)
+        ours = a.shim("vm-migrate", "vm1", "--dest", r.address, check=False)
+        verify = a.shim("vm-migrate", "vm1", "--dest", plain.address, "--verify", check=False)
     finally:
         seen = watcher.stop()
         peer.close()
@@ -127,6 +127,6 @@ def test_refusal_at_point_1_fails_before_precopy(hosts, receiver, tmp_path):
     assert plain.log == ["sent point 1"] and not (tmp_path / "unverified.img").exists()
     assert not argv_of(seen, a.root, "emu-manager") and not argv_of(seen, a.root, "xenguest")
     assert not argv_of(seen, b.root, "emu-manager")
-    [vm] = vms(a)
+    [vm] = a.vms()
     assert vm["state"] == "running"
-    assert [d["name"] for d in vms(b)] == ["vm1"] and vms(b)[0]["memory_bytes"] == 8 << 20
+    assert [d["name"] for d in b.vms()] == ["vm1"] and b.vms()[0]["memory_bytes"] == 8 << 20
