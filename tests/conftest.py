@@ -20,7 +20,6 @@ import psutil
 import pytest
 
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(Path(__file__).parent))
 T = TypeVar("T")
 
 

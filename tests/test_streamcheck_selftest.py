@@ -15,8 +15,7 @@ from typing import Callable
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streamcheck import StreamCheckError, check_file, check_image, check_stream  # noqa: E402
+from streamcheck import StreamCheckError, check_file, check_image, check_stream
 
 PAGE = 4096
 XTAB, XALLOC, BROKEN, L1PIN = 0xF, 0xE, 0xD, 0x9
