@@ -186,10 +186,11 @@ def apply_ops(raw: bytes, ops: list[tuple]) -> bytes:
 
 
 def parse_image(raw: bytes, kind: str) -> Image:
-    assert raw[:len(image.SIGNATURE)] == image.SIGNATURE
+    """A seed's structure, read with the project's own header parsers (a seed is valid: they accept it)."""
+    image.check_signature(raw[:len(image.SIGNATURE)])
     pos, parts = len(image.SIGNATURE), []
     while True:
-        htype, length = struct.unpack_from(image.HEADER_FORMAT, raw, pos)
+        htype, length = image.parse_header(raw[pos:pos + image.HEADER_SIZE])
         pos += image.HEADER_SIZE
         if htype == image.LIBXC:
             stream, pos = parse_libxc(raw, pos)
@@ -217,10 +218,12 @@ def with_vm(vm: object) -> bytes:
 
 def parse_libxc(raw: bytes, pos: int) -> tuple[Stream, int]:
     ihdr, dhdr = raw[pos:pos + libxc.IHDR_SIZE], raw[pos + libxc.IHDR_SIZE:pos + libxc.IHDR_SIZE + libxc.DHDR_SIZE]
+    libxc.parse_image_header(ihdr)
+    libxc.parse_domain_header(dhdr)
     pos += libxc.IHDR_SIZE + libxc.DHDR_SIZE
     records = []
     while True:
-        rtype, length = struct.unpack_from(libxc.RH_FORMAT, raw, pos)
+        rtype, length = libxc.parse_record_header(raw[pos:pos + libxc.RH_SIZE])
         pos += libxc.RH_SIZE
         records.append(Rec(rtype, raw[pos:pos + length]))
         pos += length + libxc.padding(length)
@@ -887,8 +890,7 @@ class Serve:
         log_from = log.stat().st_size if log.exists() else 0     # a source port recurs in a long run
         meta, limit = vm_metadata(img)
         dest_id = img.uuid[:24] + "000000000001"
-        cookies = {"dbg": "fuzz", "final_id": img.uuid, "mem_migration": "fuzz",
-                   **({"compress": "zstd"} if img.kind == "stream" else {})}
+        cookies = migration_cookies(img)
         vm = socket.create_connection(self.addr(), timeout=TIMEOUT)
         socks = [vm]
         tag = f"receiver[127.0.0.1:{vm.getsockname()[1]}]"
@@ -896,14 +898,14 @@ class Serve:
         ok = False
         try:
             vm.sendall(transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, self.r.address,
-                                               {**cookies, "memory_limit": str(limit), "vm_metadata": meta}))
+                                               vm_cookies(cookies, meta, limit)))
             lines.append(hs_recv(vm, deadline) or "<closed>")     # point 1 (a head too long: no answer)
             if lines[-1] == "Success" and vgpu_of(meta):
                 # A source with a vGPU: its connection (empty here; the image has no Demu stream).
                 vg = socket.create_connection(self.addr(), timeout=TIMEOUT)
                 socks.append(vg)
                 vg.sendall(transport.build_request("PUT", f"{transport.MIGRATE_VGPU_PATH}{dest_id}.0", self.r.address,
-                                                   {**cookies, "vgpu_migration": ""}))
+                                                   {**cookies, transport.COOKIE_VGPU_MIGRATION: ""}))
                 assert hs_recv(vg, deadline) == "Success"
                 vm.sendall(transport.build_result(None))         # 1-vgpu ACK (serve waits for it before point 1)
                 lines.append(hs_recv(vm, deadline) or "<closed>")
@@ -1004,10 +1006,10 @@ def send_image(socks: list[socket.socket], raw: bytes) -> None:
 
 def hs_recv(sock: socket.socket, deadline: float) -> str | None:
     """One handshake message ("Success", "Error: <text>"), or None once the receiver closed."""
-    head = recv_n(sock, 2, deadline)
+    head = recv_n(sock, transport.HANDSHAKE.size, deadline)
     if head is None:
         return None
-    (length,) = struct.unpack(">H", head)
+    (length,) = transport.HANDSHAKE.unpack(head)
     text = recv_n(sock, length, deadline) if length else b""
     if text is None:
         return None
@@ -1031,6 +1033,17 @@ def recv_n(sock: socket.socket, n: int, deadline: float) -> bytes | None:
             return None
         data += chunk
     return data
+
+
+def migration_cookies(img: Image) -> dict[str, str]:
+    """The cookies every connection of a migration carries, as a source sends them."""
+    return {transport.COOKIE_DBG: "fuzz", transport.COOKIE_FINAL_ID: img.uuid, transport.COOKIE_MEM_MIGRATION: "fuzz",
+            **({transport.COOKIE_COMPRESS: transport.COMPRESS_ZSTD} if img.kind == "stream" else {})}
+
+
+def vm_cookies(cookies: dict[str, str], meta: str, limit: int) -> dict[str, str]:
+    """The vm connection's: the migration's, the memory to allocate and the VM's metadata."""
+    return {**cookies, transport.COOKIE_MEMORY_LIMIT: str(limit), transport.METADATA_COOKIE: meta}
 
 
 def vm_metadata(img: Image) -> tuple[str, int]:
@@ -1214,15 +1227,16 @@ def test_serve_notices_a_partial_message_then_close(seeds, hosts, where):
     img = seeds.images["plain"]
     meta, limit = vm_metadata(img)
     dest_id = img.uuid[:24] + "000000000001"
-    cookies = {"dbg": "fuzz", "final_id": img.uuid, "mem_migration": "fuzz"}
+    cookies = migration_cookies(img)
     deadline = time.monotonic() + TIMEOUT
     try:
         with socket.create_connection(serve.addr(), timeout=TIMEOUT) as sock:
             if where == "request":
-                sock.sendall(f"PUT {transport.MIGRATE_VM_PATH}{dest_id} HTTP/1.1\r\nHost: x".encode())
+                head = transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, "x", {})
+                sock.sendall(head[:head.index(b"Host: x") + len(b"Host: x")])     # cut in its Host line
             else:
                 sock.sendall(transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, "x",
-                                                     {**cookies, "memory_limit": str(limit), "vm_metadata": meta}))
+                                                     vm_cookies(cookies, meta, limit)))
                 assert hs_recv(sock, deadline) == "Success"
                 with socket.create_connection(serve.addr(), timeout=TIMEOUT) as mem:
                     mem.sendall(transport.build_request("PUT", transport.MIGRATE_MEM_PATH + dest_id, "x", cookies))
