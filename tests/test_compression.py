@@ -93,9 +93,10 @@ def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_co
     # The cookie is present exactly in stream mode (the receiver logs what it was told).
     assert ("(compress=zstd)" in (b.root / "xenopsd.log").read_text()) == (method == "stream")
     if method != "none":
-        # (xenguest keeps iterating until emu-manager's migrate_pause, which follows the suspend
-        # ack: a pass more of the guest's random, incompressible writes; 1.27 to 1.37 seen)
-        assert summary["compression_ratio"] > 1.2
+        # The stream shrinks. How much depends on the machine: the slower the migration, the more
+        # of the guest's writes (some random) are resent: 1.14 to 1.37 seen, 1.14 on a loaded machine.
+        # Without compression the ratio is at most 1.0 (the framing adds bytes), so this still fails.
+        assert summary["compression_ratio"] > 1.05
     if method == "xenguest":
         assert summary["zero_pages"] > 0
     if vgpu:    # the vGPU stream is compressed only by the stream method
