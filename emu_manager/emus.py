@@ -102,10 +102,7 @@ class EmuState(enum.Enum):
     INITIALISED = "initialised"     # migrate_init + set_args acknowledged
     RUNNING = "running"             # migrate_live / migrate_nonlive / restore under way
     LIVE_DONE = "live_done"         # emu-manager judged pre-copy done from its events
-    PAUSED = "paused"               # told the domain is paused, doing the final copy
     COMPLETED = "completed"
-    FAILED = "failed"
-    QUIT = "quit"
     EXITED = "exited"
 
 
@@ -142,8 +139,6 @@ class Emu:
     remaining: int = -1
     iteration: int = 0
     result: str = ""
-    error: str = ""
-    stats: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -213,7 +208,7 @@ class Emu:
 
     @property
     def percent(self) -> int:
-        if self.state in (EmuState.COMPLETED, EmuState.QUIT, EmuState.EXITED):
+        if self.state in (EmuState.COMPLETED, EmuState.EXITED):
             return 100
         if self.remaining < 0 or self.sent + self.remaining == 0:
             return 0

@@ -154,8 +154,6 @@ class Orchestrator:
     def paused(self) -> None:
         for emu in self.taking_part(Stage.PAUSED):
             self.request(emu, emp.CMD_MIGRATE_PAUSED)
-            if emu.state in (EmuState.RUNNING, EmuState.LIVE_DONE):
-                emu.state = EmuState.PAUSED
 
     def complete(self) -> None:
         completing = self.taking_part(Stage.COMPLETE)
@@ -188,7 +186,6 @@ class Orchestrator:
     def quit(self) -> None:
         for emu in self.taking_part(Stage.QUIT):
             self.request(emu, emp.CMD_QUIT)
-            emu.state = EmuState.QUIT
             code = emu.stop(self.timeouts.exit)
             if code:
                 raise EmuFailure(emu.name, f"{emu.name} exited with status {code}")
@@ -290,7 +287,6 @@ class Orchestrator:
             raise EmuFailure(emu.name, f"{emu.name} sent an unknown message {str(message)[:120]}")
         if "status" in data:
             if data["status"] != emp.STATUS_COMPLETED:
-                emu.state = EmuState.FAILED
                 raise EmuFailure(emu.name, str(data.get("error", data["status"])))
             emu.state = EmuState.COMPLETED
             emu.result = str(data.get("result", ""))
@@ -320,7 +316,7 @@ class Orchestrator:
 
     def _abort_emus(self) -> None:
         for emu in self.emus.values():
-            if emu.chan is not None and emu.state not in (EmuState.QUIT, EmuState.EXITED):
+            if emu.chan is not None:        # stop() closed it when the emulator exited
                 try:
                     emu.chan.send(emp.request(emp.CMD_MIGRATE_ABORT))
                 except emp.EmpError:
