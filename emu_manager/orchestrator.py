@@ -256,25 +256,45 @@ class Orchestrator:
                     os.close(extra)
                 self._on_emu(emu, message)
 
+    # -- messages from xenopsd ------------------------------------------------------
     def _on_control(self, line: str) -> None:
+        """Dispatch on the message's word ("done", "abort") or prefix ("restore:"), with what follows."""
         self.log.debug(f"xenopsd: {line}")
-        if line == ctl.MSG_DONE:
-            if self.awaiting_ack is None:
-                raise ctl.ControlError("protocol error: 'done' when no acknowledgement was asked for")
-            self.awaiting_ack = None
-        elif line == ctl.MSG_ABORT:
-            raise Aborted("xenopsd sent abort")
-        elif line.startswith(ctl.MSG_RESTORE) and not self.save:
-            name = line[len(ctl.MSG_RESTORE):]
-            emu = self.emus.get(name)
-            # xenopsd may ask before this emulator is initialised; the restore stage takes it up.
-            waiting = (EmuState.NEW, EmuState.STARTED, EmuState.CONNECTED, EmuState.INITIALISED)
-            if emu is None or emu.state not in waiting or name in self.restore_requests:
-                raise ctl.ControlError(f"protocol error: unexpected {line!r}")
-            self.restore_requests.append(name)
-        else:
-            raise ctl.ControlError(f"protocol error: unexpected message {line!r}")
+        word, colon, argument = line.partition(":")
+        handler = self.CONTROL.get(word + colon)
+        if handler is None:
+            raise self._unexpected(line)
+        handler(self, argument)
 
+    @staticmethod
+    def _unexpected(line: str) -> ctl.ControlError:
+        return ctl.ControlError(f"protocol error: unexpected message {line!r}")
+
+    def _on_done(self, argument: str) -> None:
+        if self.awaiting_ack is None:
+            raise ctl.ControlError("protocol error: 'done' when no acknowledgement was asked for")
+        self.awaiting_ack = None
+
+    def _on_abort(self, argument: str) -> None:
+        raise Aborted("xenopsd sent abort")
+
+    def _on_restore(self, name: str) -> None:
+        line = ctl.MSG_RESTORE + name
+        if self.save:
+            raise self._unexpected(line)
+        emu = self.emus.get(name)
+        # xenopsd may ask before this emulator is initialised; the restore stage takes it up.
+        waiting = (EmuState.NEW, EmuState.STARTED, EmuState.CONNECTED, EmuState.INITIALISED)
+        if emu is None or not emu.takes_part(Stage.RESTORE) or emu.state not in waiting \
+                or name in self.restore_requests:
+            raise ctl.ControlError(f"protocol error: unexpected {line!r}")
+        self.restore_requests.append(name)
+
+    CONTROL: dict[str, Callable[["Orchestrator", str], None]] = {
+        ctl.MSG_DONE: _on_done, ctl.MSG_ABORT: _on_abort, ctl.MSG_RESTORE: _on_restore,
+    }
+
+    # -- messages from the emulators -------------------------------------------------
     def _on_emu(self, emu: Emu, message: dict) -> None:
         if "return" in message or "error" in message:
             if emu.awaiting_reply is None:
