@@ -16,7 +16,7 @@ from xenmig.control import LineChannel
 from xenmig.log import Log
 from xenmig.longopts import Opt, UsageError, parse
 
-from .emus import Emu, find_executable
+from .emus import EMU_KINDS, DmArg, Emu, EmuKind, find_executable
 from .orchestrator import Orchestrator
 
 PROG = "emu-manager"
@@ -27,7 +27,6 @@ OPTIONS = [
     Opt("supports", "str"), Opt("compress", "bool"),
 ]
 MODES = {"hvm_save": True, "save": True, "hvm_restore": False, "restore": False}
-PV_MODES = ("save", "restore")
 SUPPORTED_FEATURES = {"migration-v2"}
 
 
@@ -53,35 +52,30 @@ def _check_stream(fd: int, emu: str) -> None:
 
 
 def _emulators(args: dict, host: Host) -> list[Emu]:
-    """The table of emulators for this domain: xenguest always, plus each -dm."""
+    """The emulators to run for this domain, from the table: the ones always there, plus each -dm."""
     domid = args["domid"]
-    argv = [find_executable("xenguest"), "-debug", "-domid", str(domid), "-controloutfd", "2",
-            "-controlinfd", "0", "-mode", "listen"]
-    if args["compress"]:
-        argv += ["-compress", "true"]
-    xenguest = Emu("xenguest", argv, host.xenguest_socket(domid), args["fd"], decides_live=True)
-    emus = [xenguest]
+
+    def emulator(kind: EmuKind, stream_fd: int) -> Emu:
+        assert kind.socket is not None
+        return Emu(kind, kind.command(find_executable(kind.executable), args), kind.socket(host, domid), stream_fd)
+
+    emus = [emulator(kind, args["fd"]) for kind in EMU_KINDS.values() if kind.always]
     for dm in args["dm"]:
-        kind, colon, value = dm.partition(":")
-        if kind in ("qemu", "xenguest") and not colon:
-            continue      # qemu's state is saved by xenopsd itself; xenguest is always in the table
-        if kind == "vgpu":
-            if not value.isdigit():
-                raise UsageError(f"{PROG}: -dm vgpu needs a stream fd: vgpu:FD")
-            _fd_open(int(value), "vgpu fd")
-            _check_stream(int(value), "vgpu")
-            vgpu_argv = [find_executable("vgpu-emu"), "-domid", str(domid), "-mode", "listen"]
-            emus.append(Emu("vgpu", vgpu_argv, host.run_dir / f"vgpu-control-{domid}", int(value)))
-            continue
+        name, colon, value = dm.partition(":")
+        kind = EMU_KINDS.get(name)
         # emum.c's parse_dm_arg knows only xenguest, vgpu and qemu (so not qemu_trad: "Bad dm arg")
-        raise UsageError(f"{PROG}: Bad dm arg: '{kind}', '{value if colon else '(null)'}'")
-    # xenguest's set_args, as emum.c builds them: the ports given (restore), pv for PV modes
-    # (main), vgpu when a vGPU is migrated too (configure_emus).
-    xenguest.set_args = {key: str(args[key]) for key in ("store_port", "console_port") if args[key] is not None}
-    if args["mode"] in PV_MODES:
-        xenguest.set_args["pv"] = "true"
-    if len(emus) > 1:
-        xenguest.set_args["vgpu"] = "true"
+        if kind is None or (kind.dm is DmArg.FLAG and colon):
+            raise UsageError(f"{PROG}: Bad dm arg: '{name}', '{value if colon else '(null)'}'")
+        if kind.dm is DmArg.FLAG:
+            continue      # always in the table (xenguest), or run and saved by xenopsd itself (qemu)
+        if not value.isdigit():
+            raise UsageError(f"{PROG}: -dm {name} needs a stream fd: {name}:FD")
+        _fd_open(int(value), f"{name} fd")
+        _check_stream(int(value), name)
+        emus.append(emulator(kind, int(value)))
+    for emu in emus:
+        if emu.kind.set_args is not None:
+            emu.set_args = emu.kind.set_args(args, len(emus))
     return emus
 
 

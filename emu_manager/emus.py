@@ -1,8 +1,11 @@
-"""The emulators emu-manager drives: one row of the table each, with its state.
+"""The emulators emu-manager drives: the table of kinds (emum.c's `struct emu emus[]`) and,
+for each one run, its state.
 
 An emulator is a process that serves EMP on a Unix socket after printing
 `Ready` (xenguest for memory, the vGPU emulator for GPU state). Starting,
-connecting, requests with replies, events and shutdown are the same for all.
+connecting, requests with replies, events and shutdown are the same for all;
+what differs between kinds is data in their row, so the stage logic never asks
+which emulator it has.
 """
 from __future__ import annotations
 
@@ -16,9 +19,80 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
+from xenemu import Host
 from xenmig import emp
+
+
+class Stage(enum.Flag):
+    """The stages of an operation an emulator takes part in (emum.c's stage bitmasks)."""
+    START = enum.auto()             # run it, wait for Ready, connect (and so quit it at the end)
+    INIT = enum.auto()              # migrate_init with its stream fd, then its set_args
+    TRACK = enum.auto()             # track_dirty + migrate_progress (live save)
+    LIVE = enum.auto()              # prepare:<emu>, migrate_live
+    READY = enum.auto()             # emu-manager waits until its pre-copy is judged done
+    PAUSE = enum.auto()             # migrate_pause
+    PAUSED = enum.auto()            # migrate_paused
+    NONLIVE = enum.auto()           # prepare:<emu>, migrate_nonlive, to completion
+    COMPLETE = enum.auto()          # emu-manager waits for its completion (live save)
+    RESTORE = enum.auto()           # restore when xenopsd asks, result:<emu> when done
+    QUIT = enum.auto()              # quit, then its exit status is checked
+
+
+ALL_STAGES = ~Stage(0)
+PV_MODES = ("save", "restore")
+
+
+class DmArg(enum.Enum):
+    """How a `-dm KIND[:VALUE]` argument for this kind is parsed (emum.c's parse_dm_arg)."""
+    FLAG = "flag"                   # `-dm KIND` only; any value is a bad dm arg
+    STREAM_FD = "stream_fd"         # `-dm KIND:FD`: the emulator's own stream fd, which must be open
+
+
+def _xenguest_set_args(options: Mapping[str, Any], emulators: int) -> dict[str, str]:
+    """xenguest's set_args, as emum.c builds them: the ports given (restore), pv for PV modes
+    (main), vgpu when a vGPU is migrated too (configure_emus)."""
+    set_args = {key: str(options[key]) for key in ("store_port", "console_port") if options[key] is not None}
+    if options["mode"] in PV_MODES:
+        set_args["pv"] = "true"
+    if emulators > 1:
+        set_args["vgpu"] = "true"
+    return set_args
+
+
+@dataclass(frozen=True)
+class EmuKind:
+    """One row of the emulator table."""
+    name: str
+    stages: Stage                   # Stage(0): listed, but xenopsd runs it and saves its state
+    dm: DmArg
+    always: bool = False            # in the table without a -dm, on the main stream fd (-fd)
+    executable: str = ""
+    argv: tuple[str, ...] = ()      # after the executable; "{domid}" is the domain's id
+    argv_if: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (bool option, argv added when it is set)
+    socket: Callable[[Host, int], Path] | None = None       # its EMP socket, from the host and domid
+    sends_result: bool = False      # restore: "result:<emu> <its result>", not just "result:<emu>"
+    set_args: Callable[[Mapping[str, Any], int], dict[str, str]] | None = None   # (options, emulators run)
+
+    def command(self, executable: str, options: Mapping[str, Any]) -> list[str]:
+        argv = [executable, *(arg.format(domid=options["domid"]) for arg in self.argv)]
+        for option, extra in self.argv_if:
+            if options[option]:
+                argv += extra
+        return argv
+
+
+EMU_KINDS: dict[str, EmuKind] = {kind.name: kind for kind in (
+    EmuKind("xenguest", ALL_STAGES, DmArg.FLAG, always=True, executable="xenguest",
+            argv=("-debug", "-domid", "{domid}", "-controloutfd", "2", "-controlinfd", "0", "-mode", "listen"),
+            argv_if=(("compress", ("-compress", "true")),), socket=Host.xenguest_socket,
+            sends_result=True, set_args=_xenguest_set_args),
+    EmuKind("vgpu", ALL_STAGES & ~Stage.READY, DmArg.STREAM_FD, executable="vgpu-emu",
+            argv=("-domid", "{domid}", "-mode", "listen"),
+            socket=lambda host, domid: host.run_dir / f"vgpu-control-{domid}"),
+    EmuKind("qemu", Stage(0), DmArg.FLAG),
+)}
 
 
 class EmuState(enum.Enum):
@@ -28,10 +102,7 @@ class EmuState(enum.Enum):
     INITIALISED = "initialised"     # migrate_init + set_args acknowledged
     RUNNING = "running"             # migrate_live / migrate_nonlive / restore under way
     LIVE_DONE = "live_done"         # emu-manager judged pre-copy done from its events
-    PAUSED = "paused"               # told the domain is paused, doing the final copy
     COMPLETED = "completed"
-    FAILED = "failed"
-    QUIT = "quit"
     EXITED = "exited"
 
 
@@ -54,12 +125,11 @@ def find_executable(name: str) -> str:
 
 @dataclass
 class Emu:
-    name: str                       # xenguest | vgpu
+    kind: EmuKind
     argv: list[str]
     socket_path: Path
     stream_fd: int
     set_args: dict[str, str] = field(default_factory=dict)   # sent only when not empty (emum.c)
-    decides_live: bool = False      # emu-manager waits for its live stage (emum.c: STAGE_READY)
     state: EmuState = EmuState.NEW
     proc: subprocess.Popen | None = None
     chan: emp.Channel | None = None
@@ -69,8 +139,13 @@ class Emu:
     remaining: int = -1
     iteration: int = 0
     result: str = ""
-    error: str = ""
-    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    def takes_part(self, stage: Stage) -> bool:
+        return stage in self.kind.stages
 
     # -- lifetime -------------------------------------------------------------
     def start(self, ready_timeout: float) -> None:
@@ -133,7 +208,7 @@ class Emu:
 
     @property
     def percent(self) -> int:
-        if self.state in (EmuState.COMPLETED, EmuState.QUIT, EmuState.EXITED):
+        if self.state in (EmuState.COMPLETED, EmuState.EXITED):
             return 100
         if self.remaining < 0 or self.sent + self.remaining == 0:
             return 0

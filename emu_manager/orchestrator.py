@@ -1,10 +1,10 @@
 """emu-manager's state machine: an operation's stages over the table of emulators.
 
 Each operation is a fixed list of stages, in the real emum.c's order
-(operation_save, operation_load); every stage acts on each emulator of the
-table and moves its state on. One loop pumps the control channel and every
-EMP socket, so an `abort` or an emulator's failure is seen whatever stage is
-waiting. emu-manager, not xenguest, decides that pre-copy is done, from
+(operation_save, operation_load); every stage acts on each emulator whose row
+in the table has that stage, and moves its state on. One loop pumps the control
+channel and every EMP socket, so an `abort` or an emulator's failure is seen
+whatever stage is waiting. emu-manager, not xenguest, decides that pre-copy is done, from
 xenguest's MIGRATION events (emum.c, emp_event_cb).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from xenmig import control as ctl
 from xenmig import emp
 from xenmig.log import Log
 
-from .emus import Emu, EmuFailure, EmuState
+from .emus import Emu, EmuFailure, EmuState, Stage
 
 
 def _env_timeout(name: str, default: float) -> float:
@@ -103,33 +103,37 @@ class Orchestrator:
             for emu in self.emus.values():
                 emu.stop(self.timeouts.exit)
 
+    def taking_part(self, stage: Stage) -> list[Emu]:
+        """The emulators whose row has this stage, in table order."""
+        return [emu for emu in self.emus.values() if emu.takes_part(stage)]
+
     # -- stages -----------------------------------------------------------------
     def start(self) -> None:
-        for emu in self.emus.values():
+        for emu in self.taking_part(Stage.START):
             emu.start(self.timeouts.ready)
             emu.connect()
 
     def init(self) -> None:
-        for emu in self.emus.values():
+        for emu in self.taking_part(Stage.INIT):
             self.request(emu, emp.CMD_MIGRATE_INIT, fds=[emu.stream_fd])
             if emu.set_args:
                 self.request(emu, emp.CMD_SET_ARGS, **emu.set_args)
             emu.state = EmuState.INITIALISED
 
     def track(self) -> None:
-        for emu in self.emus.values():
+        for emu in self.taking_part(Stage.TRACK):
             self.request(emu, emp.CMD_TRACK_DIRTY)
             self.request(emu, emp.CMD_MIGRATE_PROGRESS)
 
     def migrate_live(self) -> None:
-        for emu in self.emus.values():
+        for emu in self.taking_part(Stage.LIVE):
             self.ack(ctl.MSG_PREPARE + emu.name)
             self.request(emu, emp.CMD_MIGRATE_LIVE)
             emu.state = EmuState.RUNNING
 
     def migrate_nonlive(self) -> None:
         """One emulator at a time, each to completion (emum.c, save_nonlive_one_by_one)."""
-        for emu in self.emus.values():
+        for emu in self.taking_part(Stage.NONLIVE):
             self.ack(ctl.MSG_PREPARE + emu.name)
             self.request(emu, emp.CMD_MIGRATE_NONLIVE)
             emu.state = EmuState.RUNNING
@@ -137,52 +141,51 @@ class Orchestrator:
             self.log.info(f"{emu.name}: completed: pages {emu.sent}")
 
     def ready(self) -> None:
-        self.wait_until(lambda: all(e.state != EmuState.RUNNING for e in self.emus.values() if e.decides_live),
+        self.wait_until(lambda: all(e.state != EmuState.RUNNING for e in self.taking_part(Stage.READY)),
                         None, "pre-copy to be done")
 
     def suspend(self) -> None:
         self.ack(ctl.MSG_SUSPEND)
 
     def pause(self) -> None:
-        for emu in self.emus.values():
+        for emu in self.taking_part(Stage.PAUSE):
             self.request(emu, emp.CMD_MIGRATE_PAUSE)
 
     def paused(self) -> None:
-        for emu in self.emus.values():
+        for emu in self.taking_part(Stage.PAUSED):
             self.request(emu, emp.CMD_MIGRATE_PAUSED)
-            if emu.state in (EmuState.RUNNING, EmuState.LIVE_DONE):
-                emu.state = EmuState.PAUSED
 
     def complete(self) -> None:
-        self.wait_until(lambda: all(e.state == EmuState.COMPLETED for e in self.emus.values()), None,
+        completing = self.taking_part(Stage.COMPLETE)
+        self.wait_until(lambda: all(e.state == EmuState.COMPLETED for e in completing), None,
                         "the emulators to complete")
         self._report_percent()
-        for emu in self.emus.values():
+        for emu in completing:
             self.log.info(f"{emu.name}: completed: iterations {emu.iteration + 1}, pages {emu.sent}")
 
     def result(self) -> None:
         self.tell(f"{ctl.MSG_RESULT}0 0")
 
     def restore(self) -> None:
+        restoring = self.taking_part(Stage.RESTORE)
         reported: set[str] = set()
-        while len(reported) < len(self.emus):
+        while len(reported) < len(restoring):
             self.wait_until(lambda: bool(self.restore_requests) or any(
-                e.state == EmuState.COMPLETED and e.name not in reported for e in self.emus.values()),
+                e.state == EmuState.COMPLETED and e.name not in reported for e in restoring),
                 None, "restore requests")
             while self.restore_requests:
                 emu = self.emus[self.restore_requests.pop(0)]
                 self.request(emu, emp.CMD_RESTORE)
                 emu.state = EmuState.RUNNING
-            for emu in self.emus.values():
+            for emu in restoring:
                 if emu.state == EmuState.COMPLETED and emu.name not in reported:
                     reported.add(emu.name)
-                    result = f" {emu.result}" if emu.name == "xenguest" else ""
+                    result = f" {emu.result}" if emu.kind.sends_result else ""
                     self.tell(f"{ctl.MSG_RESULT}{emu.name}{result}")
 
     def quit(self) -> None:
-        for emu in self.emus.values():
+        for emu in self.taking_part(Stage.QUIT):
             self.request(emu, emp.CMD_QUIT)
-            emu.state = EmuState.QUIT
             code = emu.stop(self.timeouts.exit)
             if code:
                 raise EmuFailure(emu.name, f"{emu.name} exited with status {code}")
@@ -253,25 +256,45 @@ class Orchestrator:
                     os.close(extra)
                 self._on_emu(emu, message)
 
+    # -- messages from xenopsd ------------------------------------------------------
     def _on_control(self, line: str) -> None:
+        """Dispatch on the message's word ("done", "abort") or prefix ("restore:"), with what follows."""
         self.log.debug(f"xenopsd: {line}")
-        if line == ctl.MSG_DONE:
-            if self.awaiting_ack is None:
-                raise ctl.ControlError("protocol error: 'done' when no acknowledgement was asked for")
-            self.awaiting_ack = None
-        elif line == ctl.MSG_ABORT:
-            raise Aborted("xenopsd sent abort")
-        elif line.startswith(ctl.MSG_RESTORE) and not self.save:
-            name = line[len(ctl.MSG_RESTORE):]
-            emu = self.emus.get(name)
-            # xenopsd may ask before this emulator is initialised; the restore stage takes it up.
-            waiting = (EmuState.NEW, EmuState.STARTED, EmuState.CONNECTED, EmuState.INITIALISED)
-            if emu is None or emu.state not in waiting or name in self.restore_requests:
-                raise ctl.ControlError(f"protocol error: unexpected {line!r}")
-            self.restore_requests.append(name)
-        else:
-            raise ctl.ControlError(f"protocol error: unexpected message {line!r}")
+        word, colon, argument = line.partition(":")
+        handler = self.CONTROL.get(word + colon)
+        if handler is None:
+            raise self._unexpected(line)
+        handler(self, argument)
 
+    @staticmethod
+    def _unexpected(line: str) -> ctl.ControlError:
+        return ctl.ControlError(f"protocol error: unexpected message {line!r}")
+
+    def _on_done(self, argument: str) -> None:
+        if self.awaiting_ack is None:
+            raise ctl.ControlError("protocol error: 'done' when no acknowledgement was asked for")
+        self.awaiting_ack = None
+
+    def _on_abort(self, argument: str) -> None:
+        raise Aborted("xenopsd sent abort")
+
+    def _on_restore(self, name: str) -> None:
+        line = ctl.MSG_RESTORE + name
+        if self.save:
+            raise self._unexpected(line)
+        emu = self.emus.get(name)
+        # xenopsd may ask before this emulator is initialised; the restore stage takes it up.
+        waiting = (EmuState.NEW, EmuState.STARTED, EmuState.CONNECTED, EmuState.INITIALISED)
+        if emu is None or not emu.takes_part(Stage.RESTORE) or emu.state not in waiting \
+                or name in self.restore_requests:
+            raise ctl.ControlError(f"protocol error: unexpected {line!r}")
+        self.restore_requests.append(name)
+
+    CONTROL: dict[str, Callable[["Orchestrator", str], None]] = {
+        ctl.MSG_DONE: _on_done, ctl.MSG_ABORT: _on_abort, ctl.MSG_RESTORE: _on_restore,
+    }
+
+    # -- messages from the emulators -------------------------------------------------
     def _on_emu(self, emu: Emu, message: dict) -> None:
         if "return" in message or "error" in message:
             if emu.awaiting_reply is None:
@@ -284,7 +307,6 @@ class Orchestrator:
             raise EmuFailure(emu.name, f"{emu.name} sent an unknown message {str(message)[:120]}")
         if "status" in data:
             if data["status"] != emp.STATUS_COMPLETED:
-                emu.state = EmuState.FAILED
                 raise EmuFailure(emu.name, str(data.get("error", data["status"])))
             emu.state = EmuState.COMPLETED
             emu.result = str(data.get("result", ""))
@@ -314,7 +336,7 @@ class Orchestrator:
 
     def _abort_emus(self) -> None:
         for emu in self.emus.values():
-            if emu.chan is not None and emu.state not in (EmuState.QUIT, EmuState.EXITED):
+            if emu.chan is not None:        # stop() closed it when the emulator exited
                 try:
                     emu.chan.send(emp.request(emp.CMD_MIGRATE_ABORT))
                 except emp.EmpError:
