@@ -13,9 +13,7 @@ import sys
 from xenemu import DomainError, Host
 
 from xenmig import libxc
-from xenmig.compressed import CompressedPages
 from xenmig.fdio import Truncated
-from xenmig.libxc import PlainPages
 from xenmig.log import Log
 from xenmig.longopts import Opt, UsageError, parse
 from xenmig.precopy import Aborted
@@ -23,7 +21,7 @@ from xenmig.precopy import Aborted
 from . import convert, inspect
 from .listen import Server
 from .restore import Restorer
-from .save import Saver, simple_precopy_policy
+from .save import Saver, page_encoder, simple_precopy_policy
 
 PROG = "xenguest"
 # As the real xenguest's option table (parse_options): -live, -debug and -fork take no argument.
@@ -42,7 +40,7 @@ def _save(host: Host, args: dict, log: Log) -> int:
     if domain.state not in ("running", "paused"):
         raise DomainError(f"domain {domain.domid} is {domain.state}; nothing to save")
     saver = Saver(domain, args["fd"], live=bool(args["live"]), policy=simple_precopy_policy(),
-                  suspend=domain.pause, encoder=CompressedPages() if args["compress"] else PlainPages())
+                  suspend=domain.pause, encoder=page_encoder(bool(args["compress"])))
     p = saver.run()
     log.info(f"saved domain {domain.domid}: iterations {len(p.history)}, pages {p.sent}, "
              f"bytes {p.wire_bytes}, per iteration {p.history}")

@@ -92,7 +92,7 @@ def open_input(fd: int) -> tuple[Input, str, bool]:
     """Recognise the input; returns (a reader from its first byte, its kind, zstd-compressed?)."""
     source: Source = lambda view: os.readv(fd, [view])
     head = Input(source).read(MAGIC_SIZE, "the first bytes")
-    stream_compressed = head == zstandard.FRAME_HEADER
+    stream_compressed = head == compressed.ZSTD_MAGIC      # as xenopsd-shim vm-resume (codecs.from_head)
     if stream_compressed:
         source = _zstd_source(_Replay(head, source))
         head = Input(source).read(MAGIC_SIZE, "the first decompressed bytes")

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from xenemu import Domain, Host
 
-from xenmig.compressed import CompressedPages
 from xenmig.empserver import SET_ARG_BOOL, SET_ARG_INT, EmpServer, Work
-from xenmig.libxc import PlainPages
 from xenmig.log import Log
 
 from .restore import Restorer
-from .save import Saver
+from .save import Saver, page_encoder
 
 
 class Server(EmpServer):
@@ -30,7 +28,7 @@ class Server(EmpServer):
         assert self.stream_fd is not None
         saver = Saver(self._domain(), self.stream_fd, live=live, policy=self.precopy_policy,
                       suspend=self.wait_paused, on_pass_progress=self.pass_progress,
-                      encoder=CompressedPages() if self.compress else PlainPages(), abort=self.abort)
+                      encoder=page_encoder(self.compress), abort=self.abort)
 
         def work() -> str:
             self.log.info(saver.run().summary(self.domid))

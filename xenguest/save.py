@@ -24,9 +24,18 @@ import numpy as np
 
 from xenemu import Domain
 from xenmig import libxc
+from xenmig.compressed import CompressedPages
 from xenmig.fdio import write_all
 from xenmig.libxc import Encoded, PageEncoder, PlainPages
 from xenmig.precopy import Aborted, PrecopyPolicy, PrecopyStats
+
+# The page records by xenguest's `-compress` flag (the toolstack's `xenguest` method sets it):
+# the only thing that method changes on this side; the restorer reads either by record type.
+PAGE_ENCODERS: dict[bool, Callable[[], PageEncoder]] = {False: PlainPages, True: CompressedPages}
+
+
+def page_encoder(compress: bool) -> PageEncoder:
+    return PAGE_ENCODERS[compress]()
 
 
 # libxc's built-in policy when its caller gives none (xg_sr_save.c, simple_precopy_policy): fewer

@@ -17,7 +17,7 @@ from xenemu.profiles import PROFILES
 from xenemu.units import format_size, parse_rate, parse_size
 from xenmig import image
 
-from . import cancel, policy, tlstunnel, transport
+from . import cancel, codecs, policy, tlstunnel, transport
 from .emuctl import EmuManagerError
 from .imagereader import ImageReader
 from .imagewriter import ImageWriter
@@ -25,7 +25,6 @@ from .log import Logger
 from .migrate import MigrationError, Options, SourceMigration
 from .receiver import Receiver, ReceiverError
 from .timeouts import Timeouts
-from .zstdpipe import ZSTD_MAGIC, Zstd, ZstdError
 
 EXIT_FAILED = 2
 T = TypeVar("T")
@@ -181,8 +180,8 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
                max_bandwidth: str | None, as_json: bool, secret_file: Path | None, tls_ca: Path | None) -> None:
     """Migrate a running VM to another host."""
     domain = ctx.host.find(name)
-    mode = policy.decide(ctx.host, dest, compress, ctx.conf, ctx.log)
-    summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, mode=mode,
+    codec = policy.decide(ctx.host, dest, compress, ctx.conf, ctx.log)
+    summary = SourceMigration(ctx.host, domain, dest, Options(live=live, verify=verify, codec=codec,
                                       max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None,
                                       secret=policy.read_secret(secret_file) if secret_file
                                       else os.environ.get(policy.SECRET_ENV), timeouts=ctx.timeouts,
@@ -207,30 +206,29 @@ def vm_suspend(ctx: Ctx, name: str, path: Path, compress: bool) -> None:
     domain = ctx.host.find(name)
     if domain.vgpu_bytes:
         raise click.UsageError("a VM with a vGPU cannot be suspended to a file (its stream needs its own fd)")
-    mode = policy.compressor(ctx.conf, ctx.log) if compress else policy.MODE_NONE
+    codec = policy.decide(ctx.host, None, compress, ctx.conf, ctx.log)
     was_running = domain.state == "running"
     # O_APPEND, as xenopsd opens suspend files: emu-manager refuses a file it could write at random.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-    zstd = Zstd(compress=True, far_fd=fd) if mode == policy.MODE_STREAM else None
-    writer = ImageWriter(domain, zstd.fd if zstd else fd, live=False, inband=mode == policy.MODE_XENGUEST,
-                         log=ctx.log, on_info=_progress(f"suspending {name}"))
+    wrap = codec.sender(fd)
+    assert wrap.fd is not None
+    writer = ImageWriter(domain, wrap.fd, live=False, codec=codec, log=ctx.log,
+                         on_info=_progress(f"suspending {name}"))
     try:
         writer.run()
         writer.close()
-        if zstd is not None:
-            zstd.finish()
+        wrap.finish()
         os.fsync(fd)
     except BaseException:
         writer.close()
-        failure = zstd.settle() if zstd is not None else None
-        if zstd is not None:
-            zstd.stop()
+        failure = wrap.settle()
+        wrap.stop()
         os.close(fd)
         path.unlink(missing_ok=True)
         if was_running and domain.state == "paused":
             domain.unpause()
         if failure:
-            raise ZstdError(failure) from None
+            raise codecs.CodecError(failure) from None
         raise
     os.close(fd)
     domain.destroy()
@@ -243,20 +241,19 @@ def vm_suspend(ctx: Ctx, name: str, path: Path, compress: bool) -> None:
 def vm_resume(ctx: Ctx, path: Path, name: str | None) -> None:
     """Create a VM from a suspend image (plain or zstd-compressed) and start it; prints its uuid."""
     with open(path, "rb") as f:
-        zstd = Zstd(compress=False, far_fd=f.fileno()) if os.pread(f.fileno(), 4, 0) == ZSTD_MAGIC else None
+        wrap = codecs.from_head(os.pread(f.fileno(), codecs.MAGIC_SIZE, 0)).receiver(f.fileno())
+        assert wrap.fd is not None
         domain = None
         try:
-            domain = ImageReader(ctx.host, zstd.fd if zstd else f.fileno(), log=ctx.log, name=name).run()
-            if zstd is not None:
-                zstd.finish()
-        except (image.ImageError, ZstdError) as e:
-            failure = zstd.failure() if zstd is not None else None
+            domain = ImageReader(ctx.host, wrap.fd, log=ctx.log, name=name).run()
+            wrap.finish()
+        except (image.ImageError, *codecs.ERRORS) as e:
+            failure = wrap.failure()
             if domain is not None:
                 domain.destroy()
             raise image.ImageError(failure or str(e)) from None
         finally:
-            if zstd is not None:
-                zstd.stop()
+            wrap.stop()
     domain.unpause()
     click.echo(domain.uuid)
 
@@ -278,7 +275,7 @@ def main() -> None:
     except MigrationError as e:
         click.echo(f"xenopsd-shim: {e}", err=True)
         code = e.exit_code or EXIT_FAILED
-    except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, ZstdError, ValueError,
+    except (DomainError, image.ImageError, EmuManagerError, transport.TransportError, *codecs.ERRORS, ValueError,
             tlstunnel.TlsError, ReceiverError, OSError) as e:
         text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         click.echo(f"xenopsd-shim: {text}", err=True)

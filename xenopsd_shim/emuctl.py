@@ -38,8 +38,9 @@ WATCH_INTERVAL = 1.0
 
 
 class EmuManager:
-    def __init__(self, *, domid: int, mode: str, fd: int, live: bool | None = None, compress: bool = False,
-                 extra: list[str] | None = None, pass_fds: tuple[int, ...] = (), env: dict | None = None,
+    def __init__(self, *, domid: int, mode: str, fd: int, live: bool | None = None,
+                 codec_args: tuple[str, ...] = (), extra: list[str] | None = None,
+                 pass_fds: tuple[int, ...] = (), env: dict | None = None,
                  log: Logger) -> None:
         Host().xenguest_socket(domid)       # a host path too long for it fails here, in plain words
         to_emu_r, self._to_emu = os.pipe()
@@ -48,9 +49,7 @@ class EmuManager:
                      "-fd", str(fd), "-mode", mode, "-domid", str(domid)]
         if live is not None:
             self.argv += ["-live", "true" if live else "false"]
-        self.argv += [*(extra or []), "-dm", "qemu"]
-        if compress:
-            self.argv += ["-compress", "true"]
+        self.argv += [*(extra or []), "-dm", "qemu", *codec_args]     # the codec's own (codecs.Codec.emu_args)
         self.log = log
         self.save_summary: dict[str, int] = {}
         try:

@@ -18,6 +18,7 @@ from xenmig import control as ctl
 from xenmig import image
 from xenmig.fdio import write_all
 
+from .codecs import Codec
 from .emuctl import EmuManager, EmuManagerError
 from .log import Logger
 
@@ -46,7 +47,7 @@ class SaveStats:
 
 
 class ImageWriter:
-    def __init__(self, domain: Domain, fd: int, *, live: bool, inband: bool, log: Logger,
+    def __init__(self, domain: Domain, fd: int, *, live: bool, codec: Codec, log: Logger,
                  on_info: Callable[[int], None] = lambda p: None, vgpu_fd: int | None = None,
                  watch: Callable[[], None] | None = None) -> None:
         self.domain = domain
@@ -54,7 +55,7 @@ class ImageWriter:
         self.fd = fd
         self.vgpu_fd = vgpu_fd
         self.live = live
-        self.inband = inband
+        self.codec = codec
         self.log = log
         self.on_info = on_info
         self.stats = SaveStats()
@@ -79,7 +80,7 @@ class ImageWriter:
         write_all(self.fd, [image.SIGNATURE, image.build_header(image.XENOPS, len(record)), record])
         vgpu = ([] if self.vgpu_fd is None else ["-dm", f"vgpu:{self.vgpu_fd}"])
         self.emu = EmuManager(domid=self.domain.domid, mode="hvm_save", fd=self.fd, live=self.live,
-                              compress=self.inband, extra=vgpu, log=self.log,
+                              codec_args=self.codec.emu_args, extra=vgpu, log=self.log,
                               pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
         self.stats.emu_argv = self.emu.argv
         self.emu.serve({ctl.MSG_SUSPEND: self._suspend, ctl.MSG_PREPARE: self._prepare},

@@ -27,13 +27,13 @@ from typing import Any, Callable
 from xenemu import Domain, Host
 from xenemu.memory import memory_digest
 
-from . import cancel, tlstunnel, transport
+from . import cancel, codecs, tlstunnel, transport
 from .accounting import CpuAccounting
+from .codecs import Codec
 from .imagewriter import ImageWriter, vm_metadata
 from .log import Logger
-from .policy import MODE_NONE, MODE_STREAM, MODE_XENGUEST, is_same_host
+from .policy import is_same_host
 from .timeouts import Timeouts
-from .zstdpipe import Zstd
 
 
 INSTANCE_ID = str(uuidlib.uuid4())    # as xenopsd's instance_id: one per sending process
@@ -59,7 +59,7 @@ class MigrationError(Exception):
 class Options:
     live: bool = True
     verify: bool = False
-    mode: str = MODE_NONE         # none | stream | xenguest
+    codec: Codec = codecs.NONE
     max_bandwidth: int | None = None   # bytes/s, paced by the kernel on the socket
     secret: str | None = None          # the destination's migration secret
     timeouts: Timeouts = Timeouts()
@@ -67,25 +67,24 @@ class Options:
 
 
 class Stream:
-    """One stream's connection, and the external zstd in front of it in `stream` mode."""
+    """One stream's connection, and its codec's wrap of it."""
 
-    def __init__(self, name: str, sock: socket.socket, compress: bool) -> None:
+    def __init__(self, name: str, sock: socket.socket, codec: Codec) -> None:
         self.name = name
         self.sock = sock
-        self.zstd = Zstd(compress=True, far_fd=sock.fileno()) if compress else None
+        self.wrap = codec.sender(sock.fileno())
 
     @property
     def fd(self) -> int:
-        """Where the stream's writers write: zstd's input, or the socket itself."""
-        return self.zstd.fd if self.zstd is not None and self.zstd.fd is not None else self.sock.fileno()
+        """Where the stream's writers write: the codec's input (the socket itself for most)."""
+        return self.wrap.fd if self.wrap.fd is not None else self.sock.fileno()
 
     def finish(self) -> None:
-        """The stream is complete: zstd drained, and the connection ended for writing, as
+        """The stream is complete: the codec drained, and the connection ended for writing, as
         VM_migrate's save closes the mem connection before point 3. (Not through a TLS tunnel:
         TLS cannot half-close, so the tunnel would end the connection, and the count of its
         bytes on the wire with it; that one ends with the migration.)"""
-        if self.zstd is not None:
-            self.zstd.finish()
+        self.wrap.finish()
         if not isinstance(self.sock, tlstunnel.TunnelSocket):
             try:
                 self.sock.shutdown(socket.SHUT_WR)
@@ -93,13 +92,10 @@ class Stream:
                 pass
 
     def stop(self) -> tuple[str | None, bool]:
-        """End the stream's zstd; why it had failed, if it had, and whether a signal killed it
+        """End the stream's codec; why it had failed, if it had, and whether a signal killed it
         (a root cause) rather than an error exit (often a consequence: the peer went away)."""
-        if self.zstd is None:
-            return None, False
-        failure = self.zstd.failure()
-        killed = (self.zstd.proc.returncode or 0) < 0
-        self.zstd.stop()
+        failure, killed = self.wrap.failure(), self.wrap.killed
+        self.wrap.stop()
         return failure, killed
 
 
@@ -121,8 +117,9 @@ class SourceMigration:
         cookies = {transport.COOKIE_INSTANCE_ID: INSTANCE_ID, transport.COOKIE_FINAL_ID: self.domain.uuid,
                    transport.COOKIE_DBG: f"migrate-{self.domain.uuid}",
                    transport.COOKIE_MEM_MIGRATION: transport.MEM_MIGRATION_VERSION}
-        if self.options.mode == MODE_STREAM:
-            cookies[transport.COOKIE_COMPRESS] = transport.COMPRESS_ZSTD    # the receiver decides from this alone
+        if self.options.codec.cookie:
+            key, value = self.options.codec.cookie     # the receiver decides from this alone
+            cookies[key] = value
         if self.options.secret:
             cookies[transport.SECRET_COOKIE] = self.options.secret
         return cookies
@@ -130,7 +127,7 @@ class SourceMigration:
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
         was_running = self.domain.state == "running"
-        mode = self.options.mode
+        codec = self.options.codec
         cookies = self._cookies()
         if is_same_host(self.host, self.dest):
             self.domain.mark_outgoing(True)     # lets this host's receiver restore a copy beside it
@@ -140,13 +137,13 @@ class SourceMigration:
         with CpuAccounting() as cpu:
             try:
                 agreed = self._open(conns, cookies)
-                streams = [Stream("memory", conns["memory"], mode == MODE_STREAM)]
+                streams = [Stream("memory", conns["memory"], codec)]
                 if "vgpu" in conns:
-                    # In-band mode leaves it uncompressed (xenguest compresses memory only).
-                    streams.append(Stream("vgpu", conns["vgpu"], mode == MODE_STREAM))
+                    # The xenguest codec leaves it as it is (xenguest compresses memory only).
+                    streams.append(Stream("vgpu", conns["vgpu"], codec))
                 vm = conns["vm"]
                 writer = ImageWriter(self.domain, streams[0].fd, live=self.options.live,
-                                     inband=mode == MODE_XENGUEST, log=self.log, on_info=self.on_info,
+                                     codec=codec, log=self.log, on_info=self.on_info,
                                      vgpu_fd=streams[1].fd if len(streams) > 1 else None,
                                      watch=lambda: self._watch_destination(vm))
                 stats = writer.run()
@@ -163,8 +160,8 @@ class SourceMigration:
                     self.domain.mark_outgoing(False)
                 failures = [f for f in (stream.stop() for stream in streams) if f[0]]
                 killed = [MigrationError(text) for text, by_signal in failures if by_signal]
-                # A cancellation is what the user did; else a zstd of ours killed explains the
-                # rest; else the destination's own words; else our zstd's error; else what we saw.
+                # A cancellation is what the user did; else a codec of ours killed explains the
+                # rest; else the destination's own words; else our codec's error; else what we saw.
                 cancelled = e if isinstance(e, cancel.Cancelled) else None
                 reason = cancelled or next(iter(killed), None) or \
                     (self._destination_error(conns["vm"]) if "vm" in conns and writer is not None else None) or \
@@ -181,7 +178,7 @@ class SourceMigration:
         self.domain.destroy()
         return {
             "status": "success", "vm": self.domain.name, "uuid": self.domain.uuid, "dest": self.dest,
-            "mode": mode, "live": self.options.live, "verified": self.options.verify,
+            "mode": codec.name, "live": self.options.live, "verified": self.options.verify,
             "total_seconds": round(done - t0, 3),
             "downtime_seconds": round(done - stats.paused_at, 3) if stats.paused_at else None,
             "iterations": stats.iterations, "pages_sent": stats.pages, "zero_pages": stats.zero_pages,

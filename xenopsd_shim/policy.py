@@ -2,8 +2,9 @@
 
 `compress` comes from the call, else from the pool's `migration-compression`
 (false by default, and false for a migration to the same host). What
-`compress=true` means comes from xenopsd.conf's `migration-compressor`:
-`stream` (external zstd, the default) or `xenguest` (in-band). Never both.
+`compress=true` means comes from xenopsd.conf's `migration-compressor`: the
+name of a compressing codec (codecs.COMPRESSORS: `stream`, external zstd, the
+default, or `xenguest`, in-band). Never both.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from pathlib import Path
 
 from xenemu import Host
 
+from . import codecs
+from .codecs import Codec
 from .log import Logger
 from .timeouts import Timeouts
 
-MODE_NONE, MODE_STREAM, MODE_XENGUEST = "none", "stream", "xenguest"
-COMPRESSORS = (MODE_STREAM, MODE_XENGUEST)
 POOL_PARAMS = {"migration-compression": "false"}
 CONFIG_NAME = "xenopsd.conf"
 POOL_NAME = "pool.json"
@@ -72,12 +73,13 @@ def load_config(path: Path, explicit: bool, log: Logger) -> dict[str, str]:
     return conf
 
 
-def compressor(conf: dict[str, str], log: Logger) -> str:
-    value = conf.get(COMPRESSOR_KEY, MODE_STREAM)
-    if value.lower() in COMPRESSORS:
-        return value.lower()
-    log.warning(f'unknown migration compressor "{value}", using "{MODE_STREAM}"')
-    return MODE_STREAM
+def compressor(conf: dict[str, str], log: Logger) -> Codec:
+    """The codec `compress=true` means on this host."""
+    value = conf.get(COMPRESSOR_KEY, codecs.DEFAULT.name)
+    if value.lower() in codecs.COMPRESSORS:
+        return codecs.CODECS[value.lower()]
+    log.warning(f'unknown migration compressor "{value}", using "{codecs.DEFAULT.name}"')
+    return codecs.DEFAULT
 
 
 def pool_params(host: Host) -> dict[str, str]:
@@ -107,11 +109,12 @@ def is_same_host(host: Host, dest: str) -> bool:
         return False
 
 
-def decide(host: Host, dest: str, requested: bool | None, conf: dict[str, str], log: Logger) -> str:
-    """The method for one migration: none, stream or xenguest."""
+def decide(host: Host, dest: str | None, requested: bool | None, conf: dict[str, str], log: Logger) -> Codec:
+    """The codec for one migration (`requested` None: the pool's setting) or suspend (`dest` None)."""
     if requested is None:
-        requested = pool_params(host)["migration-compression"] == "true" and not is_same_host(host, dest)
-    return compressor(conf, log) if requested else MODE_NONE
+        requested = dest is not None and pool_params(host)["migration-compression"] == "true" \
+            and not is_same_host(host, dest)
+    return compressor(conf, log) if requested else codecs.NONE
 
 
 def max_connections(conf: dict[str, str]) -> int:

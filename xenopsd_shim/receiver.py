@@ -27,14 +27,13 @@ from xenemu import Domain, DomainError, Host
 from xenemu.memory import memory_digest
 from xenmig import image
 
-from . import tlstunnel, transport
+from . import codecs, tlstunnel, transport
 from .accounting import CpuAccounting
 from .imagereader import ImageReader, parse_vm_metadata, valid_uuid
 from .listener import Listener
 from .log import Logger
 from .policy import DEFAULT_MAX_CONNECTIONS, SECRET_NAME, SERVE_ADDRESS
 from .timeouts import Timeouts
-from .zstdpipe import Zstd, ZstdError
 
 STREAM_STOP_TIMEOUT = 90.0   # on shutdown, for the migrations cut mid-stream to clean up, all together
 PARK_POLL_MS = 200           # how often a parked connection looks for its peer's hangup and shutdown
@@ -290,7 +289,7 @@ class IncomingMigration:
         self.parked = parked
         self.mem_conn: socket.socket | None = None      # the memory connection, once taken
         self.vgpu_conn: socket.socket | None = None     # the vGPU stream's connection, once taken
-        self.vgpu_zstd: Zstd | None = None
+        self.vgpu_wrap: codecs.Wrap | None = None       # the codec's wrap of it, once the image asks
         self.restored = False      # past the stream: a shutdown lets the handshake finish
         self.handed_over = False   # a parked connection now owned by its vm connection's thread
 
@@ -326,8 +325,8 @@ class IncomingMigration:
         try:
             self._receive(request, vm_id)
         finally:
-            if self.vgpu_zstd is not None:
-                self.vgpu_zstd.stop()
+            if self.vgpu_wrap is not None:
+                self.vgpu_wrap.stop()
             for conn in (self.mem_conn, self.vgpu_conn):
                 if conn is not None and conn is not self.conn:
                     conn.close()
@@ -365,15 +364,13 @@ class IncomingMigration:
         transport.send_status(self.conn, 200, "OK")
         transport.send_line(self.conn, state)
 
-    def _vgpu_fd(self, compressed: bool) -> int:
-        """The vGPU stream's fd: its own connection, through its own zstd in stream mode."""
+    def _vgpu_fd(self, codec: codecs.Codec) -> int:
+        """The vGPU stream's fd: its own connection, through its own wrap of the codec."""
         if self.vgpu_conn is None:
             raise transport.TransportError("the image has a vGPU stream but the VM has no vGPU connection")
-        if compressed:
-            self.vgpu_zstd = Zstd(compress=False, far_fd=self.vgpu_conn.fileno(), relay_from=self.vgpu_conn)
-            assert self.vgpu_zstd.fd is not None
-            return self.vgpu_zstd.fd
-        return self.vgpu_conn.fileno()
+        self.vgpu_wrap = codec.receiver(self.vgpu_conn.fileno(), relay_from=self.vgpu_conn)
+        assert self.vgpu_wrap.fd is not None
+        return self.vgpu_wrap.fd
 
     def _create(self, request: transport.Request, vm_id: str) -> tuple[Domain, frozenset[str]]:
         """Up to synchronisation point 1: the cookies checked, the extensions announced if asked,
@@ -415,9 +412,9 @@ class IncomingMigration:
         return domain, agreed
 
     def _receive(self, request: transport.Request, vm_id: str) -> None:
-        compressed = transport.COOKIE_COMPRESS in request.cookies      # its presence, as xenopsd reads it
+        codec = codecs.from_cookies(request.cookies)
         self.log.info(f"incoming migration of VM {vm_id}"
-                      + (f" (compress={request.cookies[transport.COOKIE_COMPRESS]})" if compressed else ""))
+                      + (f" ({codec.cookie[0]}={request.cookies[codec.cookie[0]]})" if codec.cookie else ""))
         cpu_start = time.thread_time()
         try:
             domain, agreed = self._create(request, vm_id)
@@ -440,28 +437,28 @@ class IncomingMigration:
             return
         mem = self.mem_conn
         try:
-            zstd = Zstd(compress=False, far_fd=mem.fileno(), relay_from=mem) if compressed else None
-        except ZstdError as e:
+            wrap = codec.receiver(mem.fileno(), relay_from=mem)
+        except codecs.ERRORS as e:
             domain.destroy()
             self._fail(str(e))
             return
-        reader = ImageReader(self.host, zstd.fd if zstd else mem.fileno(), log=self.log,
-                             vgpu_fd=lambda: self._vgpu_fd(compressed), uuid=domain.uuid, domain=domain)
-        roots = lambda: [*reader.emu_pids, *(z.pid for z in (zstd, self.vgpu_zstd) if z)]  # noqa: E731
+        assert wrap.fd is not None
+        reader = ImageReader(self.host, wrap.fd, log=self.log,
+                             vgpu_fd=lambda: self._vgpu_fd(codec), uuid=domain.uuid, domain=domain)
+        wraps = lambda: [w for w in (wrap, self.vgpu_wrap) if w is not None]  # noqa: E731
+        roots = lambda: [*reader.emu_pids, *(w.pid for w in wraps() if w.pid is not None)]  # noqa: E731
         with CpuAccounting(roots=roots) as cpu:
             try:
                 reader.run()
-                for z in (zstd, self.vgpu_zstd):
-                    if z is not None:
-                        z.finish()     # each frame ended with its stream: zstd must exit 0 now
+                for w in wraps():
+                    w.finish()     # each stream has ended: its codec must have ended cleanly too
             except Exception as e:
-                failure = next(filter(None, (z.failure() for z in (zstd, self.vgpu_zstd) if z)), None)
+                failure = next(filter(None, (w.failure() for w in wraps())), None)
                 domain.destroy()
                 self._fail(f"restore failed: {failure or e}", linger=True)
                 return
             finally:
-                if zstd is not None:
-                    zstd.stop()
+                wrap.stop()
         self.restored = True
         self.log.info("synchronisation point 2: image restored")
         try:

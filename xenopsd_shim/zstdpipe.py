@@ -1,4 +1,4 @@
-"""The legacy `stream` method: an external zstd between the stream fd and the socket.
+"""The legacy `stream` method's wrap (codecs.STREAM): an external zstd between the stream fd and the socket.
 
 Sender: whatever writes the image writes into a pipe read by
 `nice -n 19 ionice -c 3 /usr/bin/zstd --fast`, whose stdout is the socket.
@@ -21,7 +21,6 @@ ZSTD = "/usr/bin/zstd"
 LOWER_PRIORITY = ["nice", "-n", "19", "ionice", "-c", "3"]
 COMPRESS_ARGV = [*LOWER_PRIORITY, ZSTD, "--fast"]
 DECOMPRESS_ARGV = [*LOWER_PRIORITY, ZSTD, "--decompress", "--stdout"]
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 EXIT_TIMEOUT = 60.0
 
 
@@ -71,6 +70,11 @@ class Zstd:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def killed(self) -> bool:
+        """A signal ended it: a root cause, where an error exit is often a consequence."""
+        return (self.proc.returncode or 0) < 0
 
     def close_fd(self) -> None:
         if self.fd is not None:
