@@ -83,7 +83,11 @@ class Domain:
         """Whether a migration to this very host is under way (its process still runs: one that
         died mid-migration leaves a stale mark, which must not let a second copy in)."""
         pid = self.meta.get("outgoing_pid")
-        return bool(pid) and _pid_exists(pid)
+        if not pid:
+            return False
+        import psutil
+
+        return psutil.pid_exists(pid)
 
     @property
     def vgpu_bytes(self) -> int:
@@ -221,19 +225,11 @@ def _spawn_workload(root: Path, domid: int) -> int:
     if out.returncode != 0 or not out.stdout.strip().isdigit():
         raise DomainError(f"guest workload failed to start: {out.stderr.decode(errors='replace').strip()}")
     pid = int(out.stdout)
-    if not _pid_exists(pid):
+    import psutil
+
+    if not psutil.pid_exists(pid):
         raise DomainError("guest workload exited at start")
     return pid
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -136,7 +136,7 @@ class SourceMigration:
         writer: ImageWriter | None = None
         with CpuAccounting() as cpu:
             try:
-                agreed = self._open(conns, cookies)
+                self._open(conns, cookies)
                 streams = [Stream("memory", conns["memory"], codec)]
                 if "vgpu" in conns:
                     # The xenguest codec leaves it as it is (xenguest compresses memory only).
@@ -151,7 +151,7 @@ class SourceMigration:
                 for stream in streams:
                     stream.finish()
                 self.log.info("synchronisation point 2: image sent")
-                remote = self._conclude(vm, agreed)
+                remote = self._conclude(vm)
             except BaseException as e:
                 cancel.ignore()                                    # finish cleaning up first
                 if writer is not None:
@@ -167,7 +167,7 @@ class SourceMigration:
                     (self._destination_error(conns["vm"]) if "vm" in conns and writer is not None else None) or \
                     next((MigrationError(text) for text, _ in failures), None) or e
                 wire = self._end(conns)
-                if not self._fall_back(was_running, cookies, self.agreed):
+                if not self._fall_back(was_running, cookies):
                     raise MigrationError(self._describe(reason), cancelled.exit_code if cancelled else None) from None
                 self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason or 'interrupted'}), "
                                  "but the destination reports it running: the migration is complete")
@@ -193,9 +193,9 @@ class SourceMigration:
         return transport.open_stream(self.dest, path, cookies, self.options.timeouts,
                                      self.options.max_bandwidth, self.options.tls)
 
-    def _open(self, conns: dict[str, socket.socket], cookies: dict[str, str]) -> frozenset[str]:
+    def _open(self, conns: dict[str, socket.socket], cookies: dict[str, str]) -> None:
         """Connections and synchronisation points 1-vgpu, 1 and 1-mem, in VM_migrate's order;
-        the extensions both sides announced."""
+        `agreed` learns the extensions both sides announced."""
         dest_id = temporary_id(self.domain.uuid)
         meta = self.domain.reload()
         asked = [transport.EXT_STATS, transport.EXT_STATE] + ([transport.EXT_VERIFY] if self.options.verify else [])
@@ -221,12 +221,11 @@ class SourceMigration:
         conns["memory"] = self._connect(transport.MIGRATE_MEM_PATH + dest_id, cookies)
         self._expect_success(conns["memory"], "the destination's memory connection (point 1-mem)")
         transport.send_result(vm)                                 # 1-mem ACK
-        return self.agreed
 
-    def _conclude(self, vm: socket.socket, agreed: frozenset[str]) -> dict[str, Any]:
+    def _conclude(self, vm: socket.socket) -> dict[str, Any]:
         """After the image: our verification if agreed, then points 3 and 4, then our statistics."""
         timeout = self.options.timeouts.handshake
-        if transport.EXT_VERIFY in agreed:
+        if transport.EXT_VERIFY in self.agreed:
             transport.send(vm, transport.build_result(memory_digest(self.domain.memory)))
             self._expect_success(vm, "the destination's verification")
         transport.send_result(vm)                                 # point 3: the destination may run it
@@ -235,7 +234,7 @@ class SourceMigration:
         if answer is not None:
             raise MigrationError(f"destination failed to start the VM: {transport.describe_error(answer)}")
         self.log.info("synchronisation point 4: the VM runs on the destination")
-        if transport.EXT_STATS not in agreed:
+        if transport.EXT_STATS not in self.agreed:
             return {}
         try:
             return json.loads(transport.recv_result(vm, timeout, "the destination's statistics") or "{}")
@@ -284,12 +283,12 @@ class SourceMigration:
             sock.close()
         return wire
 
-    def _fall_back(self, was_running: bool, cookies: dict[str, str], agreed: frozenset[str]) -> bool:
+    def _fall_back(self, was_running: bool, cookies: dict[str, str]) -> bool:
         """After a failure: whether the destination runs the VM after all (a commit whose
         confirmation was lost); else the source copy runs again, unless the destination may
         yet start it (it cannot say), when it stays paused so two copies never run."""
         if self.committed:
-            state = self._settled_state(cookies) if transport.EXT_STATE in agreed \
+            state = self._settled_state(cookies) if transport.EXT_STATE in self.agreed \
                 else "it does not answer state queries"
             if state == "running":
                 return True
