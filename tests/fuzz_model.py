@@ -42,6 +42,7 @@ class Rec:
 
 @dataclass
 class Stream:
+    """The libxc stream: its image and domain headers (raw, so a mutation may make them lie) and records."""
     ihdr: bytes
     dhdr: bytes
     records: list[Rec]
@@ -58,6 +59,7 @@ class Part:
 
 @dataclass
 class Image:
+    """A suspend image of one seed kind, and the byte-level edits to make when it is encoded."""
     kind: str
     signature: bytes
     parts: list[Part]
@@ -103,6 +105,7 @@ class Image:
 
 
 def apply_ops(raw: bytes, ops: list[tuple]) -> bytes:
+    """The byte-level mutations (truncate, flip, insert, delete, append), in order."""
     buf = bytearray(raw)
     for op, *args in ops:
         if op == "truncate":
@@ -151,6 +154,7 @@ def with_vm(vm: object) -> bytes:
 
 
 def parse_libxc(raw: bytes, pos: int) -> tuple[Stream, int]:
+    """The libxc stream at `pos`, through its End record; and where it ends."""
     ihdr, dhdr = raw[pos:pos + libxc.IHDR_SIZE], raw[pos + libxc.IHDR_SIZE:pos + libxc.IHDR_SIZE + libxc.DHDR_SIZE]
     libxc.parse_image_header(ihdr)
     libxc.parse_domain_header(dhdr)
