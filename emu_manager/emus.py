@@ -139,6 +139,7 @@ class Emu:
     remaining: int = -1
     iteration: int = 0
     result: str = ""
+    save_stats: dict[str, int] | None = None    # its figures of a save, forwarded before "result:"
 
     @property
     def name(self) -> str:

@@ -164,6 +164,9 @@ class Orchestrator:
             self.log.info(f"{emu.name}: completed: iterations {emu.iteration + 1}, pages {emu.sent}")
 
     def result(self) -> None:
+        for emu in self.emus.values():
+            if emu.save_stats is not None:
+                self.tell(ctl.save_stats(emu.name, emu.save_stats))
         self.tell(f"{ctl.MSG_RESULT}0 0")
 
     def restore(self) -> None:
@@ -302,9 +305,14 @@ class Orchestrator:
             emu.awaiting_reply = None
             emu.reply = message
             return
-        data = message.get("data")
-        if message.get("event") != emp.EVENT_MIGRATION or not isinstance(data, dict):
+        event, data = message.get("event"), message.get("data")
+        handler = self.EVENTS.get(event) if isinstance(event, str) else None
+        if handler is None or not isinstance(data, dict):
             raise EmuFailure(emu.name, f"{emu.name} sent an unknown message {str(message)[:120]}")
+        handler(self, emu, data)
+
+    def _on_migration(self, emu: Emu, data: dict) -> None:
+        """A MIGRATION event: the emulator's completion or failure, or its progress."""
         if "status" in data:
             if data["status"] != emp.STATUS_COMPLETED:
                 raise EmuFailure(emu.name, str(data.get("error", data["status"])))
@@ -325,6 +333,16 @@ class Orchestrator:
         if emu.state == EmuState.RUNNING and self.live and self.live_done(iteration, remaining):
             emu.state = EmuState.LIVE_DONE
         self._report_percent()
+
+    def _on_save_stats(self, emu: Emu, data: dict) -> None:
+        try:
+            emu.save_stats = emp.parse_save_stats(data)
+        except emp.EmpError as e:
+            raise EmuFailure(emu.name, f"{emu.name} sent {e}") from None
+
+    EVENTS: dict[str, Callable[["Orchestrator", Emu, dict], None]] = {
+        emp.EVENT_MIGRATION: _on_migration, emp.EVENT_SAVE_STATS: _on_save_stats,
+    }
 
     def _report_percent(self) -> None:
         if not self.save:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from xenemu import Domain, Host
 
+from xenmig import emp
 from xenmig.empserver import SET_ARG_BOOL, SET_ARG_INT, EmpServer, Work
 from xenmig.log import Log
 
@@ -31,7 +32,10 @@ class Server(EmpServer):
                       encoder=page_encoder(self.compress), abort=self.abort)
 
         def work() -> str:
-            self.log.info(saver.run().summary(self.domid))
+            progress = saver.run()
+            self.log.info(progress.summary(self.domid))
+            if self.chan is not None:       # the figures, as a message, before the completion event
+                self.chan.send(emp.save_stats_event(progress.stats()))
             return "0 0"
         return work
 

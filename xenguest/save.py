@@ -62,8 +62,15 @@ class Progress:
     zero_pages: int = 0         # pages sent as a zero marker, without data
     history: list[int] = field(default_factory=list)   # pages sent per iteration
 
+    def stats(self) -> dict[str, int]:
+        """The figures xenguest reports to emu-manager at the end of a save (emp.save_stats_event),
+        which forwards them to the toolstack."""
+        return {"iterations": len(self.history), "pages": self.sent, "zero_pages": self.zero_pages,
+                "bytes": self.wire_bytes}
+
     def summary(self, domid: int) -> str:
-        """The one line xenguest logs at the end of a save (the toolstack parses it)."""
+        """The one line xenguest logs at the end of a save, for people (the toolstack has the
+        figures from the statistics message)."""
         return (f"saved domain {domid}: iterations {len(self.history)}, pages {self.sent}, "
                 f"zero pages {self.zero_pages}, bytes {self.wire_bytes}, per iteration {self.history}")
 

@@ -5,9 +5,13 @@ lives in one place.
 """
 from __future__ import annotations
 
+import json
 import os
 import select
 import time
+from typing import Mapping
+
+from . import emp
 
 # emu-manager -> xenopsd
 MSG_SUSPEND = "suspend:"
@@ -16,6 +20,9 @@ MSG_INFO = "info:"                # + "\\b\\b\\b\\b" + percent
 INFO_PREFIX = "info:" + "\\b" * 4
 MSG_RESULT = "result:"            # "result:0 0" on save; "result:xenguest S C" / "result:vgpu" on restore
 MSG_ERROR = "error:"              # + "[<emu> ]<text>"
+# This project's extension, an `info:` the real xenopsd only logs (it reads progress from info:
+# lines that start with INFO_PREFIX): an emulator's save statistics, before "result:".
+MSG_SAVE_STATS = MSG_INFO + "xenmig-save-stats:"   # + emulator name + " " + JSON object
 # xenopsd -> emu-manager
 MSG_DONE = "done"
 MSG_RESTORE = "restore:"          # + emulator name
@@ -40,6 +47,22 @@ def parse_info(line: str) -> int | None:
     if line.startswith(INFO_PREFIX) and line[len(INFO_PREFIX):].isdigit():
         return int(line[len(INFO_PREFIX):])
     return None
+
+
+def save_stats(emu: str, figures: Mapping[str, int]) -> str:
+    """emu-manager forwards an emulator's EMP save-statistics event as this line."""
+    return f"{MSG_SAVE_STATS}{emu} {json.dumps(emp.parse_save_stats(dict(figures)), separators=(',', ':'))}"
+
+
+def parse_save_stats(line: str) -> tuple[str, dict[str, int]] | None:
+    """(emulator, figures) of a save-statistics line; None for any other line."""
+    if not line.startswith(MSG_SAVE_STATS):
+        return None
+    emu, _, text = line[len(MSG_SAVE_STATS):].partition(" ")
+    try:
+        return emu, emp.parse_save_stats(json.loads(text))
+    except (ValueError, emp.EmpError):
+        raise ControlError(f"protocol error: malformed save statistics {line!r}") from None
 
 
 class LineChannel:

@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 MAX_MESSAGE = 64 << 10
 MAX_FDS = 4
@@ -42,6 +42,10 @@ COMMANDS = (CMD_SET_ARGS, CMD_MIGRATE_INIT, CMD_TRACK_DIRTY, CMD_MIGRATE_PROGRES
 EVENT_MIGRATION = "MIGRATION"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
+# This project's extension (docs/in-host-protocols.md): xenguest's figures of a save, sent once,
+# just before its completion event, so that they reach the toolstack as a message.
+EVENT_SAVE_STATS = "XENMIG_SAVE_STATS"
+SAVE_STATS_FIELDS = ("iterations", "pages", "zero_pages", "bytes")
 
 
 class EmpError(Exception):
@@ -70,6 +74,19 @@ def completion_event(result: str) -> dict[str, Any]:
 
 def failure_event(error: str) -> dict[str, Any]:
     return {"event": EVENT_MIGRATION, "data": {"status": STATUS_FAILED, "error": error}}
+
+
+def save_stats_event(figures: Mapping[str, int]) -> dict[str, Any]:
+    return {"event": EVENT_SAVE_STATS, "data": {key: figures[key] for key in SAVE_STATS_FIELDS}}
+
+
+def parse_save_stats(data: Any) -> dict[str, int]:
+    """A save-statistics event's data (or the control line that forwards it): exactly the
+    fields of SAVE_STATS_FIELDS, each an integer."""
+    if not isinstance(data, dict) or set(data) != set(SAVE_STATS_FIELDS) \
+            or not all(type(value) is int for value in data.values()):
+        raise EmpError(f"malformed save statistics {str(data)[:120]}")
+    return {key: data[key] for key in SAVE_STATS_FIELDS}
 
 
 _WHITESPACE = b" \t\r\n"

@@ -6,7 +6,6 @@ the shim reaches only the shim, which turns it into `abort`.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,10 +17,6 @@ from xenemu import Host
 from xenmig import control as ctl
 
 from .log import Logger
-
-# xenguest's end-of-save line, relayed on emu-manager's stderr.
-_SAVE_SUMMARY = re.compile(r"saved domain \d+: iterations (\d+), pages (\d+), zero pages (\d+), bytes (\d+)")
-
 
 class EmuManagerError(Exception):
     """emu-manager reported an error, died, or broke the protocol."""
@@ -51,7 +46,7 @@ class EmuManager:
             self.argv += ["-live", "true" if live else "false"]
         self.argv += [*(extra or []), "-dm", "qemu", *codec_args]     # the codec's own (codecs.Codec.emu_args)
         self.log = log
-        self.save_summary: dict[str, int] = {}
+        self.save_stats: dict[str, dict[str, int]] = {}     # by emulator: its figures of a save
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, pass_fds=(to_emu_r, from_emu_w, fd, *pass_fds),
@@ -72,16 +67,9 @@ class EmuManager:
         assert self.proc.stderr is not None
         try:
             for raw in self.proc.stderr:
-                self._relay_line(raw)
+                self.log.debug(raw.decode(errors="replace").rstrip())
         except (ValueError, OSError):
             pass   # closed under us: emu-manager died and an orphaned emulator still held the pipe
-
-    def _relay_line(self, raw: bytes) -> None:
-        line = raw.decode(errors="replace").rstrip()
-        self.log.debug(line)
-        m = _SAVE_SUMMARY.search(line)
-        if m:
-            self.save_summary = dict(zip(("iterations", "pages", "zero_pages", "bytes"), map(int, m.groups())))
 
     def send(self, line: str) -> None:
         self.log.debug(f"-> emu-manager: {line}")
@@ -122,6 +110,14 @@ class EmuManager:
             percent = ctl.parse_info(line)
             if percent is not None:
                 on_info(percent)
+                continue
+            try:
+                stats = ctl.parse_save_stats(line)
+            except ctl.ControlError as e:
+                raise EmuManagerError(str(e)) from None
+            if stats is not None:
+                emu, figures = stats
+                self.save_stats[emu] = figures
                 continue
             if until(line):
                 return line

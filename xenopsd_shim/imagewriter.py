@@ -88,9 +88,9 @@ class ImageWriter:
         code = self.emu.wait()
         if code != 0:
             raise EmuManagerError(f"emu-manager exited with status {code} after its result")
-        summary = self.emu.save_summary
-        self.stats.iterations, self.stats.pages = summary.get("iterations", 0), summary.get("pages", 0)
-        self.stats.zero_pages = summary.get("zero_pages", 0)
+        memory = self.emu.save_stats.get("xenguest", {})
+        self.stats.iterations, self.stats.pages = memory.get("iterations", 0), memory.get("pages", 0)
+        self.stats.zero_pages = memory.get("zero_pages", 0)
         dm = self.domain.context().get("device_model", b"")
         write_all(self.fd, [image.build_header(image.QEMU_TRAD, len(dm)), dm, image.build_header(image.END_OF_IMAGE)])
         if self.vgpu_fd is not None:        # every stream fd ends with its footer, the main one first

@@ -21,7 +21,7 @@ import socket
 import ssl
 import time
 import uuid as uuidlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from xenemu import Domain, Host
@@ -30,7 +30,7 @@ from xenemu.memory import memory_digest
 from . import cancel, codecs, tlstunnel, transport
 from .accounting import CpuAccounting
 from .codecs import Codec
-from .imagewriter import ImageWriter, vm_metadata
+from .imagewriter import ImageWriter, SaveStats, vm_metadata
 from .log import Logger
 from .policy import is_same_host
 from .timeouts import Timeouts
@@ -99,6 +99,41 @@ class Stream:
         return failure, killed
 
 
+@dataclass
+class Transfer:
+    """What the migration has opened so far: what a failure has to stop and close."""
+    conns: dict[str, socket.socket] = field(default_factory=dict)   # by role: vm, memory, vgpu
+    streams: list[Stream] = field(default_factory=list)
+    writer: ImageWriter | None = None
+    stats: SaveStats = field(default_factory=SaveStats)
+
+
+@dataclass(frozen=True)
+class Failures:
+    """What else went wrong, collected once a migration failed."""
+    codecs: tuple[tuple[str, bool], ...] = ()     # each failed codec: why, and whether a signal killed it
+    # The destination's own words; a question (it waits up to half a second), asked only when
+    # nothing ranked above them explains the failure.
+    destination: Callable[[], MigrationError | None] = lambda: None
+
+
+def failure_reason(seen: BaseException, failures: Failures) -> BaseException:
+    """The one reason the user is told, by rank: a cancellation is what the user did; else a codec
+    of ours killed by a signal explains the rest; else the destination's own words; else our
+    codec's error; else what we saw."""
+    if isinstance(seen, cancel.Cancelled):
+        return seen
+    killed = next((text for text, by_signal in failures.codecs if by_signal), None)
+    if killed is not None:
+        return MigrationError(killed)
+    said = failures.destination()
+    if said is not None:
+        return said
+    if failures.codecs:
+        return MigrationError(failures.codecs[0][0])
+    return seen
+
+
 class SourceMigration:
     def __init__(self, host: Host, domain: Domain, dest: str, options: Options, log: Logger,
                  on_info: Callable[[int], None] = lambda p: None) -> None:
@@ -125,67 +160,83 @@ class SourceMigration:
         return cookies
 
     def run(self) -> dict[str, Any]:
+        """Connect, send the image, conclude; after a failure, settle where the VM runs. The
+        summary (`vm-migrate --json`), or MigrationError with the one line the user sees."""
         t0 = time.monotonic()
         was_running = self.domain.state == "running"
-        codec = self.options.codec
         cookies = self._cookies()
         if is_same_host(self.host, self.dest):
             self.domain.mark_outgoing(True)     # lets this host's receiver restore a copy beside it
-        conns: dict[str, socket.socket] = {}
-        streams: list[Stream] = []
-        writer: ImageWriter | None = None
+        transfer = Transfer()
         with CpuAccounting() as cpu:
             try:
-                self._open(conns, cookies)
-                streams = [Stream("memory", conns["memory"], codec)]
-                if "vgpu" in conns:
-                    # The xenguest codec leaves it as it is (xenguest compresses memory only).
-                    streams.append(Stream("vgpu", conns["vgpu"], codec))
-                vm = conns["vm"]
-                writer = ImageWriter(self.domain, streams[0].fd, live=self.options.live,
-                                     codec=codec, log=self.log, on_info=self.on_info,
-                                     vgpu_fd=streams[1].fd if len(streams) > 1 else None,
-                                     watch=lambda: self._watch_destination(vm))
-                stats = writer.run()
-                writer.close()
-                for stream in streams:
-                    stream.finish()
-                self.log.info("synchronisation point 2: image sent")
-                remote = self._conclude(vm)
+                self._open(transfer.conns, cookies)
+                self._send_image(transfer)
+                remote = self._conclude(transfer.conns["vm"])
             except BaseException as e:
-                cancel.ignore()                                    # finish cleaning up first
-                if writer is not None:
-                    writer.close()
-                if self.domain.outgoing:
-                    self.domain.mark_outgoing(False)
-                failures = [f for f in (stream.stop() for stream in streams) if f[0]]
-                killed = [MigrationError(text) for text, by_signal in failures if by_signal]
-                # A cancellation is what the user did; else a codec of ours killed explains the
-                # rest; else the destination's own words; else our codec's error; else what we saw.
-                cancelled = e if isinstance(e, cancel.Cancelled) else None
-                reason = cancelled or next(iter(killed), None) or \
-                    (self._destination_error(conns["vm"]) if "vm" in conns and writer is not None else None) or \
-                    next((MigrationError(text) for text, _ in failures), None) or e
-                wire = self._end(conns)
-                if not self._fall_back(was_running, cookies):
-                    raise MigrationError(self._describe(reason), cancelled.exit_code if cancelled else None) from None
-                self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason or 'interrupted'}), "
-                                 "but the destination reports it running: the migration is complete")
-                remote = {}
+                reason = self._abandon(e, transfer)
+                wire = self._end(transfer.conns)
+                remote = self._settle(reason, was_running, cookies)
             else:
-                wire = self._end(conns)
+                wire = self._end(transfer.conns)
         done = time.monotonic()
         self.domain.destroy()
+        return self._summary(transfer.stats, wire, cpu.by_role(), remote, t0, done)
+
+    def _send_image(self, transfer: Transfer) -> None:
+        """The suspend image through each stream's codec, then every stream ended (point 2)."""
+        codec = self.options.codec
+        transfer.streams = [Stream("memory", transfer.conns["memory"], codec)]
+        if "vgpu" in transfer.conns:
+            # The xenguest codec leaves it as it is (xenguest compresses memory only).
+            transfer.streams.append(Stream("vgpu", transfer.conns["vgpu"], codec))
+        memory, vgpu = transfer.streams[0], transfer.streams[1:]
+        vm = transfer.conns["vm"]
+        transfer.writer = ImageWriter(self.domain, memory.fd, live=self.options.live, codec=codec, log=self.log,
+                                      on_info=self.on_info, vgpu_fd=vgpu[0].fd if vgpu else None,
+                                      watch=lambda: self._watch_destination(vm))
+        transfer.stats = transfer.writer.run()
+        transfer.writer.close()
+        for stream in transfer.streams:
+            stream.finish()
+        self.log.info("synchronisation point 2: image sent")
+
+    def _abandon(self, seen: BaseException, transfer: Transfer) -> BaseException:
+        """After a failure, our side stops (a second signal cannot cut this short): the writer and
+        its emu-manager released, the codecs stopped. The one reason the user will be told."""
+        cancel.ignore()
+        if transfer.writer is not None:
+            transfer.writer.close()
+        if self.domain.outgoing:
+            self.domain.mark_outgoing(False)
+        codecs = tuple((why, killed) for why, killed in (stream.stop() for stream in transfer.streams) if why)
+        vm = transfer.conns.get("vm")
+        if vm is None or transfer.writer is None:
+            return failure_reason(seen, Failures(codecs))
+        return failure_reason(seen, Failures(codecs, destination=lambda: self._destination_error(vm)))
+
+    def _settle(self, reason: BaseException, was_running: bool, cookies: dict[str, str]) -> dict[str, Any]:
+        """After a failure the VM runs on one host: the destination's, if it runs it after all (the
+        migration is complete; no statistics from it), else MigrationError."""
+        if not self._fall_back(was_running, cookies):
+            exit_code = reason.exit_code if isinstance(reason, cancel.Cancelled) else None
+            raise MigrationError(self._describe(reason), exit_code) from None
+        self.log.warning(f"VM {self.domain.name}: its start was not confirmed ({reason}), "
+                         "but the destination reports it running: the migration is complete")
+        return {}
+
+    def _summary(self, stats: SaveStats, wire: dict[str, int], cpu: dict[str, float], remote: dict[str, Any],
+                 t0: float, done: float) -> dict[str, Any]:
         return {
             "status": "success", "vm": self.domain.name, "uuid": self.domain.uuid, "dest": self.dest,
-            "mode": codec.name, "live": self.options.live, "verified": self.options.verify,
+            "mode": self.options.codec.name, "live": self.options.live, "verified": self.options.verify,
             "total_seconds": round(done - t0, 3),
             "downtime_seconds": round(done - stats.paused_at, 3) if stats.paused_at else None,
             "iterations": stats.iterations, "pages_sent": stats.pages, "zero_pages": stats.zero_pages,
             "memory_bytes": self.domain.memory_bytes, "vgpu_bytes": self.domain.vgpu_bytes,
             "wire_bytes": sum(wire.values()), "wire_bytes_per_stream": wire,
             "compression_ratio": round(self.domain.memory_bytes / wire["memory"], 3) if wire["memory"] else None,
-            "cpu_seconds": {"source": cpu.by_role(), "destination": remote.get("cpu_seconds", {})},
+            "cpu_seconds": {"source": cpu, "destination": remote.get("cpu_seconds", {})},
             "emu_manager_argv": stats.emu_argv,
         }
 
