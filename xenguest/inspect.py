@@ -21,7 +21,7 @@ import numpy as np
 import zstandard
 
 from xenemu.memory import PAGE_SIZE
-from xenmig import compressed, image, libxc, libxcwalk, sexp
+from xenmig import compressed, image, imagewalk, libxc, libxcwalk, sexp
 from xenmig.fdio import Truncated
 from xenmig.libxcwalk import Headers, Source, SourceReader as Input
 
@@ -135,29 +135,12 @@ def walk(fd: int) -> Iterator[Part]:
 
 
 def _image(r: Input) -> Iterator[Part]:
-    raw = r.read(len(image.SIGNATURE), "signature")
-    image.check_signature(raw)
-    yield Framing(0, None, raw)
-    while True:
-        at = r.offset
-        head = r.read(image.HEADER_SIZE, "image header")
-        htype, length = image.parse_header(head)        # bounds every payload it lets through
-        action = image.HEADER_TYPES[htype].action
-        payload = b""
-        if action != image.Action.REFUSE:
-            payload = r.read(length, f"{image.name(htype)} record")
-        if htype == image.XENOPS:
-            try:
-                image.parse_xenops_record(payload)
-            except image.ImageError as e:
-                raise image.ImageError(f"at offset {at}: {e}") from None
-        yield Framing(at, htype, head + payload)
-        if action == image.Action.REFUSE:        # what follows has no length this reader knows
-            raise image.refusal(htype)
-        if action == image.Action.XENGUEST:
+    """The image walk's framing (not the restore reader's placement rules), libxc streams inline."""
+    yield Framing(0, None, imagewalk.read_signature(r))
+    for h in imagewalk.headers(r, restore=False):
+        yield Framing(h.offset, h.htype, h.raw + h.payload)
+        if h.action == image.Action.XENGUEST:
             yield from _libxc(r)
-        elif action == image.Action.END:
-            return
 
 
 def _libxc(r: Input) -> Iterator[Headers | Record]:

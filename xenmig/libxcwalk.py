@@ -18,7 +18,8 @@ against its domain (the restorer inflates them on a pool).
 
 Order of the checks per record (it decides which error a corrupt stream gets):
 header length bound (before any allocation), the body and its padding read
-whole, non-zero padding, then the row's rules in the order listed above.
+whole, non-zero padding, no row (unknown mandatory), then the row's body,
+after_static, check and refused; required when END comes.
 """
 from __future__ import annotations
 
@@ -200,14 +201,18 @@ class Parsed:
     end: int
 
 
-def parse(raw: bytes | memoryview, offset: int = 0) -> Parsed:
-    """Walk the libxc stream at raw[offset:] with every rule; StreamError on the first broken one."""
-    r = SourceReader.of_bytes(raw, offset)
+def read_stream(r: Reader) -> Parsed:
+    """Walk the libxc stream `r` is at with every rule, holding its records (bodies copied out)."""
     parts = walk(r)
+    headers = next(parts)
+    assert isinstance(headers, Headers)
+    records = [(p.offset, p.rtype, bytes(p.body)) for p in parts if isinstance(p, Record)]
+    return Parsed(headers, records, r.offset)
+
+
+def parse(raw: bytes | memoryview, offset: int = 0) -> Parsed:
+    """The libxc stream at raw[offset:]; StreamError on the first broken rule (truncation included)."""
     try:
-        headers = next(parts)
-        assert isinstance(headers, Headers)
-        records = [(p.offset, p.rtype, bytes(p.body)) for p in parts if isinstance(p, Record)]
+        return read_stream(SourceReader.of_bytes(raw, offset))
     except Truncated as e:
         raise libxc.StreamError(str(e)) from None
-    return Parsed(headers, records, r.offset)
