@@ -3,7 +3,8 @@
 Also home of `walk`, the one reader of saved streams that `convert` shares:
 it recognises the input (a bare libxc stream, a suspend image, or either
 zstd-compressed as a whole by the legacy `stream` method), validates every
-record as the restorer does (a pfn bound of 2^52 stands in for the domain)
+record with the restorer's walk (xenmig.libxcwalk; a pfn bound of 2^52 stands
+in for the domain)
 and yields the input's parts in order with their exact bytes. It holds one
 record at a time, so memory stays bounded whatever the stream's size.
 """
@@ -20,10 +21,9 @@ import numpy as np
 import zstandard
 
 from xenemu.memory import PAGE_SIZE
-from xenmig import compressed, image, libxc, sexp
-from xenmig.fdio import Reader, Truncated
-
-from .restore import CONTEXT_RECORDS, REQUIRED_RECORDS, context_blob
+from xenmig import compressed, image, imagewalk, libxc, libxcwalk, sexp
+from xenmig.fdio import Truncated
+from xenmig.libxcwalk import Headers, Source, SourceReader as Input
 
 # No domain to check pfns against: any pfn the format can express is accepted.
 NPAGES = 1 << 52
@@ -31,31 +31,8 @@ MAGIC_SIZE = 4
 KINDS = {struct.pack("!Q", libxc.IHDR_MARKER)[:MAGIC_SIZE]: "libxc stream",
          image.SIGNATURE[:MAGIC_SIZE]: "suspend image"}
 
-# readinto-style source: fills the front of the view, returns the count (0 at the end).
-Source = Callable[[memoryview], int]
-
 
 # Input ----------------------------------------------------------------------
-class Input(Reader):
-    """fdio.Reader's exact reads and offsets over any source (fdio.Reader reads an fd only)."""
-
-    def __init__(self, source: Source) -> None:
-        super().__init__(-1)
-        self.source = source
-
-    def readinto(self, view: memoryview, what: str) -> None:
-        got, size = 0, len(view)
-        while got < size:
-            n = self.source(view[got:])
-            if not n:
-                raise Truncated(f"stream truncated in {what} at offset {self.offset + got}: {got} of {size} bytes")
-            got += n
-        self.offset += size
-
-    def at_end(self) -> bool:
-        return self.source(memoryview(bytearray(1))) == 0
-
-
 class _Replay(io.RawIOBase):
     """A source whose first bytes were read to recognise it: gives them back, then the rest."""
 
@@ -121,15 +98,6 @@ class Framing:
 
 
 @dataclass
-class Headers:
-    """The libxc image and domain headers."""
-    offset: int
-    raw: bytes
-    version: int
-    domain: tuple[int, int, int, int, int]      # type, page_shift, reserved, xen_major, xen_minor
-
-
-@dataclass
 class Pages:
     """What a page record carries; arrays view the walk's buffer."""
     entries: np.ndarray         # every pfn entry, in record order
@@ -167,76 +135,24 @@ def walk(fd: int) -> Iterator[Part]:
 
 
 def _image(r: Input) -> Iterator[Part]:
-    raw = r.read(len(image.SIGNATURE), "signature")
-    image.check_signature(raw)
-    yield Framing(0, None, raw)
-    while True:
-        at = r.offset
-        head = r.read(image.HEADER_SIZE, "image header")
-        htype, length = image.parse_header(head)        # bounds every payload it lets through
-        action = image.HEADER_TYPES[htype].action
-        payload = b""
-        if action != image.Action.REFUSE:
-            payload = r.read(length, f"{image.name(htype)} record")
-        if htype == image.XENOPS:
-            try:
-                image.parse_xenops_record(payload)
-            except image.ImageError as e:
-                raise image.ImageError(f"at offset {at}: {e}") from None
-        yield Framing(at, htype, head + payload)
-        if action == image.Action.REFUSE:        # what follows has no length this reader knows
-            raise image.refusal(htype)
-        if action == image.Action.XENGUEST:
+    """The image walk's framing (not the restore reader's placement rules), libxc streams inline."""
+    yield Framing(0, None, imagewalk.read_signature(r))
+    for h in imagewalk.headers(r, restore=False):
+        yield Framing(h.offset, h.htype, h.raw + h.payload)
+        if h.action == image.Action.XENGUEST:
             yield from _libxc(r)
-        elif action == image.Action.END:
-            return
 
 
 def _libxc(r: Input) -> Iterator[Headers | Record]:
-    """The restorer's rules, record by record (restore.Restorer applies them to a domain)."""
-    at = r.offset
-    ihdr = r.read(libxc.IHDR_SIZE, "image header")
-    version = libxc.parse_image_header(ihdr)
-    dhdr = r.read(libxc.DHDR_SIZE, "domain header")
-    libxc.parse_domain_header(dhdr)
-    yield Headers(at, ihdr + dhdr, version, struct.unpack(libxc.DHDR_FORMAT, dhdr))
-    buf = bytearray(libxc.RH_SIZE + libxc.MAX_RECORD_BODY + 8)
-    seen: set[int] = set()
-    static_done = version < 3
-    while True:
-        at = r.offset
-        head = r.read(libxc.RH_SIZE, "record header")
-        rtype, length = libxc.parse_record_header(head)
-        name = libxc.record_name(rtype)
-        view = memoryview(buf)[:libxc.RH_SIZE + length + libxc.padding(length)]
-        view[:libxc.RH_SIZE] = head
-        r.readinto(view[libxc.RH_SIZE:], f"{name} record")
-        if any(view[libxc.RH_SIZE + length:]):
-            raise libxc.StreamError(f"non-zero padding after {name} record at offset {at}")
-        body = view[libxc.RH_SIZE:libxc.RH_SIZE + length]
-        record = Record(at, rtype, length, view)
-        if rtype in (libxc.REC_TYPE_END, libxc.REC_TYPE_STATIC_DATA_END):
-            if length:
-                raise libxc.StreamError(f"{name} record with a body at offset {at}")
-            if rtype == libxc.REC_TYPE_STATIC_DATA_END:
-                static_done = True
-        elif rtype in _PAGE_RECORDS:
-            if not static_done:
-                raise libxc.StreamError(f"{name} before STATIC_DATA_END at offset {at}")
-            record.pages = _PAGE_RECORDS[rtype](body)
-        elif rtype in CONTEXT_RECORDS:
-            context_blob(rtype, body)
-        elif rtype in (libxc.REC_TYPE_VERIFY, libxc.REC_TYPE_CHECKPOINT):
-            raise libxc.StreamError(f"{name} record is not supported on a migration")
-        elif not rtype & libxc.REC_TYPE_OPTIONAL:
-            raise libxc.StreamError(f"unknown mandatory record type 0x{rtype:08x} at offset {at}")
-        seen.add(rtype)
-        if rtype == libxc.REC_TYPE_END and REQUIRED_RECORDS - seen:
-            raise libxc.StreamError("stream ended without "
-                                    + ", ".join(sorted(libxc.record_name(t) for t in REQUIRED_RECORDS - seen)))
+    """The walk's records, page records described (the restorer applies the same walk to a domain)."""
+    for part in libxcwalk.walk(r, locate=True):
+        if isinstance(part, Headers):
+            yield part
+            continue
+        record = Record(part.offset, part.rtype, part.length, part.raw)
+        if part.rtype in _PAGE_RECORDS:
+            record.pages = _PAGE_RECORDS[part.rtype](part.body)
         yield record
-        if rtype == libxc.REC_TYPE_END:
-            return
 
 
 def _plain_pages(body: memoryview) -> Pages:

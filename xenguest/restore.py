@@ -18,18 +18,8 @@ from xenemu import Domain
 from xenemu.context import HVM_PARAM_CONSOLE_PFN, HVM_PARAM_STORE_PFN, hvm_param
 from xenemu.memory import PAGE_SIZE
 
-from xenmig import compressed, libxc
+from xenmig import compressed, libxc, libxcwalk
 from xenmig.fdio import Reader, Truncated
-
-# Records that must arrive before END, with the context blob each one fills.
-CONTEXT_RECORDS = {
-    libxc.REC_TYPE_X86_CPUID_POLICY: "cpuid_policy",
-    libxc.REC_TYPE_X86_MSR_POLICY: "msr_policy",
-    libxc.REC_TYPE_X86_TSC_INFO: "tsc_info",
-    libxc.REC_TYPE_HVM_CONTEXT: "hvm_context",
-    libxc.REC_TYPE_HVM_PARAMS: "hvm_params",
-}
-REQUIRED_RECORDS = {libxc.REC_TYPE_HVM_CONTEXT, libxc.REC_TYPE_HVM_PARAMS, libxc.REC_TYPE_X86_TSC_INFO}
 
 
 @dataclass
@@ -41,8 +31,6 @@ class RestoreResult:
     bytes_read: int
 
 
-# Page records, recognised by type alone whatever this xenguest was started with.
-PAGE_RECORDS = (libxc.REC_TYPE_PAGE_DATA, compressed.REC_TYPE)
 # What compressed records queued for inflation may hold at once (each its body's copy and up to
 # 8 MiB of inflated frames), whatever the CPU count: 16 MiB records must not multiply by it.
 MAX_INFLIGHT_BYTES = 64 << 20
@@ -56,7 +44,6 @@ class Restorer:
         self.reader = Reader(fd)
         self.on_pages = on_pages
         self.pages = 0
-        self._buf = bytearray(libxc.MAX_RECORD_BODY + 8)
         self.threads = int(os.environ.get("XENGUEST_DECOMPRESS_THREADS", 0)) or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[Future[tuple[np.ndarray, np.ndarray]], int]] = deque()
@@ -103,50 +90,22 @@ class Restorer:
                 self._pool.shutdown(wait=True)
 
     def _run(self) -> RestoreResult:
-        r = self.reader
-        version = libxc.parse_image_header(r.read(libxc.IHDR_SIZE, "image header"))
-        libxc.parse_domain_header(r.read(libxc.DHDR_SIZE, "domain header"))
+        """The walk checks every record's rules; page records (recognised by type alone, whatever
+        this xenguest was started with) go to the domain, context records to its context."""
         blobs: dict[str, bytes] = {}
-        seen: set[int] = set()
-        static_done = version < 3
         records = 0
-        while True:
-            at = r.offset
-            rtype, length = libxc.parse_record_header(r.read(libxc.RH_SIZE, "record header"))
-            pad = libxc.padding(length)
-            view = memoryview(self._buf)[:length + pad]
-            r.readinto(view, f"{libxc.record_name(rtype)} record")
-            if any(view[length:]):
-                raise libxc.StreamError(f"non-zero padding after {libxc.record_name(rtype)} record at offset {at}")
-            body = view[:length]
+        for part in libxcwalk.walk(self.reader, finish=lambda: self._drain(0)):
+            if not isinstance(part, libxcwalk.Record):
+                continue
             records += 1
-            if rtype == libxc.REC_TYPE_END:
-                if length:
-                    raise libxc.StreamError("END record with a body")
-                self._drain(0)
-                break
-            if rtype in PAGE_RECORDS:
-                if not static_done:
-                    raise libxc.StreamError(f"{libxc.record_name(rtype)} before STATIC_DATA_END")
-                self._page_record(rtype, body)
-            elif rtype == libxc.REC_TYPE_STATIC_DATA_END:
-                if length:
-                    raise libxc.StreamError("STATIC_DATA_END record with a body")
-                static_done = True
-            elif rtype in CONTEXT_RECORDS:
-                blobs[CONTEXT_RECORDS[rtype]] = context_blob(rtype, body)
-            elif rtype in (libxc.REC_TYPE_VERIFY, libxc.REC_TYPE_CHECKPOINT):
-                raise libxc.StreamError(f"{libxc.record_name(rtype)} record is not supported on a migration")
-            elif not rtype & libxc.REC_TYPE_OPTIONAL:
-                raise libxc.StreamError(f"unknown mandatory record type 0x{rtype:08x} at offset {at}")
-            seen.add(rtype)
-        missing = REQUIRED_RECORDS - seen
-        if missing:
-            raise libxc.StreamError("stream ended without " + ", ".join(sorted(libxc.record_name(t) for t in missing)))
+            if part.rtype in libxcwalk.PAGE_RECORDS:
+                self._page_record(part.rtype, part.body)
+            elif part.blob is not None:
+                blobs[libxcwalk.CONTEXT[part.rtype]] = part.blob
         self.domain.set_context(blobs)
         params = blobs["hvm_params"]
         return RestoreResult(hvm_param(params, HVM_PARAM_STORE_PFN), hvm_param(params, HVM_PARAM_CONSOLE_PFN),
-                             self.pages, records, r.offset)
+                             self.pages, records, self.reader.offset)
 
 
 def last_copies(pfns: np.ndarray) -> np.ndarray | slice:
@@ -162,18 +121,3 @@ def plain_frames(body: memoryview | bytes, npages: int) -> tuple[np.ndarray, np.
     """A PAGE_DATA record's pfns and frames (views of the body: no copy)."""
     pd = libxc.parse_page_data(body, npages)
     return pd.pfns, np.frombuffer(body, dtype=np.uint8, offset=pd.data_offset).reshape(-1, PAGE_SIZE)
-
-
-def context_blob(rtype: int, body: memoryview) -> bytes:
-    if rtype == libxc.REC_TYPE_X86_TSC_INFO:
-        return libxc.check_tsc_info(bytes(body))
-    if rtype == libxc.REC_TYPE_HVM_PARAMS:
-        return libxc.parse_hvm_params(bytes(body))
-    if rtype == libxc.REC_TYPE_X86_CPUID_POLICY:
-        return libxc.check_array("X86_CPUID_POLICY", bytes(body), libxc.X86_CPUID_POLICY_ENTRY_SIZE)
-    if rtype == libxc.REC_TYPE_X86_MSR_POLICY:
-        return libxc.check_array("X86_MSR_POLICY", bytes(body), libxc.X86_MSR_POLICY_ENTRY_SIZE)
-    if not len(body):
-        raise libxc.StreamError("empty HVM_CONTEXT record")
-    return bytes(body)
-

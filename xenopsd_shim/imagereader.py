@@ -14,7 +14,7 @@ from xenemu import Domain, DomainError, Host, check_name
 from xenemu.memory import check_size
 from xenemu.workload import parse_spec
 from xenmig import control as ctl
-from xenmig import image
+from xenmig import image, imagewalk
 from xenmig.fdio import Reader, Truncated
 
 from .emuctl import EmuManager, EmuManagerError
@@ -28,12 +28,11 @@ def valid_uuid(text: object) -> bool:
     return isinstance(text, str) and _UUID.match(text) is not None
 
 
-def parse_vm_record(raw: bytes, name_override: str | None = None) -> dict[str, Any]:
+def vm_of_record(rec: image.XenopsRecord, name_override: str | None = None) -> dict[str, Any]:
     """The VM the Xenops record describes: its vm_str must hold this project's metadata (see parse_vm_metadata).
 
     A record without vm_str (older xenopsd), or whose vm_str is a real
     xenopsd's VM sexp, is a valid image that this project cannot build a VM from."""
-    rec = image.parse_xenops_record(raw)
     if rec.vm_str is None:
         raise image.ImageError("the Xenops record has no vm_str: this project builds the VM from the metadata "
                                "it keeps there, so it cannot resume this image")
@@ -94,7 +93,6 @@ class ImageReader:
         self.domain: Domain | None = None
         self.emu: EmuManager | None = None
         self.emu_pids: list[int] = []
-        self.restored = False
 
     def run(self) -> Domain:
         """The restored domain, paused; on failure nothing is left."""
@@ -108,22 +106,13 @@ class ImageReader:
             raise
 
     def _run(self) -> Domain:
-        image.check_signature(self.reader.read(len(image.SIGNATURE), "signature"))
-        handlers: dict[image.Action, Callable[[int, int], None]] = {
-            image.Action.VM: self._vm, image.Action.XENGUEST: self._xenguest, image.Action.VGPU: self._vgpu_on_main,
-            image.Action.DEVICE_MODEL: self._device_model, image.Action.SKIP: self._skip,
-            image.Action.REFUSE: lambda htype, _: self._refuse(htype)}
-        while True:
-            htype, length = image.parse_header(self.reader.read(image.HEADER_SIZE, "image header"))
-            self.log.debug(f"image header {image.name(htype)} length {length}")
-            action = image.HEADER_TYPES[htype].action
-            if action == image.Action.END:
-                break
-            if self.domain is None and action not in (image.Action.VM, image.Action.REFUSE):
-                raise image.ImageError(f"{image.name(htype)} before the Xenops record")
-            handlers[action](htype, length)
-        if not self.restored:
-            raise image.ImageError("well formed, but useless stream: End_of_image before any Libxc stream")
+        """The walk checks every header's rules (framing and place); each kind is handled here."""
+        handlers: dict[image.Action, Callable[[imagewalk.Header], None]] = {
+            image.Action.VM: self._vm, image.Action.XENGUEST: self._xenguest,
+            image.Action.DEVICE_MODEL: self._device_model, image.Action.SKIP: self._skip}
+        for header in imagewalk.walk(self.reader, restore=True, on_header=self._log_header):
+            if header.action in handlers:
+                handlers[header.action](header)
         assert self.emu is not None and self.domain is not None
         code = self.emu.wait()
         if code != 0:
@@ -133,30 +122,24 @@ class ImageReader:
         self.domain.update(state="paused")
         return self.domain
 
-    def _vm(self, _: int, length: int) -> None:
-        if self.domain is not None:
-            raise image.ImageError("second Xenops record")
-        self._create(parse_vm_record(self.reader.read(length, "Xenops record"), self.name))
+    def _log_header(self, htype: int, length: int) -> None:
+        self.log.debug(f"image header {image.name(htype)} length {length}")
 
-    def _xenguest(self, _: int, __: int) -> None:
+    def _vm(self, header: imagewalk.Header) -> None:
+        assert header.xenops is not None
+        self._create(vm_of_record(header.xenops, self.name))
+
+    def _xenguest(self, _: imagewalk.Header) -> None:
         self._restore_emulators()
-        self.restored = True
 
-    def _vgpu_on_main(self, _: int, __: int) -> None:
-        raise image.ImageError("a Demu header on the main stream: the vGPU stream travels on its own fd")
-
-    def _device_model(self, htype: int, length: int) -> None:
+    def _device_model(self, header: imagewalk.Header) -> None:
         assert self.domain is not None
-        self.domain.set_context({"device_model": self.reader.read(length, f"{image.name(htype)} record")})
+        self.domain.set_context({"device_model": header.payload})
 
-    def _skip(self, htype: int, length: int) -> None:
+    def _skip(self, header: imagewalk.Header) -> None:
         """Varstored and swtpm state: read whole, as the real reader does, and dropped (no UEFI or vTPM here)."""
-        self.reader.read(length, f"{image.name(htype)} record")
-        self.log.info(f"{image.name(htype)} record of {length} bytes skipped: no varstored or swtpm is emulated")
-
-    @staticmethod
-    def _refuse(htype: int) -> None:
-        raise image.refusal(htype)
+        self.log.info(f"{image.name(header.htype)} record of {header.length} bytes skipped: "
+                      "no varstored or swtpm is emulated")
 
     def _create(self, rec: dict[str, Any]) -> None:
         if self.uuid is not None and rec["uuid"] != self.uuid:
