@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import zstandard
 
 from xenemu.memory import PAGE_SIZE
-from xenmig import compressed, image, libxc
+from xenmig import compressed, image, imagewalk, libxc, libxcwalk
 from xenopsd_shim import zstdframe
 
 MEMORY = 8 << 20                   # the seeds' VMs
@@ -123,21 +123,17 @@ def apply_ops(raw: bytes, ops: list[tuple]) -> bytes:
 
 
 def parse_image(raw: bytes, kind: str) -> Image:
-    """A seed's structure, read with the project's own header parsers (a seed is valid: they accept it)."""
-    image.check_signature(raw[:len(image.SIGNATURE)])
-    pos, parts = len(image.SIGNATURE), []
-    while True:
-        htype, length = image.parse_header(raw[pos:pos + image.HEADER_SIZE])
-        pos += image.HEADER_SIZE
-        if htype == image.LIBXC:
-            stream, pos = parse_libxc(raw, pos)
-            parts.append(Part(htype, stream=stream))
+    """A seed's structure, read by the project's own walker with every rule (a seed is valid)."""
+    parts: list[Part] = []
+    walked = imagewalk.parse(raw, restore=True)
+    for item in walked:
+        if isinstance(item, libxcwalk.Parsed):
+            parts[-1].stream = Stream(item.headers.raw[:libxc.IHDR_SIZE], item.headers.raw[libxc.IHDR_SIZE:],
+                                      [Rec(rtype, body) for _, rtype, body in item.records])
         else:
-            parts.append(Part(htype, raw[pos:pos + length]))
-            pos += length
-        if htype == image.END_OF_IMAGE:
-            break
-    assert pos == len(raw)
+            parts.append(Part(item.htype, item.payload))
+    last = walked[-1]
+    assert isinstance(last, imagewalk.Header) and last.offset + image.HEADER_SIZE == len(raw)
     return Image(kind, image.SIGNATURE, parts, vm_of(parts[0].payload)["uuid"])
 
 
@@ -151,22 +147,6 @@ def vm_of(record: bytes) -> dict:
 def with_vm(vm: object) -> bytes:
     """A Xenops record as vm-suspend writes it, carrying `vm` (JSON) as its vm_str."""
     return image.build_xenops_record(image.XenopsRecord(image.now(), image.WORD_SIZE, json.dumps(vm), []))
-
-
-def parse_libxc(raw: bytes, pos: int) -> tuple[Stream, int]:
-    """The libxc stream at `pos`, through its End record; and where it ends."""
-    ihdr, dhdr = raw[pos:pos + libxc.IHDR_SIZE], raw[pos + libxc.IHDR_SIZE:pos + libxc.IHDR_SIZE + libxc.DHDR_SIZE]
-    libxc.parse_image_header(ihdr)
-    libxc.parse_domain_header(dhdr)
-    pos += libxc.IHDR_SIZE + libxc.DHDR_SIZE
-    records = []
-    while True:
-        rtype, length = libxc.parse_record_header(raw[pos:pos + libxc.RH_SIZE])
-        pos += libxc.RH_SIZE
-        records.append(Rec(rtype, raw[pos:pos + length]))
-        pos += length + libxc.padding(length)
-        if rtype == libxc.REC_TYPE_END:
-            return Stream(ihdr, dhdr, records), pos
 
 
 def records_of(img: Image, types: tuple[int, ...] | None = None) -> list[Rec]:
