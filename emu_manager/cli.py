@@ -15,6 +15,7 @@ from xenemu import Host
 from xenmig.control import LineChannel
 from xenmig.log import Log
 from xenmig.longopts import Opt, UsageError, parse
+from xenmig.procwait import exit_now
 
 from .emus import EMU_KINDS, DmArg, Emu, EmuKind, find_executable
 from .orchestrator import Orchestrator
@@ -106,4 +107,4 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    exit_now(run(sys.argv[1:]))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 from xenemu import Host
 from xenmig import emp
+from xenmig.procwait import wait_or_kill
 
 
 class Stage(enum.Flag):
@@ -140,6 +141,7 @@ class Emu:
     iteration: int = 0
     result: str = ""
     save_stats: dict[str, int] | None = None    # its figures of a save, forwarded before "result:"
+    cpu: float | None = None                    # its CPU seconds, once it has exited and been reaped
 
     @property
     def name(self) -> str:
@@ -190,22 +192,25 @@ class Emu:
         except emp.EmpError as e:
             raise EmuFailure(self.name, str(e)) from None
 
-    def stop(self, exit_timeout: float) -> int | None:
-        """Close the socket and wait for the process; SIGKILL after the timeout."""
+    def hang_up(self) -> None:
+        """Close the EMP socket: after `quit`, the emulator's end closes as it exits."""
         if self.chan is not None:
             self.chan.close()
             self.chan = None
+
+    def stop(self, exit_timeout: float) -> int | None:
+        """Close the socket and wait for the process; SIGKILL after the timeout."""
+        self.hang_up()
         if self.proc is None:
             return None
-        try:
-            code = self.proc.wait(timeout=exit_timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+        if self.state == EmuState.EXITED:
+            return self.proc.returncode
+        ended = wait_or_kill(self.proc, exit_timeout)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.state = EmuState.EXITED
-        return code
+        self.cpu = ended.cpu
+        return ended.code
 
     @property
     def percent(self) -> int:

@@ -14,6 +14,7 @@ from xenmig.empserver import EmpServer, Work
 from xenmig.fdio import Reader, Truncated, write_all
 from xenmig.log import Log
 from xenmig.longopts import Opt, UsageError, parse
+from xenmig.procwait import exit_now
 
 from . import stream
 
@@ -92,6 +93,6 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    exit_now(run(sys.argv[1:]))
 
 

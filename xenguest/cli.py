@@ -17,6 +17,7 @@ from xenmig.fdio import Truncated
 from xenmig.log import Log
 from xenmig.longopts import Opt, UsageError, parse
 from xenmig.precopy import Aborted
+from xenmig.procwait import exit_now
 
 from . import convert, inspect
 from .listen import Server
@@ -101,4 +102,4 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    exit_now(run(sys.argv[1:]))

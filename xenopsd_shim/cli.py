@@ -16,6 +16,7 @@ from xenemu.memory import digest_report
 from xenemu.profiles import PROFILES
 from xenemu.units import format_size, parse_rate, parse_size
 from xenmig import image
+from xenmig.procwait import exit_now
 
 from . import cancel, codecs, policy, tlstunnel, transport
 from .emuctl import EmuManagerError
@@ -280,6 +281,6 @@ def main() -> None:
         text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
         click.echo(f"xenopsd-shim: {text}", err=True)
         code = EXIT_FAILED
-    sys.exit(code)
+    exit_now(code)      # every command has released what it holds: skip the interpreter's teardown
 
 
