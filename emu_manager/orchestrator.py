@@ -187,11 +187,19 @@ class Orchestrator:
                     self.tell(f"{ctl.MSG_RESULT}{emu.name}{result}")
 
     def quit(self) -> None:
-        for emu in self.taking_part(Stage.QUIT):
+        """Every emulator told to quit, then each reaped (they exit side by side); then, our
+        extension, each one's CPU reported to xenopsd."""
+        quitting = self.taking_part(Stage.QUIT)
+        for emu in quitting:
             self.request(emu, emp.CMD_QUIT)
+            emu.hang_up()
+        for emu in quitting:
             code = emu.stop(self.timeouts.exit)
             if code:
                 raise EmuFailure(emu.name, f"{emu.name} exited with status {code}")
+        for emu in quitting:
+            if emu.cpu is not None:
+                self.tell(ctl.cpu(emu.name, emu.cpu))
 
     # -- requests, acks and the event loop ----------------------------------------
     def tell(self, line: str) -> None:

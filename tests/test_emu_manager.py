@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import HostDir, ProcessWatcher, argv_of, exe
+from xenmig import control
 
 
 class Xenopsd:
@@ -299,6 +300,25 @@ def test_live_save_order_with_vgpu(hosts, tmp_path):
         "xenguest: migrate_paused", "vgpu: migrate_paused",
         "xenopsd: result:0 0", "xenguest: quit", "vgpu: quit"], err
     assert "<- set_args {'vgpu': 'true'}" in err, err
+
+
+def test_emulators_cpu_reported_after_the_result_then_exit(hosts, tmp_path):
+    """Our extension: after `result:`, each emulator's CPU (from wait4 once reaped), then EOF."""
+    h = hosts()
+    fds = [append_only(tmp_path / "stream"), append_only(tmp_path / "vgpu")]
+    x = Xenopsd(h, "-fd", str(fds[0]), "-mode", "hvm_save", "-domid", str(vgpu_vm(h)), "-live", "false",
+                "-dm", f"vgpu:{fds[1]}", stream_fd=fds[0], more_fds=(fds[1],))
+    for fd in fds:
+        os.close(fd)
+    assert play_xenopsd(x) == "result:0 0"
+    rest = []
+    while (line := x.recv()) is not None:
+        rest.append(line)
+    reports = [control.parse_cpu(line) for line in rest]
+    assert [emu for emu, _ in reports] == ["xenguest", "vgpu"], rest
+    assert all(seconds > 0 for _, seconds in reports), rest
+    code, err = x.finish()
+    assert code == 0, err
 
 
 def test_nonlive_save_order_pause_then_each_emulator_in_turn(hosts, tmp_path):

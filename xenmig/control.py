@@ -23,6 +23,10 @@ MSG_ERROR = "error:"              # + "[<emu> ]<text>"
 # This project's extension, an `info:` the real xenopsd only logs (it reads progress from info:
 # lines that start with INFO_PREFIX): an emulator's save statistics, before "result:".
 MSG_SAVE_STATS = MSG_INFO + "xenmig-save-stats:"   # + emulator name + " " + JSON object
+# Also ours, likewise only logged by the real xenopsd: an emulator's CPU seconds (user + system, from
+# wait4 when emu-manager reaped it), after "result:" and before emu-manager exits, so that xenopsd
+# can tell emu-manager's own CPU from its emulators' without sampling /proc.
+MSG_CPU = MSG_INFO + "xenmig-cpu:"                 # + emulator name + " " + seconds
 # xenopsd -> emu-manager
 MSG_DONE = "done"
 MSG_RESTORE = "restore:"          # + emulator name
@@ -63,6 +67,25 @@ def parse_save_stats(line: str) -> tuple[str, dict[str, int]] | None:
         return emu, emp.parse_save_stats(json.loads(text))
     except (ValueError, emp.EmpError):
         raise ControlError(f"protocol error: malformed save statistics {line!r}") from None
+
+
+def cpu(emu: str, seconds: float) -> str:
+    """emu-manager reports an emulator's CPU seconds, once it has reaped it, as this line."""
+    return f"{MSG_CPU}{emu} {seconds:.3f}"
+
+
+def parse_cpu(line: str) -> tuple[str, float] | None:
+    """(emulator, CPU seconds) of a CPU line; None for any other line."""
+    if not line.startswith(MSG_CPU):
+        return None
+    emu, _, text = line[len(MSG_CPU):].partition(" ")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not emu or not 0 <= seconds < float("inf"):
+        raise ControlError(f"protocol error: malformed CPU report {line!r}")
+    return emu, seconds
 
 
 class LineChannel:
