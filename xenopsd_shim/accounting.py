@@ -1,82 +1,41 @@
-"""CPU seconds per process role, sampled while the processes live.
+"""CPU seconds per process role of one migration, each known when its process is reaped.
 
-Children of children (xenguest under emu-manager, zstd) are reaped by their
-own parents, so their times are read from /proc while they run; the last
-sample before a process exits stands for its total.
+No sampling: the shim reaps its own children (emu-manager, zstd) with wait4,
+whose resource usage is exact and includes what they reaped themselves;
+emu-manager reports its emulators' CPU the same way (control.MSG_CPU), so its
+own share is its figure less theirs. The shim's own CPU is its own clock.
 """
 from __future__ import annotations
 
-import os
-import threading
-from typing import Callable
+import time
+from typing import Callable, Mapping
 
-import psutil
-
-ROLES = ("emu-manager", "xenguest", "vgpu-emu", "zstd", "nice", "ionice")
-INTERVAL = 0.05
-
-
-def role_of(proc: psutil.Process) -> str:
-    try:
-        cmd = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return "other"
-    for part in cmd[:3]:
-        base = os.path.basename(part)
-        if base in ROLES:
-            return "zstd" if base in ("nice", "ionice") else base
-    return "xenopsd-shim" if proc.pid == os.getpid() else "other"
+SHIM = "xenopsd-shim"
+EMU_MANAGER = "emu-manager"
+ZSTD = "zstd"
+# An emulator's role is its executable's name; emu-manager names it by its table's name.
+EMULATOR_ROLES = {"xenguest": "xenguest", "vgpu": "vgpu-emu"}
 
 
 class CpuAccounting:
-    """Samples the descendants of this process (or of `roots()`) until stopped."""
+    """Collects each reaped process's CPU under its role; `own` is the shim's own clock
+    (the whole process for a one-shot command, the thread of a migration in `serve`)."""
 
-    def __init__(self, roots: Callable[[], list[int]] | None = None) -> None:
-        self._roots = roots
-        self._times: dict[int, tuple[str, float]] = {}
-        self._me = psutil.Process()
-        self._base = sum(self._me.cpu_times()[:2])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self, own: Callable[[], float] = time.process_time) -> None:
+        self._own = own
+        self._base = own()
+        self._roles: dict[str, float] = {}
 
-    def __enter__(self) -> "CpuAccounting":
-        self._thread.start()
-        return self
+    def add(self, role: str, seconds: float) -> None:
+        self._roles[role] = self._roles.get(role, 0.0) + seconds
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _sample(self) -> None:
-        children: list[psutil.Process] = []
-        try:
-            if self._roots is None:
-                children = self._me.children(recursive=True)
-            else:
-                for pid in self._roots():
-                    root = psutil.Process(pid)
-                    children += [root, *root.children(recursive=True)]
-        except (psutil.Error, OSError):   # processes come and go while /proc is read
-            pass
-        for child in children:
-            try:
-                t = child.cpu_times()
-                prev = self._times.get(child.pid)
-                self._times[child.pid] = (prev[0] if prev else role_of(child), t.user + t.system)
-            except psutil.Error:
-                continue
-
-    def _run(self) -> None:
-        while not self._stop.wait(INTERVAL):
-            self._sample()
-
-    def stop(self) -> None:
-        if not self._stop.is_set():
-            self._sample()
-            self._stop.set()
-            self._thread.join()
+    def add_emu_manager(self, total: float, emulators: Mapping[str, float]) -> None:
+        """emu-manager's wait4 figure (its emulators' included) split into its own and each
+        emulator's, by what it reported of them."""
+        for emu, seconds in emulators.items():
+            self.add(EMULATOR_ROLES.get(emu, emu), seconds)
+        self.add(EMU_MANAGER, max(0.0, total - sum(emulators.values())))
 
     def by_role(self) -> dict[str, float]:
-        totals: dict[str, float] = {"xenopsd-shim": round(sum(self._me.cpu_times()[:2]) - self._base, 3)}
-        for role, seconds in self._times.values():
-            totals[role] = round(totals.get(role, 0.0) + seconds, 3)
-        return totals
+        """The shim's own CPU so far, and every reaped process's, rounded to milliseconds."""
+        return {SHIM: round(self._own() - self._base, 3), **{r: round(s, 3) for r, s in self._roles.items()}}

@@ -35,9 +35,11 @@ class Wrap(Protocol):
     """One stream's fd as a codec wraps it: `fd` is where the image is written (or read).
     `finish` when the stream is complete (raises what `ERRORS` holds if the codec failed);
     `settle` after the writer failed, to learn whether the codec failed first; `failure`
-    why it failed, if it did; `killed` whether a signal ended it; `stop` on any end."""
+    why it failed, if it did; `killed` whether a signal ended it; `stop` on any end; `cpu` the
+    CPU seconds of its process, once reaped (None: it has none, or not yet reaped)."""
 
     fd: int | None
+    cpu: float | None
 
     @property
     def pid(self) -> int | None: ...
@@ -57,6 +59,7 @@ class Passthrough:
 
     pid = None
     killed = False
+    cpu = None
 
     def finish(self) -> None:
         pass

@@ -15,7 +15,9 @@ from typing import Callable
 
 from xenemu import Host
 from xenmig import control as ctl
+from xenmig.procwait import Exit, wait_exit, wait_or_kill
 
+from .accounting import CpuAccounting
 from .log import Logger
 
 class EmuManagerError(Exception):
@@ -30,6 +32,7 @@ def executable(name: str) -> str:
 
 
 WATCH_INTERVAL = 1.0
+DIED_TIMEOUT = 2.0      # a closed control pipe usually means it has died: how long to wait to be sure
 
 
 class EmuManager:
@@ -47,6 +50,8 @@ class EmuManager:
         self.argv += [*(extra or []), "-dm", "qemu", *codec_args]     # the codec's own (codecs.Codec.emu_args)
         self.log = log
         self.save_stats: dict[str, dict[str, int]] = {}     # by emulator: its figures of a save
+        self.emulator_cpu: dict[str, float] = {}            # by emulator: its CPU, reported once reaped
+        self.exit: Exit | None = None                       # once reaped
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, pass_fds=(to_emu_r, from_emu_w, fd, *pass_fds),
@@ -85,10 +90,11 @@ class EmuManager:
         except ctl.ControlTimeout:
             raise
         except ctl.ControlError as e:
-            try:
-                code = self.proc.wait(timeout=2)      # a closed pipe usually means it has died
-            except subprocess.TimeoutExpired:
+            ended = wait_exit(self.proc, DIED_TIMEOUT)
+            if ended is None:
                 raise EmuManagerError(f"emu-manager: {e}") from None
+            self.exit = ended
+            code = ended.code
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             raise EmuManagerError(f"emu-manager {how}") from None
         self.log.debug(f"<- emu-manager: {line}")
@@ -119,6 +125,8 @@ class EmuManager:
                 emu, figures = stats
                 self.save_stats[emu] = figures
                 continue
+            if self._took_cpu(line):
+                continue
             if until(line):
                 return line
             for prefix, handler in handlers.items():
@@ -129,18 +137,50 @@ class EmuManager:
             else:
                 raise EmuManagerError(f"protocol error: unexpected message from emu-manager {line!r}")
 
-    def wait(self, timeout: float = 60) -> int:
+    def _took_cpu(self, line: str) -> bool:
+        """An emulator's CPU report (our extension), kept: True; any other line: False."""
         try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+            report = ctl.parse_cpu(line)
+        except ctl.ControlError as e:
+            raise EmuManagerError(str(e)) from None
+        if report is None:
+            return False
+        self.emulator_cpu[report[0]] = report[1]
+        return True
+
+    def finish(self, timeout: float = 60) -> int:
+        """After its last result: what emu-manager still says (its emulators' CPU, or an error,
+        which raises) until it closes the control pipe as it exits; then its exit status."""
+        while True:
+            try:
+                line = self.channel.recv(timeout)
+            except ctl.ControlTimeout:
+                break                   # wait() below ends it
+            except ctl.ControlError:
+                break                   # closed: it is exiting
+            self.log.debug(f"<- emu-manager: {line}")
+            if line.startswith(ctl.MSG_ERROR):
+                raise EmuManagerError(f"emu-manager reported: {line[len(ctl.MSG_ERROR):]}")
+            if not self._took_cpu(line) and ctl.parse_info(line) is None:
+                raise EmuManagerError(f"protocol error: unexpected message from emu-manager {line!r}")
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 60) -> int:
+        """Its exit status, once it has exited (SIGKILL after the timeout); reaped at the moment
+        it exits, with its CPU."""
+        if self.exit is None:
+            self.exit = wait_or_kill(self.proc, timeout)
         self._relay.join(timeout=5)
-        return code
+        return self.exit.code
+
+    def account(self, cpu: CpuAccounting) -> None:
+        """Its CPU and its emulators', once reaped, to the migration's accounting."""
+        if self.exit is not None:
+            cpu.add_emu_manager(self.exit.cpu, self.emulator_cpu)
 
     def abort(self, timeout: float = 60) -> None:
         """`abort`, then wait for it (and so its emulators) to exit; SIGKILL after the timeout."""
-        if self.proc.poll() is None:
+        if self.exit is None and self.proc.poll() is None:
             try:
                 self.channel.send(ctl.MSG_ABORT)
             except ctl.ControlError:
@@ -149,7 +189,7 @@ class EmuManager:
 
     def close(self) -> None:
         """Idempotent: a second close must not close fd numbers that another thread now owns."""
-        if self.proc.poll() is None:
+        if self.exit is None and self.proc.poll() is None:
             self.abort()
         for fd in (self._to_emu, self._from_emu):
             if fd >= 0:

@@ -17,6 +17,7 @@ from xenmig import control as ctl
 from xenmig import image, imagewalk
 from xenmig.fdio import Reader, Truncated
 
+from .accounting import CpuAccounting
 from .emuctl import EmuManager, EmuManagerError
 from .log import Logger
 
@@ -78,9 +79,11 @@ def parse_vm_metadata(raw: bytes, name_override: str | None = None,
 class ImageReader:
     def __init__(self, host: Host, fd: int, *, log: Logger, name: str | None = None,
                  vgpu_fd: Callable[[], int] | None = None, uuid: str | None = None,
-                 domain: Domain | None = None) -> None:
+                 domain: Domain | None = None, cpu: CpuAccounting | None = None) -> None:
         """`uuid`: the VM the stream must carry (the one a request named), when it is known;
-        `domain`: the one a migration created before the image (synchronisation point 1)."""
+        `domain`: the one a migration created before the image (synchronisation point 1);
+        `cpu`: where emu-manager's CPU and its emulators' go once it is reaped."""
+        self.cpu = cpu
         self.created = domain
         self.host = host
         self.uuid = uuid
@@ -92,7 +95,6 @@ class ImageReader:
         self.name = name
         self.domain: Domain | None = None
         self.emu: EmuManager | None = None
-        self.emu_pids: list[int] = []
 
     def run(self) -> Domain:
         """The restored domain, paused; on failure nothing is left."""
@@ -114,9 +116,11 @@ class ImageReader:
             if header.action in handlers:
                 handlers[header.action](header)
         assert self.emu is not None and self.domain is not None
-        code = self.emu.wait()
+        code = self.emu.finish()
         if code != 0:
             raise EmuManagerError(f"emu-manager exited with status {code}")
+        if self.cpu is not None:
+            self.emu.account(self.cpu)
         self.emu.close()
         self.emu = None
         self.domain.update(state="paused")
@@ -161,7 +165,6 @@ class ImageReader:
                 raise image.ImageError(str(e)) from None
         self.emu = EmuManager(domid=self.domain.domid, mode="hvm_restore", fd=self.fd, extra=extra, log=self.log,
                               pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
-        self.emu_pids.append(self.emu.pid)
 
     def _restore_emulators(self) -> None:
         """restore:xenguest, then (the vGPU's Demu header read from its fd) restore:vgpu; then both results.

@@ -18,6 +18,7 @@ from xenmig import control as ctl
 from xenmig import image
 from xenmig.fdio import write_all
 
+from .accounting import CpuAccounting
 from .codecs import Codec
 from .emuctl import EmuManager, EmuManagerError
 from .log import Logger
@@ -85,17 +86,24 @@ class ImageWriter:
         self.stats.emu_argv = self.emu.argv
         self.emu.serve({ctl.MSG_SUSPEND: self._suspend, ctl.MSG_PREPARE: self._prepare},
                        until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self.on_info, watch=self.watch)
-        code = self.emu.wait()
-        if code != 0:
-            raise EmuManagerError(f"emu-manager exited with status {code} after its result")
         memory = self.emu.save_stats.get("xenguest", {})
         self.stats.iterations, self.stats.pages = memory.get("iterations", 0), memory.get("pages", 0)
         self.stats.zero_pages = memory.get("zero_pages", 0)
+        # The emulators' streams are complete once the result is in: the rest of the image goes
+        # now, while emu-manager quits them, so the destination is not kept waiting for that.
         dm = self.domain.context().get("device_model", b"")
         write_all(self.fd, [image.build_header(image.QEMU_TRAD, len(dm)), dm, image.build_header(image.END_OF_IMAGE)])
         if self.vgpu_fd is not None:        # every stream fd ends with its footer, the main one first
             write_all(self.vgpu_fd, [image.build_header(image.END_OF_IMAGE)])
+        code = self.emu.finish()            # before the commit: a failing emu-manager fails the save
+        if code != 0:
+            raise EmuManagerError(f"emu-manager exited with status {code} after its result")
         return self.stats
+
+    def account(self, cpu: CpuAccounting) -> None:
+        """emu-manager's CPU and its emulators', once it has been reaped."""
+        if self.emu is not None:
+            self.emu.account(cpu)
 
     def close(self) -> None:
         """Release emu-manager: `abort` first if it still runs, then wait for it and its emulators."""

@@ -28,7 +28,7 @@ from xenemu import Domain, Host
 from xenemu.memory import memory_digest
 
 from . import cancel, codecs, tlstunnel, transport
-from .accounting import CpuAccounting
+from .accounting import ZSTD, CpuAccounting
 from .codecs import Codec
 from .imagewriter import ImageWriter, SaveStats, vm_metadata
 from .log import Logger
@@ -146,6 +146,7 @@ class SourceMigration:
         self.committed = False       # told the destination to start the VM
         self.agreed: frozenset[str] = frozenset()   # our extensions, as both sides announced them
         self.left_paused: str | None = None     # why: it could not say whether it started it
+        self.running_at: float | None = None    # when the destination said the VM runs (point 4)
 
     def _cookies(self) -> dict[str, str]:
         """xenopsd's cookies on every connection, plus our secret."""
@@ -168,23 +169,24 @@ class SourceMigration:
         if is_same_host(self.host, self.dest):
             self.domain.mark_outgoing(True)     # lets this host's receiver restore a copy beside it
         transfer = Transfer()
-        with CpuAccounting() as cpu:
-            try:
-                self._open(transfer.conns, cookies)
-                self._send_image(transfer)
-                remote = self._conclude(transfer.conns["vm"])
-            except BaseException as e:
-                reason = self._abandon(e, transfer)
-                wire = self._end(transfer.conns)
-                remote = self._settle(reason, was_running, cookies)
-            else:
-                wire = self._end(transfer.conns)
+        cpu = CpuAccounting()
+        try:
+            self._open(transfer.conns, cookies)
+            self._send_image(transfer, cpu)
+            remote = self._conclude(transfer.conns["vm"])
+        except BaseException as e:
+            reason = self._abandon(e, transfer)
+            wire = self._end(transfer.conns)
+            remote = self._settle(reason, was_running, cookies)
+        else:
+            wire = self._end(transfer.conns)
         done = time.monotonic()
         self.domain.destroy()
         return self._summary(transfer.stats, wire, cpu.by_role(), remote, t0, done)
 
-    def _send_image(self, transfer: Transfer) -> None:
-        """The suspend image through each stream's codec, then every stream ended (point 2)."""
+    def _send_image(self, transfer: Transfer, cpu: CpuAccounting) -> None:
+        """The suspend image through each stream's codec, then every stream ended (point 2);
+        the CPU of the processes reaped meanwhile (emu-manager and its emulators, zstd) to `cpu`."""
         codec = self.options.codec
         transfer.streams = [Stream("memory", transfer.conns["memory"], codec)]
         if "vgpu" in transfer.conns:
@@ -196,9 +198,12 @@ class SourceMigration:
                                       on_info=self.on_info, vgpu_fd=vgpu[0].fd if vgpu else None,
                                       watch=lambda: self._watch_destination(vm))
         transfer.stats = transfer.writer.run()
+        transfer.writer.account(cpu)
         transfer.writer.close()
         for stream in transfer.streams:
             stream.finish()
+            if stream.wrap.cpu is not None:
+                cpu.add(ZSTD, stream.wrap.cpu)
         self.log.info("synchronisation point 2: image sent")
 
     def _abandon(self, seen: BaseException, transfer: Transfer) -> BaseException:
@@ -231,7 +236,9 @@ class SourceMigration:
             "status": "success", "vm": self.domain.name, "uuid": self.domain.uuid, "dest": self.dest,
             "mode": self.options.codec.name, "live": self.options.live, "verified": self.options.verify,
             "total_seconds": round(done - t0, 3),
-            "downtime_seconds": round(done - stats.paused_at, 3) if stats.paused_at else None,
+            # The paused window: from the pause to the destination's word that the VM runs (or, when
+            # that word was lost and the state asked for, to the end).
+            "downtime_seconds": round((self.running_at or done) - stats.paused_at, 3) if stats.paused_at else None,
             "iterations": stats.iterations, "pages_sent": stats.pages, "zero_pages": stats.zero_pages,
             "memory_bytes": self.domain.memory_bytes, "vgpu_bytes": self.domain.vgpu_bytes,
             "wire_bytes": sum(wire.values()), "wire_bytes_per_stream": wire,
@@ -284,6 +291,7 @@ class SourceMigration:
         answer = transport.recv_result(vm, timeout, "the destination to start the VM")
         if answer is not None:
             raise MigrationError(f"destination failed to start the VM: {transport.describe_error(answer)}")
+        self.running_at = time.monotonic()
         self.log.info("synchronisation point 4: the VM runs on the destination")
         if transport.EXT_STATS not in self.agreed:
             return {}

@@ -28,7 +28,7 @@ from xenemu.memory import memory_digest
 from xenmig import image
 
 from . import codecs, tlstunnel, transport
-from .accounting import CpuAccounting
+from .accounting import SHIM, ZSTD, CpuAccounting
 from .imagereader import ImageReader, parse_vm_metadata, valid_uuid
 from .listener import Listener
 from .log import Logger
@@ -443,22 +443,23 @@ class IncomingMigration:
             self._fail(str(e))
             return
         assert wrap.fd is not None
+        cpu = CpuAccounting(own=time.thread_time)       # this migration's thread of the shim
         reader = ImageReader(self.host, wrap.fd, log=self.log,
-                             vgpu_fd=lambda: self._vgpu_fd(codec), uuid=domain.uuid, domain=domain)
+                             vgpu_fd=lambda: self._vgpu_fd(codec), uuid=domain.uuid, domain=domain, cpu=cpu)
         wraps = lambda: [w for w in (wrap, self.vgpu_wrap) if w is not None]  # noqa: E731
-        roots = lambda: [*reader.emu_pids, *(w.pid for w in wraps() if w.pid is not None)]  # noqa: E731
-        with CpuAccounting(roots=roots) as cpu:
-            try:
-                reader.run()
-                for w in wraps():
-                    w.finish()     # each stream has ended: its codec must have ended cleanly too
-            except Exception as e:
-                failure = next(filter(None, (w.failure() for w in wraps())), None)
-                domain.destroy()
-                self._fail(f"restore failed: {failure or e}", linger=True)
-                return
-            finally:
-                wrap.stop()
+        try:
+            reader.run()
+            for w in wraps():
+                w.finish()     # each stream has ended: its codec must have ended cleanly too
+                if w.cpu is not None:
+                    cpu.add(ZSTD, w.cpu)
+        except Exception as e:
+            failure = next(filter(None, (w.failure() for w in wraps())), None)
+            domain.destroy()
+            self._fail(f"restore failed: {failure or e}", linger=True)
+            return
+        finally:
+            wrap.stop()
         self.restored = True
         self.log.info("synchronisation point 2: image restored")
         try:
@@ -475,8 +476,8 @@ class IncomingMigration:
         try:
             transport.send_result(self.conn)                           # point 4
             if transport.EXT_STATS in agreed:
-                stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != "xenopsd-shim"},
-                                         "xenopsd-shim": round(time.thread_time() - cpu_start, 3)}}
+                stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != SHIM},
+                                         SHIM: round(time.thread_time() - cpu_start, 3)}}
                 transport.send_result(self.conn, json.dumps(stats))
             self._linger()     # the source reads its stream connections' counters before it closes
         except transport.TransportError:

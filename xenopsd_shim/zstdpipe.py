@@ -15,6 +15,8 @@ import socket
 import subprocess
 import threading
 
+from xenmig.procwait import Exit, wait_exit, wait_or_kill
+
 from .zstdframe import FrameError, relay_one_frame
 
 ZSTD = "/usr/bin/zstd"
@@ -37,6 +39,7 @@ class Zstd:
         self.compress = compress
         self.name = "zstd --fast" if compress else "zstd --decompress"
         self.relay_error: str | None = None
+        self.cpu: float | None = None       # once reaped (wait4), for the migration's accounting
         self._relay: threading.Thread | None = None
         r, w = os.pipe()
         ours, theirs = (w, r) if compress else (r, w)
@@ -76,6 +79,10 @@ class Zstd:
         """A signal ended it: a root cause, where an error exit is often a consequence."""
         return (self.proc.returncode or 0) < 0
 
+    def _reaped(self, ended: Exit | None) -> None:
+        if ended is not None and self.cpu is None:
+            self.cpu = ended.cpu
+
     def close_fd(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -96,10 +103,7 @@ class Zstd:
         zstd can be reaped, so our end is closed and zstd waited for; a healthy one exits 0."""
         assert self.compress
         self.close_fd()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
+        self._reaped(wait_exit(self.proc, timeout))
         return self.failure()
 
     def finish(self) -> None:
@@ -109,11 +113,7 @@ class Zstd:
         elif self.fd is not None and select.select([self.fd], [], [], EXIT_TIMEOUT)[0] and os.read(self.fd, 1):
             # zstd would block writing what nobody reads: fail now, not after EXIT_TIMEOUT.
             raise ZstdError("the compressed stream goes on after the end of the image")
-        try:
-            self.proc.wait(timeout=EXIT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self._reaped(wait_or_kill(self.proc, EXIT_TIMEOUT))
         self.close_fd()
         if self._relay is not None:
             self._relay.join(timeout=EXIT_TIMEOUT)
@@ -124,8 +124,6 @@ class Zstd:
     def stop(self) -> None:
         """Any failure: end zstd now (idempotent)."""
         self.close_fd()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        self._reaped(wait_or_kill(self.proc, 0))
         if self.proc.stderr is not None:
             self.proc.stderr.close()
