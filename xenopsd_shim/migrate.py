@@ -32,6 +32,7 @@ from .accounting import CpuAccounting
 from .codecs import Codec
 from .imagewriter import ImageWriter, vm_metadata
 from .log import Logger
+from .phases import phases
 from .policy import is_same_host
 from .timeouts import Timeouts
 
@@ -111,6 +112,8 @@ class SourceMigration:
         self.committed = False       # told the destination to start the VM
         self.agreed: frozenset[str] = frozenset()   # our extensions, as both sides announced them
         self.left_paused: str | None = None     # why: it could not say whether it started it
+        self.opened_at: float | None = None     # trace points for the summary's phases
+        self.running_at: float | None = None
 
     def _cookies(self) -> dict[str, str]:
         """xenopsd's cookies on every connection, plus our secret."""
@@ -137,6 +140,7 @@ class SourceMigration:
         with CpuAccounting() as cpu:
             try:
                 self._open(conns, cookies)
+                self.opened_at = time.monotonic()
                 streams = [Stream("memory", conns["memory"], codec)]
                 if "vgpu" in conns:
                     # The xenguest codec leaves it as it is (xenguest compresses memory only).
@@ -187,6 +191,7 @@ class SourceMigration:
             "compression_ratio": round(self.domain.memory_bytes / wire["memory"], 3) if wire["memory"] else None,
             "cpu_seconds": {"source": cpu.by_role(), "destination": remote.get("cpu_seconds", {})},
             "emu_manager_argv": stats.emu_argv,
+            "phases": phases(t0, self.opened_at, stats.first_page_at, stats.last_page_at, self.running_at, done),
         }
 
     def _connect(self, path: str, cookies: dict[str, str]) -> socket.socket:
@@ -234,6 +239,7 @@ class SourceMigration:
         if answer is not None:
             raise MigrationError(f"destination failed to start the VM: {transport.describe_error(answer)}")
         self.log.info("synchronisation point 4: the VM runs on the destination")
+        self.running_at = time.monotonic()
         if transport.EXT_STATS not in self.agreed:
             return {}
         try:
