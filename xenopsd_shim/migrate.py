@@ -140,7 +140,6 @@ class SourceMigration:
         with CpuAccounting() as cpu:
             try:
                 self._open(conns, cookies)
-                self.opened_at = time.monotonic()
                 streams = [Stream("memory", conns["memory"], codec)]
                 if "vgpu" in conns:
                     # The xenguest codec leaves it as it is (xenguest compresses memory only).
@@ -226,6 +225,7 @@ class SourceMigration:
         conns["memory"] = self._connect(transport.MIGRATE_MEM_PATH + dest_id, cookies)
         self._expect_success(conns["memory"], "the destination's memory connection (point 1-mem)")
         transport.send_result(vm)                                 # 1-mem ACK
+        self.opened_at = time.monotonic()
 
     def _conclude(self, vm: socket.socket) -> dict[str, Any]:
         """After the image: our verification if agreed, then points 3 and 4, then our statistics."""
