@@ -12,9 +12,9 @@ Target = tuple[str, str, bool | None]          # (target, figure, met?); met Non
 NO_DATA = "no data"
 SMALL, LARGE = "256M", "1G"                     # the sizes the targets name
 IDLE_GUEST = dict(profile="mixed", workload="none")
-# Nothing gets slower: this run against the previous one, case by case (total time). A shared
-# 2-CPU machine moves single cases by 10-20%, so the whole must not be slower (geometric mean)
-# and no case beyond the noise.
+# Nothing gets slower: this run against the previous one, case by case (time in units of the
+# run's own CLI time). A shared 2-CPU machine moves single cases by 10-20%, so the whole must not
+# be slower (geometric mean) and no case beyond the noise.
 SLOWER_MEAN, SLOWER_WORST = 1.0, 1.25
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
