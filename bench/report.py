@@ -74,8 +74,8 @@ def _against_cli(report: Report, r: Row) -> float | None:
 
 
 def _slower(report: Report, previous: Report | None) -> Target:
-    name = "nothing gets slower than the previous run (every case's time in units of its run's CLI time: " \
-           f"geometric mean <= {SLOWER_MEAN}x, none > {SLOWER_WORST}x)"
+    name = "nothing gets slower than the previous run (every case's time, in seconds and in units of its " \
+           f"run's CLI time: geometric mean <= {SLOWER_MEAN}x, none > {SLOWER_WORST}x)"
     if previous is None:
         return name, NO_DATA, None
     raw, scaled = {}, {}
@@ -89,11 +89,16 @@ def _slower(report: Report, previous: Report | None) -> Target:
                 scaled[key] = now / then
     if not scaled:
         return name, NO_DATA, None
-    gmean = lambda xs: math.exp(sum(math.log(v) for v in xs) / len(xs))  # noqa: E731
-    worst = max(scaled, key=scaled.__getitem__)
-    return (name, f"mean {gmean(list(scaled.values())):.2f}x over {len(scaled)} cases, slowest "
-            f"{scaled[worst]:.2f}x ({worst}); in seconds: mean {gmean(list(raw.values())):.2f}x",
-            gmean(list(scaled.values())) <= SLOWER_MEAN and scaled[worst] <= SLOWER_WORST)
+    def verdict(ratios: dict[str, float], unit: str) -> tuple[str, bool]:
+        mean = math.exp(sum(math.log(v) for v in ratios.values()) / len(ratios))
+        worst = max(ratios, key=ratios.__getitem__)
+        return (f"{unit}: mean {mean:.2f}x, slowest {ratios[worst]:.2f}x ({worst})",
+                mean <= SLOWER_MEAN and ratios[worst] <= SLOWER_WORST)
+
+    # Both must hold: a busier machine slows the seconds, and the single-threaded CLI more than a
+    # migration's several processes, so neither alone is safe to call "not slower".
+    (in_s, ok_s), (in_cli, ok_cli) = verdict(raw, "seconds"), verdict(scaled, "in CLI times")
+    return name, f"{len(scaled)} cases; {in_s}; {in_cli}", ok_s and ok_cli
 
 
 def targets(report: Report, previous: Report | None = None) -> list[Target]:

@@ -45,14 +45,27 @@ def test_demo_migrates_one_vm_by_every_method():
     assert [line.split()[0] for line in table] == ["none", "stream", "xenguest"]
 
 
+def _old_row(link: str, method: str, seconds: float) -> dict:
+    """A row as results.json had it before sizes and phases."""
+    return {"profile": "mixed", "workload": "none", "link": link, "method": method, "runs": 3,
+            "total_seconds": seconds, "downtime_seconds": 0.1, "wire_bytes": 100 << 20, "ratio": 2.6,
+            "guest_mbps": 268 / seconds, "cpu_seconds": {"xenguest": seconds}, "cpu_total": seconds}
+
+
 def test_report_reads_the_previous_format(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     from bench.report import targets, write_markdown
 
-    old = json.loads((ROOT / "bench" / "results.json").read_text())
-    new = {**old, "results": [{**r, "size": old["size"]} for r in old["results"]]}
+    old = {"size": "256M", "reps": 3, "link_shaping": "tc tbf", "cpus": 2, "seconds": 1.0,
+           "references": {"mixed": {"zstd --fast CLI": 500.0}},
+           "results": [_old_row(link, m, s) for link in ("unlimited", "1gbit")
+                       for m, s in (("none", 0.8), ("stream", 1.6), ("xenguest", 1.2))]}
+    new = {**old, "results": [{**r, "size": "256M", "phases": None} for r in old["results"]]}
     write_markdown(new, tmp_path / "results.md", old)
     text = (tmp_path / "results.md").read_text()
     assert "| target | previous run | this run | met |" in text
-    slower = targets(new, old)[-1]
-    assert slower[0].startswith("nothing gets slower") and slower[2] is True
+    found = {name: (figure, met) for name, figure, met in targets(new, old)}
+    assert found["256 MiB in-band total time <= 0.6x stream, loopback"] == ("0.75x (1.2 / 1.6)", False)
+    assert found["1 GiB in-band total time <= 0.6x stream, loopback"] == ("no data", None)
+    [slower] = [v for k, v in found.items() if k.startswith("nothing gets slower")]
+    assert slower[1] is True
