@@ -109,11 +109,11 @@ class SourceMigration:
         self.options = options
         self.log = log
         self.on_info = on_info
+        self.opened_at: float | None = None     # the connections made (the summary's phases)
         self.committed = False       # told the destination to start the VM
         self.agreed: frozenset[str] = frozenset()   # our extensions, as both sides announced them
         self.left_paused: str | None = None     # why: it could not say whether it started it
-        self.opened_at: float | None = None     # trace points for the summary's phases
-        self.running_at: float | None = None
+        self.running_at: float | None = None    # when the destination said the VM runs (point 4)
 
     def _cookies(self) -> dict[str, str]:
         """xenopsd's cookies on every connection, plus our secret."""
@@ -238,8 +238,8 @@ class SourceMigration:
         answer = transport.recv_result(vm, timeout, "the destination to start the VM")
         if answer is not None:
             raise MigrationError(f"destination failed to start the VM: {transport.describe_error(answer)}")
-        self.log.info("synchronisation point 4: the VM runs on the destination")
         self.running_at = time.monotonic()
+        self.log.info("synchronisation point 4: the VM runs on the destination")
         if transport.EXT_STATS not in self.agreed:
             return {}
         try:
