@@ -93,7 +93,7 @@ def table(runs: dict[str, dict]) -> list[str]:
 
 
 def main() -> int:
-    memory = os.environ.get("DEMO_MEMORY", "512M")
+    memory = os.environ.get("DEMO_MEMORY", "256M")   # the size the benchmark's targets name
     with two_hosts("xenmig-demo-", both_ways=True) as box:
         print(f"host A {box.host_a} (receiving on {box.dest_a})\nhost B {box.host_b} (receiving on {box.dest})")
         out = box.shim(box.host_a, "vm-create", VM, "--memory", memory, "--image", "mixed", check=True)
