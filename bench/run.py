@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from harness import netns
 from harness.netns import NetnsLink, sh
+from xenopsd_shim.phases import PHASES
 
 BIN = Path(sys.executable).parent
 OUT = Path(__file__).resolve().parent
@@ -139,31 +140,55 @@ def references(memory: Path) -> dict[str, float]:
 
 
 # Runs ----------------------------------------------------------------------------------------
-def migrate_once(b: Bench, size: str, profile: str, workload: str, method: str, link_args: list[str]) -> dict:
+PROFILES = ("idle", "mixed", "busy", "random")       # busy: no zero page left, every page compressed
+WORKLOADS = ("none", "dirty:50MB/s")
+# A second size, so the targets that name both 256 MiB and 1 GiB come from one run.
+SPOT = {"profile": "mixed", "workload": "none", "link": "unlimited"}
+SPOT_SIZE = {True: "1G", False: "256M"}              # by --quick
+
+
+@dataclass(frozen=True)
+class Case:
+    size: str
+    profile: str
+    workload: str
+    link: str
+
+
+def cases(size: str, spot_size: str | None, quick: bool) -> list[Case]:
+    """Every case of one repetition; all links and sizes fall in each, so a slow window of
+    the machine hurts every link alike instead of one."""
+    out = [Case(size, p, w, link) for p in PROFILES for w in WORKLOADS for link in LINKS
+           if not (quick and w != "none" and (p != "mixed" or link != "unlimited"))]
+    if spot_size and spot_size != size:
+        out.append(Case(spot_size, **SPOT))
+    return out
+
+
+def migrate_once(b: Bench, case: Case, method: str, link_args: list[str]) -> dict:
     (b.root_a / "xenopsd.conf").write_text(f"migration-compressor = {'stream' if method == 'none' else method}\n")
-    b.shim("A", "vm-create", "vm", "--memory", size, "--image", profile, "--workload", workload)
-    if workload != "none":
+    b.shim("A", "vm-create", "vm", "--memory", case.size, "--image", case.profile, "--workload", case.workload)
+    if case.workload != "none":
         time.sleep(0.5)
     proc = b.shim("A", "vm-migrate", "vm", "--dest", b.dest, "--json", *link_args,
                   "--no-compress" if method == "none" else "--compress", check=False)
     if proc.returncode != 0:
         b.shim("A", "vm-destroy", "vm", check=False)
-        raise RuntimeError(f"{method} {profile} {workload}: {proc.stderr.strip()}")
+        raise RuntimeError(f"{method} {case}: {proc.stderr.strip()}")
     b.shim("B", "vm-destroy", "vm")
     return json.loads(proc.stdout)
 
 
+def _role_cpu(run: dict, role: str) -> float:
+    return sum(side.get(role, 0.0) for side in run["cpu_seconds"].values())
+
+
 def summarise(runs: list[dict]) -> dict[str, Any]:
-    med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
-    roles: dict[str, list[float]] = {}
-    for r in runs:
-        totals: dict[str, float] = {}
-        for side in r["cpu_seconds"].values():
-            for role, secs in side.items():
-                totals[role] = totals.get(role, 0.0) + secs
-        for role, secs in totals.items():
-            roles.setdefault(role, []).append(secs)
-    cpu = {role: med(v) for role, v in sorted(roles.items())}
+    med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+    roles = sorted({role for r in runs for side in r["cpu_seconds"].values() for role in side})
+    cpu = {role: med([_role_cpu(r, role) for r in runs]) for role in roles}
+    traced = [r["phases"] for r in runs if r.get("phases")]
+    phases = {name: med([p[name] for p in traced]) for name in PHASES} if traced else None
     return {
         "runs": len(runs),
         "total_seconds": med([r["total_seconds"] for r in runs]),
@@ -171,54 +196,92 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
         "wire_bytes": int(statistics.median([r["wire_bytes"] for r in runs])),
         "ratio": med([r["memory_bytes"] / r["wire_bytes"] for r in runs]),
         "guest_mbps": med([r["memory_bytes"] / r["total_seconds"] / 1e6 for r in runs]),
-        "cpu_seconds": cpu, "cpu_total": round(sum(cpu.values()), 3),
+        "cpu_seconds": cpu, "cpu_total": round(sum(v for v in cpu.values() if v), 3),
+        "phases": phases,
+        "fixed_seconds": med([p["start_up"] + p["tail"] for p in traced]),
+        "data_mbps": med([r["memory_bytes"] / r["phases"]["data"] / 1e6 for r in runs
+                          if r.get("phases") and r["phases"]["data"] > 0]),
     }
+
+
+def canary(runs: list[dict]) -> dict[str, float]:
+    """The same fixed work in every case, so it moves only with the machine: emu-manager's CPU
+    (all start-up; it only relays) and the start-up phase's wall time, which also shows a window
+    where other work took the CPUs (CPU seconds do not: they count only what ran)."""
+    secs = sorted(_role_cpu(r, "emu-manager") for r in runs)
+    start_up = [r["phases"]["start_up"] for r in runs if r.get("phases")]
+    return {"emu_manager_cpu_median": round(statistics.median(secs), 3), "min": secs[0], "max": secs[-1],
+            "start_up_median": round(statistics.median(start_up), 3) if start_up else None}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="256 MiB VMs, fewer cases (under 10 minutes)")
+    ap.add_argument("--quick", action="store_true", help="256 MiB VMs, fewer cases, a 1 GiB point (minutes)")
     ap.add_argument("--size", default=None)
+    ap.add_argument("--spot-size", default=None,
+                    help="the second size's point (mixed, idle guest, unlimited); '' for none")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--pacing", action="store_true", help="shape links with --max-bandwidth even as root")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     size = args.size or ("256M" if args.quick else "1G")
+    spot_size = SPOT_SIZE[args.quick] if args.spot_size is None else args.spot_size or None
     reps = args.reps or (3 if args.quick else 5)
-    profiles = ("idle", "mixed", "busy", "random")       # busy: no zero page left, every page compressed
-    cases = [(p, w, link) for link in LINKS for p in profiles for w in ("none", "dirty:50MB/s")
-             if not (args.quick and w != "none" and (p != "mixed" or link != "unlimited"))]
+    plan = cases(size, spot_size, args.quick)
     link = make_link(args.pacing)
-    results: list[dict] = []
-    refs: dict[str, dict] = {}
+    runs: dict[tuple[Case, str], list[dict]] = {(c, m): [] for c in plan for m in METHODS}
+    ref_runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    canaries: list[dict] = []
     started = time.monotonic()
     try:
         with hosts(link) as b:
-            for profile in profiles:
-                b.shim("A", "vm-create", "ref", "--memory", size, "--image", profile)
-                refs[profile] = references(next((b.root_a / "domains").iterdir()) / "memory")
-                b.shim("A", "vm-destroy", "ref")
-            for profile, workload, link_name in cases:
-                link_args = link.shape(LINKS[link_name])
-                runs: dict[str, list[dict]] = {m: [] for m in METHODS}
-                for _ in range(reps):
-                    for method in METHODS:        # interleaved
-                        runs[method].append(migrate_once(b, size, profile, workload, method, link_args))
-                for method in METHODS:
-                    row = {"profile": profile, "workload": workload, "link": link_name, "method": method,
-                           **summarise(runs[method])}
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-            link.shape(None)
+            memories: dict[tuple[str, str], Path] = {}
+            for key in dict.fromkeys([(size, p) for p in PROFILES] + [(c.size, c.profile) for c in plan]):
+                name = f"ref-{key[1]}-{key[0]}"     # kept to the end: its memory is the references' bytes
+                b.shim("A", "vm-create", name, "--memory", key[0], "--image", key[1])
+                domid = next(d["domid"] for d in json.loads(b.shim("A", "vm-list", "--json").stdout)
+                             if d["name"] == name)
+                memories[key] = b.root_a / "domains" / str(domid) / "memory"
+            for rep in range(reps):
+                rep_runs: list[dict] = []
+                for key, memory in memories.items():    # the reference points share the window too
+                    ref_runs.setdefault(key, []).append(references(memory))
+                for case in plan:
+                    link_args = link.shape(LINKS[case.link])
+                    order = METHODS[rep % len(METHODS):] + METHODS[:rep % len(METHODS)]   # no method always first
+                    for method in order:
+                        run = migrate_once(b, case, method, link_args)
+                        runs[(case, method)].append(run)
+                        rep_runs.append(run)
+                link.shape(None)
+                canaries.append({"rep": rep + 1, **canary(rep_runs),
+                                 "zstd_cli_mixed_seconds": round(memories[(size, "mixed")].stat().st_size / 1e6
+                                                                 / ref_runs[(size, "mixed")][-1]["zstd --fast CLI"], 3),
+                                 "elapsed": round(time.monotonic() - started, 1)})
+                c = canaries[-1]
+                print(f"repetition {rep + 1}/{reps}: canary emu-manager CPU {c['emu_manager_cpu_median']:.2f} s "
+                      f"(median of {len(rep_runs)} migrations, {c['min']:.2f}-{c['max']:.2f}), start-up "
+                      f"{c['start_up_median'] or 0:.2f} s, zstd --fast CLI {c['zstd_cli_mixed_seconds']:.2f} s on "
+                      f"{size} mixed; "
+                      f"{c['elapsed']:.0f} s so far", flush=True)
     finally:
         link.close()
-    report = {"size": size, "reps": reps, "link_shaping": link.kind, "cpus": os.cpu_count(),
-              "seconds": round(time.monotonic() - started, 1), "references": refs, "results": results}
+    results = [{"size": c.size, "profile": c.profile, "workload": c.workload, "link": c.link, "method": m,
+                **summarise(runs[(c, m)])} for c in plan for m in METHODS]
+    refs = {f"{p}" if s == size else f"{p} {s}": {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
+            for (s, p), rs in ref_runs.items()}
+    report = {"size": size, "spot_size": spot_size, "reps": reps, "link_shaping": link.kind,
+              "cpus": os.cpu_count(), "seconds": round(time.monotonic() - started, 1), "canary": canaries,
+              "references": refs, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
     from .report import write_markdown, write_plot
 
-    write_markdown(report, args.out / "results.md")
+    previous_path = args.out / "results.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
+    if previous is not None:
+        (args.out / "results-previous.json").write_text(json.dumps(previous, indent=1))
+    previous_path.write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / "results.md", previous)
     write_plot(report, args.out / "migration-time.png")
     print((args.out / "results.md").read_text())
     return 0

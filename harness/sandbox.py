@@ -25,8 +25,9 @@ BIN = Path(sys.executable).parent
 class Sandbox:
     host_a: Path
     host_b: Path
-    dest: str
+    dest: str                   # where host B's receiver listens
     env: dict[str, str]
+    dest_a: str | None = None   # where host A's listens, when both do (migrations both ways)
 
     def shim(self, root: Path, *argv: str, check: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "xenopsd-shim"), "--root", str(root), *argv], text=True,
@@ -53,21 +54,26 @@ def _wait_listening(port: int, timeout: float = 30) -> None:
 
 
 @contextmanager
-def two_hosts(prefix: str) -> Iterator[Sandbox]:
+def two_hosts(prefix: str, both_ways: bool = False) -> Iterator[Sandbox]:
+    """Host B receives; with `both_ways` host A too."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    port = _free_port()
+    ports = {"B": _free_port(), **({"A": _free_port()} if both_ways else {})}
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    box = Sandbox(workdir / "hostA", workdir / "hostB", f"127.0.0.1:{port}", env)
+    box = Sandbox(workdir / "hostA", workdir / "hostB", f"127.0.0.1:{ports['B']}", env,
+                  f"127.0.0.1:{ports['A']}" if both_ways else None)
     box.host_a.mkdir()
-    receiver = subprocess.Popen([str(BIN / "xenopsd-shim"), "--root", str(box.host_b), "serve", "--listen",
-                                 box.dest], stderr=subprocess.DEVNULL, env=env)
+    receivers = [subprocess.Popen([str(BIN / "xenopsd-shim"), "--root", str(workdir / f"host{side}"), "serve",
+                                   "--listen", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL, env=env)
+                 for side, port in ports.items()]
     try:
-        _wait_listening(port)
+        for port in ports.values():
+            _wait_listening(port)
         yield box
     finally:
         for root in (box.host_a, box.host_b):
             for d in box.vms(root):
                 box.shim(root, "vm-destroy", d["uuid"])
-        receiver.send_signal(signal.SIGTERM)
-        receiver.wait(timeout=60)
+        for receiver in receivers:
+            receiver.send_signal(signal.SIGTERM)
+            receiver.wait(timeout=60)
         shutil.rmtree(workdir, ignore_errors=True)

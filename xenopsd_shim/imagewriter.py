@@ -41,6 +41,8 @@ def vm_record(domain: Domain) -> bytes:
 @dataclass
 class SaveStats:
     paused_at: float | None = None
+    first_page_at: float | None = None   # trace points for the summary's phases: xenguest starts sending
+    last_page_at: float | None = None    # ... and has sent its END (emu-manager's result)
     iterations: int = 0
     pages: int = 0
     zero_pages: int = 0
@@ -71,6 +73,7 @@ class ImageWriter:
         """Each emulator's stream starts with its header, on that emulator's own fd."""
         if emu == "xenguest":
             write_all(self.fd, [image.build_header(image.LIBXC)])
+            self.stats.first_page_at = time.monotonic()
         elif emu == "vgpu" and self.vgpu_fd is not None:
             write_all(self.vgpu_fd, [image.build_header(image.DEMU)])
         else:
@@ -86,6 +89,7 @@ class ImageWriter:
         self.stats.emu_argv = self.emu.argv
         self.emu.serve({ctl.MSG_SUSPEND: self._suspend, ctl.MSG_PREPARE: self._prepare},
                        until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self.on_info, watch=self.watch)
+        self.stats.last_page_at = time.monotonic()
         memory = self.emu.save_stats.get("xenguest", {})
         self.stats.iterations, self.stats.pages = memory.get("iterations", 0), memory.get("pages", 0)
         self.stats.zero_pages = memory.get("zero_pages", 0)

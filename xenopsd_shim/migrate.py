@@ -32,6 +32,7 @@ from .accounting import ZSTD, CpuAccounting
 from .codecs import Codec
 from .imagewriter import ImageWriter, SaveStats, vm_metadata
 from .log import Logger
+from .phases import phases
 from .policy import is_same_host
 from .timeouts import Timeouts
 
@@ -143,6 +144,7 @@ class SourceMigration:
         self.options = options
         self.log = log
         self.on_info = on_info
+        self.opened_at: float | None = None     # the connections made (the summary's phases)
         self.committed = False       # told the destination to start the VM
         self.agreed: frozenset[str] = frozenset()   # our extensions, as both sides announced them
         self.left_paused: str | None = None     # why: it could not say whether it started it
@@ -245,6 +247,7 @@ class SourceMigration:
             "compression_ratio": round(self.domain.memory_bytes / wire["memory"], 3) if wire["memory"] else None,
             "cpu_seconds": {"source": cpu, "destination": remote.get("cpu_seconds", {})},
             "emu_manager_argv": stats.emu_argv,
+            "phases": phases(t0, self.opened_at, stats.first_page_at, stats.last_page_at, self.running_at, done),
         }
 
     def _connect(self, path: str, cookies: dict[str, str]) -> socket.socket:
@@ -279,6 +282,7 @@ class SourceMigration:
         conns["memory"] = self._connect(transport.MIGRATE_MEM_PATH + dest_id, cookies)
         self._expect_success(conns["memory"], "the destination's memory connection (point 1-mem)")
         transport.send_result(vm)                                 # 1-mem ACK
+        self.opened_at = time.monotonic()
 
     def _conclude(self, vm: socket.socket) -> dict[str, Any]:
         """After the image: our verification if agreed, then points 3 and 4, then our statistics."""

@@ -1,0 +1,71 @@
+"""What `make demo` and `make bench` read and print: the summary's phases, the demo run whole,
+and the report over a result file of the previous format. No timing is asserted: the figures
+come from `make bench`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("handshake", "start_up", "data", "tail")
+
+
+@pytest.mark.parametrize("method", ["none", "stream", "xenguest"])
+def test_summary_phases_tile_the_migration(hosts, receiver, method):
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b)
+    (a.root / "xenopsd.conf").write_text(f"migration-compressor = {'stream' if method == 'none' else method}\n")
+    a.shim("vm-create", "vm1", "--memory", "32M", "--image", "mixed")
+    out = a.shim("vm-migrate", "vm1", "--dest", r.address, "--json",
+                 "--no-compress" if method == "none" else "--compress")
+    summary = json.loads(out.stdout)
+    phases = summary["phases"]
+    assert tuple(phases) == PHASES and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(summary["total_seconds"], abs=0.005)
+    b.shim("vm-destroy", "vm1")
+
+
+def test_demo_migrates_one_vm_by_every_method():
+    env = {**os.environ, "DEMO_MEMORY": "32M", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "harness.demo"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count("matches; the VM runs on host") == 3 and "FAILED" not in out
+    assert "-mode hvm_save" in out and "-mode hvm_restore" in out and "-compress true" in out
+    assert "/usr/bin/zstd --fast" in out
+    table = out[out.index("\nmethod ") + 1:].splitlines()[1:]
+    assert [line.split()[0] for line in table] == ["none", "stream", "xenguest"]
+
+
+def _old_row(link: str, method: str, seconds: float) -> dict:
+    """A row as results.json had it before sizes and phases."""
+    return {"profile": "mixed", "workload": "none", "link": link, "method": method, "runs": 3,
+            "total_seconds": seconds, "downtime_seconds": 0.1, "wire_bytes": 100 << 20, "ratio": 2.6,
+            "guest_mbps": 268 / seconds, "cpu_seconds": {"xenguest": seconds}, "cpu_total": seconds}
+
+
+def test_report_reads_the_previous_format(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.report import targets, write_markdown
+
+    old = {"size": "256M", "reps": 3, "link_shaping": "tc tbf", "cpus": 2, "seconds": 1.0,
+           "references": {"mixed": {"zstd --fast CLI": 500.0}},
+           "results": [_old_row(link, m, s) for link in ("unlimited", "1gbit")
+                       for m, s in (("none", 0.8), ("stream", 1.6), ("xenguest", 1.2))]}
+    new = {**old, "results": [{**r, "size": "256M", "phases": None} for r in old["results"]]}
+    write_markdown(new, tmp_path / "results.md", old)
+    text = (tmp_path / "results.md").read_text()
+    assert "| target | previous run | this run | met |" in text
+    found = {name: (figure, met) for name, figure, met in targets(new, old)}
+    assert found["256 MiB in-band total time <= 0.6x stream, loopback"] == ("0.75x (1.2 / 1.6)", False)
+    assert found["1 GiB in-band total time <= 0.6x stream, loopback"] == ("no data", None)
+    [slower] = [v for k, v in found.items() if k.startswith("nothing gets slower")]
+    assert slower[1] is True
