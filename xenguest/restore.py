@@ -39,8 +39,8 @@ SCRATCH_BYTES = PAGE_SIZE * libxc.PAGE_DATA_MAX_PFNS
 # Read buffers kept for reuse are this size: a record of 1024 pages and its metadata. A longer
 # record (only a hostile or odd sender writes one) gets a buffer of its own, freed after it.
 POOLED_BUFFER_BYTES = libxc.RH_SIZE + libxc.PAGE_DATA_SIZE + (8 + PAGE_SIZE) * libxc.PAGE_DATA_MAX_PFNS + 8
-# A record whose data pages fall in at most this many runs of consecutive pfns inflates straight
-# into guest memory, run by run; a more scattered one into a thread's scratch, then one scatter.
+# A record whose data pages fall in fewer runs of consecutive pfns than this is written run by run
+# (GuestMemory.write_run); a more scattered one by one scatter through the mapping.
 MAX_DIRECT_RUNS = 32
 
 _scratch = threading.local()
@@ -109,33 +109,36 @@ class Restorer:
             keep = last_copies(pfns)
             pfns, frames = pfns[keep], frames[keep]
             zero = np.bitwise_or.reduce(frames.view("<u8"), axis=1) == 0
-            data = ~zero
             self.mem.pages[self._to_zero(pfns[zero])] = 0
+            data = np.flatnonzero(~zero)
             self._nonzero[pfns[data]] = True
-            if data.all() and contiguous(pfns):
-                self.mem.pages[int(pfns[0]):int(pfns[-1]) + 1] = frames
-            else:
-                self.mem.pages[pfns[data]] = frames[data]
+            self._write_runs(pfns[data], frames, data)
         self._count(count)
 
+    def _write_runs(self, pfns: np.ndarray, frames: np.ndarray, rows: np.ndarray) -> None:
+        """frames[rows] into guest memory at `pfns`: by runs of consecutive pfns in consecutive
+        rows (GuestMemory.write_run), or, for a scattered record, one scatter through the mapping."""
+        if not pfns.size:
+            return
+        breaks = np.flatnonzero((np.diff(pfns.astype(np.int64)) != 1) | (np.diff(rows) != 1)) + 1
+        if len(breaks) >= MAX_DIRECT_RUNS:
+            self.mem.pages[pfns] = frames[rows]
+            return
+        for start, end in zip((0, *breaks.tolist()), (*breaks.tolist(), len(pfns))):
+            self.mem.write_run(int(pfns[start]), frames[int(rows[start]):int(rows[end - 1]) + 1])
+
     def _inflate(self, payload: memoryview, data_pfns: np.ndarray, zero_pfns: np.ndarray) -> None:
-        """One compressed record into guest memory (on an inflate thread, or inline)."""
-        pages = self.mem.pages
+        """One compressed record into guest memory (on an inflate thread, or inline), through
+        one reused scratch buffer per thread."""
         if data_pfns.size:
-            starts = np.flatnonzero(np.diff(data_pfns.astype(np.int64)) != 1) + 1
-            if len(starts) < MAX_DIRECT_RUNS:
-                runs = np.split(data_pfns, starts)
-                compressed.inflate_into(payload, [memoryview(pages[int(r[0]):int(r[-1]) + 1]).cast("B")
-                                                  for r in runs])
-            else:
-                scratch = getattr(_scratch, "frames", None)
-                if scratch is None:
-                    scratch = _scratch.frames = np.empty((libxc.PAGE_DATA_MAX_PFNS, PAGE_SIZE), dtype=np.uint8)
-                frames = scratch[:data_pfns.size]
-                compressed.inflate_into(payload, [memoryview(frames).cast("B")])
-                pages[data_pfns] = frames
+            scratch = getattr(_scratch, "frames", None)
+            if scratch is None:
+                scratch = _scratch.frames = np.empty((libxc.PAGE_DATA_MAX_PFNS, PAGE_SIZE), dtype=np.uint8)
+            frames = scratch[:data_pfns.size]
+            compressed.inflate_into(payload, [memoryview(frames).cast("B")])
+            self._write_runs(data_pfns, frames, np.arange(data_pfns.size))
         if zero_pfns.size:
-            pages[zero_pfns] = 0
+            self.mem.pages[zero_pfns] = 0
 
     def _page_record(self, rtype: int, body: memoryview) -> None:
         """Page records are applied in stream order where they overlap: a record that touches a
@@ -219,11 +222,6 @@ def last_copies(pfns: np.ndarray) -> np.ndarray | slice:
     if reverse_first.size == pfns.size:
         return slice(None)
     return pfns.size - 1 - reverse_first
-
-
-def contiguous(pfns: np.ndarray) -> bool:
-    """Consecutive ascending pfns: one slice of guest memory (iteration 0's batches are)."""
-    return bool(pfns.size) and bool((np.diff(pfns.astype(np.int64)) == 1).all())
 
 
 def plain_frames(body: memoryview | bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
