@@ -39,9 +39,6 @@ SCRATCH_BYTES = PAGE_SIZE * libxc.PAGE_DATA_MAX_PFNS
 # Read buffers kept for reuse are this size: a record of 1024 pages and its metadata. A longer
 # record (only a hostile or odd sender writes one) gets a buffer of its own, freed after it.
 POOLED_BUFFER_BYTES = libxc.RH_SIZE + libxc.PAGE_DATA_SIZE + (8 + PAGE_SIZE) * libxc.PAGE_DATA_MAX_PFNS + 8
-# A record whose data pages fall in fewer runs of consecutive pfns than this is written run by run
-# (GuestMemory.write_run); a more scattered one by one scatter through the mapping.
-MAX_DIRECT_RUNS = 32
 
 _scratch = threading.local()
 
@@ -116,14 +113,12 @@ class Restorer:
         self._count(count)
 
     def _write_runs(self, pfns: np.ndarray, frames: np.ndarray, rows: np.ndarray) -> None:
-        """frames[rows] into guest memory at `pfns`: by runs of consecutive pfns in consecutive
-        rows (GuestMemory.write_run), or, for a scattered record, one scatter through the mapping."""
+        """frames[rows] into guest memory at `pfns`, by runs of consecutive pfns in consecutive rows
+        (GuestMemory.write_run), even a scattered record's: through the mapping, the first touch of
+        a fresh page costs the kernel a zero-fill, and zero pages left out split most records' runs."""
         if not pfns.size:
             return
         breaks = np.flatnonzero((np.diff(pfns.astype(np.int64)) != 1) | (np.diff(rows) != 1)) + 1
-        if len(breaks) >= MAX_DIRECT_RUNS:
-            self.mem.pages[pfns] = frames[rows]
-            return
         for start, end in zip((0, *breaks.tolist()), (*breaks.tolist(), len(pfns))):
             self.mem.write_run(int(pfns[start]), frames[int(rows[start]):int(rows[end - 1]) + 1])
 
