@@ -3,7 +3,8 @@
 Specs: `none`; `dirty:RATE` (random pages rewritten with realistic content at
 RATE bytes/s); `increment[:RATE]` (one byte of every page incremented in a
 loop, as QEMU's migration-test guest does, so a page restored from the wrong
-moment stands out). Run as `python -m xenemu.workload ROOT DOMID`.
+moment stands out); `zeroing[:RATE]` (every page given data, then every page zeroed, in
+turn, so pages sent with data in one pass are zero in a later one). Run as `python -m xenemu.workload ROOT DOMID`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ DEFAULT_INCREMENT_RATE = 64 << 20
 
 @dataclass(frozen=True)
 class Workload:
-    kind: str          # none | dirty | increment
+    kind: str          # none | dirty | increment | zeroing
     rate: int          # bytes/s worth of pages touched
 
 
@@ -33,9 +34,10 @@ def parse_spec(spec: str) -> Workload:
         return Workload("none", 0)
     if kind == "dirty" and arg:
         return Workload("dirty", parse_rate(arg))
-    if kind == "increment":
-        return Workload("increment", parse_rate(arg) if arg else DEFAULT_INCREMENT_RATE)
-    raise ValueError(f"invalid workload {spec!r} (none, dirty:RATE e.g. dirty:50MB/s, increment[:RATE])")
+    if kind in ("increment", "zeroing"):
+        return Workload(kind, parse_rate(arg) if arg else DEFAULT_INCREMENT_RATE)
+    raise ValueError(f"invalid workload {spec!r} (none, dirty:RATE e.g. dirty:50MB/s, increment[:RATE], "
+                     "zeroing[:RATE])")
 
 
 def run(root: Path, domid: int) -> None:
@@ -53,6 +55,7 @@ def run(root: Path, domid: int) -> None:
     pages_per_s = workload.rate / PAGE_SIZE
     cursor = 0
     stamp = 0
+    filling = True
     budget = 0.0
     last = time.monotonic()
     while workload.kind != "none":
@@ -76,8 +79,16 @@ def run(root: Path, domid: int) -> None:
                 mem.pages[pfns, :8] = np.frombuffer(np.uint64(stamp).tobytes(), dtype=np.uint8)
             else:
                 pfns = (cursor + np.arange(n)) % mem.npages
+                wrapped = cursor + n >= mem.npages
                 cursor = int(pfns[-1] + 1) % mem.npages
-                mem.pages[pfns, 0] += 1
+                if workload.kind == "increment":
+                    mem.pages[pfns, 0] += 1
+                else:
+                    mem.pages[pfns] = 0
+                    if filling:
+                        stamp += 1
+                        mem.pages[pfns, :8] = np.frombuffer(np.uint64(stamp).tobytes(), dtype=np.uint8)
+                    filling ^= wrapped
             mem.dirty[pfns] = 1
         budget -= n
 

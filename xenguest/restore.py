@@ -7,6 +7,7 @@ the context records have been applied.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,10 +32,43 @@ class RestoreResult:
     bytes_read: int
 
 
-# What compressed records queued for inflation may hold at once (each its body's copy and up to
-# 8 MiB of inflated frames), whatever the CPU count: 16 MiB records must not multiply by it.
+# What compressed records queued for inflation may hold at once (each its own read buffer and a
+# share of the inflate threads' scratch), whatever the CPU count: 16 MiB records must not multiply by it.
 MAX_INFLIGHT_BYTES = 64 << 20
-INFLATED_BYTES = 2 * PAGE_SIZE * libxc.PAGE_DATA_MAX_PFNS
+SCRATCH_BYTES = PAGE_SIZE * libxc.PAGE_DATA_MAX_PFNS
+# Read buffers kept for reuse are this size: a record of 1024 pages and its metadata. A longer
+# record (only a hostile or odd sender writes one) gets a buffer of its own, freed after it.
+POOLED_BUFFER_BYTES = libxc.RH_SIZE + libxc.PAGE_DATA_SIZE + (8 + PAGE_SIZE) * libxc.PAGE_DATA_MAX_PFNS + 8
+
+_scratch = threading.local()
+
+
+class ReadBuffers:
+    """A small pool of read buffers, so that a record queued for inflation keeps its own bytes
+    while the walk reads the next ones (no copy of the record). Main thread only."""
+
+    def __init__(self) -> None:
+        self.free: list[bytearray] = []
+        self.current: bytearray | None = None      # the buffer of the record being walked
+
+    def take(self, size: int) -> memoryview:
+        if self.current is not None:                # the last record was applied, not queued
+            self.give_back(self.current)
+        if size <= POOLED_BUFFER_BYTES:
+            self.current = self.free.pop() if self.free else bytearray(POOLED_BUFFER_BYTES)
+        else:
+            self.current = bytearray(size)
+        return memoryview(self.current)
+
+    def keep(self) -> bytearray:
+        """The current record's buffer now belongs to its queued job."""
+        buf, self.current = self.current, None
+        assert buf is not None
+        return buf
+
+    def give_back(self, buf: bytearray) -> None:
+        if len(buf) == POOLED_BUFFER_BYTES:
+            self.free.append(buf)
 
 
 class Restorer:
@@ -46,37 +80,105 @@ class Restorer:
         self.pages = 0
         self.threads = int(os.environ.get("XENGUEST_DECOMPRESS_THREADS", 0)) or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[Future[tuple[np.ndarray, np.ndarray]], int]] = deque()
+        self._pending: deque[tuple[Future[None], int, np.ndarray, bytearray]] = deque()
         self._inflight = 0
+        self._buffers = ReadBuffers()
+        # A building domain's memory is as create_domain left it: all zero. A page is written only
+        # if it carries data or was given data earlier in this restore (a later iteration may zero it).
+        self._nonzero = np.zeros(self.mem.npages, dtype=bool)
+        # pfns a queued record will write: a record touching one waits for them (stream order wins).
+        self._queued = np.zeros(self.mem.npages, dtype=bool)
 
-    def write_pages(self, pfns: np.ndarray, frames: np.ndarray) -> None:
-        if pfns.size:
-            keep = last_copies(pfns)
-            self.mem.pages[pfns[keep]] = frames[keep]
-        self.pages += len(pfns)
+    def _to_zero(self, zero_pfns: np.ndarray) -> np.ndarray:
+        """Of pages that arrive as zeros, those that must be written (given data earlier)."""
+        written = zero_pfns[self._nonzero[zero_pfns]]
+        self._nonzero[written] = False
+        return written
+
+    def _count(self, n: int) -> None:
+        self.pages += n
         self.on_pages(self.pages)
 
+    def write_pages(self, pfns: np.ndarray, frames: np.ndarray) -> None:
+        """Frames from the read buffer to guest memory, skipping zero pages the domain still has."""
+        count = len(pfns)
+        if pfns.size:
+            keep = last_copies(pfns)
+            pfns, frames = pfns[keep], frames[keep]
+            zero = np.bitwise_or.reduce(frames.view("<u8"), axis=1) == 0
+            self.mem.pages[self._to_zero(pfns[zero])] = 0
+            data = np.flatnonzero(~zero)
+            self._nonzero[pfns[data]] = True
+            self._write_runs(pfns[data], frames, data)
+        self._count(count)
+
+    def _write_runs(self, pfns: np.ndarray, frames: np.ndarray, rows: np.ndarray) -> None:
+        """frames[rows] into guest memory at `pfns`, by runs of consecutive pfns in consecutive rows
+        (GuestMemory.write_run), even a scattered record's: through the mapping, the first touch of
+        a fresh page costs the kernel a zero-fill, and zero pages left out split most records' runs."""
+        if not pfns.size:
+            return
+        breaks = np.flatnonzero((np.diff(pfns.astype(np.int64)) != 1) | (np.diff(rows) != 1)) + 1
+        for start, end in zip((0, *breaks.tolist()), (*breaks.tolist(), len(pfns))):
+            self.mem.write_run(int(pfns[start]), frames[int(rows[start]):int(rows[end - 1]) + 1])
+
+    def _inflate(self, payload: memoryview, data_pfns: np.ndarray, zero_pfns: np.ndarray) -> None:
+        """One compressed record into guest memory (on an inflate thread, or inline), through
+        one reused scratch buffer per thread."""
+        if data_pfns.size:
+            scratch = getattr(_scratch, "frames", None)
+            if scratch is None:
+                scratch = _scratch.frames = np.empty((libxc.PAGE_DATA_MAX_PFNS, PAGE_SIZE), dtype=np.uint8)
+            frames = scratch[:data_pfns.size]
+            compressed.inflate_into(payload, [memoryview(frames).cast("B")])
+            self._write_runs(data_pfns, frames, np.arange(data_pfns.size))
+        if zero_pfns.size:
+            self.mem.pages[zero_pfns] = 0
+
     def _page_record(self, rtype: int, body: memoryview) -> None:
-        """Compressed records inflate on a thread pool (zstd releases the GIL); every record's
-        pages are written in stream order, so a later copy of a pfn always wins."""
-        if rtype == libxc.REC_TYPE_PAGE_DATA or self.threads <= 1:
+        """Page records are applied in stream order where they overlap: a record that touches a
+        pfn a queued one will write waits for it, so a later copy of a pfn always wins. Compressed
+        records inflate on a thread pool (zstd releases the GIL), straight into guest memory."""
+        try:
+            if rtype == libxc.REC_TYPE_PAGE_DATA:
+                pfns, frames = plain_frames(body, self.mem.npages)
+            else:
+                pfns, zero, payload = compressed.parse(body, self.mem.npages)
+        except libxc.StreamError:
+            self._drain(0)          # an earlier record's error comes first
+            raise
+        if self._queued[pfns].any():
             self._drain(0)
-            decode = plain_frames if rtype == libxc.REC_TYPE_PAGE_DATA else compressed.decode_frames
-            self.write_pages(*decode(body, self.mem.npages))
+        if rtype == libxc.REC_TYPE_PAGE_DATA:
+            self.write_pages(pfns, frames)
+            return
+        if not isinstance(last_copies(pfns), slice):    # a pfn twice in one record: the staged way
+            self._drain(0)
+            self.write_pages(*compressed.decode_frames(body, self.mem.npages))
+            return
+        data_pfns, zero_pfns = pfns[~zero], self._to_zero(pfns[zero])
+        self._nonzero[data_pfns] = True
+        if self.threads <= 1:
+            self._inflate(payload, data_pfns, zero_pfns)
+            self._count(len(pfns))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="inflate")
-        # The read buffer is reused for the next record: the job gets its own copy.
-        cost = len(body) + INFLATED_BYTES
-        self._pending.append((self._pool.submit(compressed.decode_frames, bytes(body), self.mem.npages), cost))
+        buf = self._buffers.keep()
+        cost = len(buf) + SCRATCH_BYTES
+        self._queued[pfns] = True
+        self._pending.append((self._pool.submit(self._inflate, payload, data_pfns, zero_pfns), cost, pfns, buf))
         self._inflight += cost
         self._drain(2 * self.threads)
 
     def _drain(self, keep: int) -> None:
         while len(self._pending) > keep or self._inflight > MAX_INFLIGHT_BYTES:
-            job, cost = self._pending.popleft()
+            job, cost, pfns, buf = self._pending.popleft()
             self._inflight -= cost
-            self.write_pages(*job.result())
+            job.result()
+            self._queued[pfns] = False
+            self._buffers.give_back(buf)
+            self._count(len(pfns))
 
     def run(self) -> RestoreResult:
         try:
@@ -85,7 +187,7 @@ class Restorer:
             raise libxc.StreamError(str(e)) from None
         finally:
             if self._pool is not None:
-                for job, _ in self._pending:
+                for job, *_ in self._pending:
                     job.cancel()
                 self._pool.shutdown(wait=True)
 
@@ -94,7 +196,7 @@ class Restorer:
         this xenguest was started with) go to the domain, context records to its context."""
         blobs: dict[str, bytes] = {}
         records = 0
-        for part in libxcwalk.walk(self.reader, finish=lambda: self._drain(0)):
+        for part in libxcwalk.walk(self.reader, finish=lambda: self._drain(0), buffer=self._buffers.take):
             if not isinstance(part, libxcwalk.Record):
                 continue
             records += 1

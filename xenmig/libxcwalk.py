@@ -103,19 +103,22 @@ def _nothing() -> None:
     pass
 
 
-def walk(r: Reader, *, locate: bool = False, finish: Callable[[], None] = _nothing) -> Iterator[Headers | Record]:
+def walk(r: Reader, *, locate: bool = False, finish: Callable[[], None] = _nothing,
+         buffer: Callable[[int], memoryview] | None = None) -> Iterator[Headers | Record]:
     """The headers, then every record through END, each yielded once its rules pass.
 
     `locate`: errors name records as inspect prints them and say where (the restorer's name the
     spec's constants). `finish` runs at a valid END before the required-record check: a consumer
-    that applies records asynchronously completes them there, so their errors come first."""
+    that applies records asynchronously completes them there, so their errors come first.
+    `buffer(n)`, if given, supplies the n bytes the next record is read into (a consumer that keeps
+    a record past the next one gives each its own); by default one buffer serves every record."""
     at = r.offset
     ihdr = r.read(libxc.IHDR_SIZE, "image header")
     version = libxc.parse_image_header(ihdr)
     dhdr = r.read(libxc.DHDR_SIZE, "domain header")
     libxc.parse_domain_header(dhdr)
     yield Headers(at, ihdr + dhdr, version, struct.unpack(libxc.DHDR_FORMAT, dhdr))
-    buf = bytearray(libxc.RH_SIZE + libxc.MAX_RECORD_BODY + 8)
+    buf = bytearray(libxc.RH_SIZE + libxc.MAX_RECORD_BODY + 8) if buffer is None else b""
     seen: set[int] = set()
     static_done = version < 3
     while True:
@@ -124,7 +127,8 @@ def walk(r: Reader, *, locate: bool = False, finish: Callable[[], None] = _nothi
         rtype, length = libxc.parse_record_header(head)        # bounds the length before the buffer is used
         name = libxc.record_name(rtype)
         where = f" at offset {at}" if locate else ""
-        raw = memoryview(buf)[:libxc.RH_SIZE + length + libxc.padding(length)]
+        size = libxc.RH_SIZE + length + libxc.padding(length)
+        raw = buffer(size)[:size] if buffer is not None else memoryview(buf)[:size]
         raw[:libxc.RH_SIZE] = head
         r.readinto(raw[libxc.RH_SIZE:], f"{name} record")
         if any(raw[libxc.RH_SIZE + length:]):
