@@ -12,17 +12,16 @@ import sys
 
 from xenemu import DomainError, Host
 
-from xenmig import libxc
 from xenmig.fdio import Truncated
 from xenmig.log import Log
 from xenmig.longopts import Opt, UsageError, parse
 from xenmig.precopy import Aborted
 from xenmig.procwait import exit_now
 
-from . import convert, inspect
 from .listen import Server
-from .restore import Restorer
-from .save import Saver, page_encoder, simple_precopy_policy
+
+# The modes that copy pages, inspect or convert import numpy and the codecs (most of xenguest's start-up
+# time) where they run: `-mode listen` prints Ready without them and loads them while emu-manager connects.
 
 PROG = "xenguest"
 # As the real xenguest's option table (parse_options): -live, -debug and -fork take no argument.
@@ -37,6 +36,8 @@ MODES = (*DOMAIN_MODES, "inspect", "convert")
 
 
 def _save(host: Host, args: dict, log: Log) -> int:
+    from .save import Saver, page_encoder, simple_precopy_policy
+
     domain = host.domain(args["domid"])
     if domain.state not in ("running", "paused"):
         raise DomainError(f"domain {domain.domid} is {domain.state}; nothing to save")
@@ -49,6 +50,8 @@ def _save(host: Host, args: dict, log: Log) -> int:
 
 
 def _restore(host: Host, args: dict, log: Log) -> int:
+    from .restore import Restorer
+
     domain = host.domain(args["domid"])
     if domain.state != "building":
         raise DomainError(f"domain {domain.domid} is {domain.state}; restore needs a new domain")
@@ -81,8 +84,10 @@ def run(argv: list[str]) -> int:
               args["controloutfd"] if args["controloutfd"] is not None else 2, debug=bool(args["debug"]))
     try:
         if args["mode"] == "inspect":
+            from . import inspect
             return inspect.run(args["fd"])
         if args["mode"] == "convert":
+            from . import convert
             return convert.run(args["fd"], args["outfd"])
         host = Host()
         if args["mode"] == "listen":
@@ -90,7 +95,7 @@ def run(argv: list[str]) -> int:
         if args["mode"] in ("save", "hvm_save"):
             return _save(host, args, log)
         return _restore(host, args, log)
-    except (libxc.StreamError, Truncated) as e:
+    except Truncated as e:
         log.error(f"invalid stream: {e}")
     except (DomainError, Aborted, ValueError) as e:
         log.error(str(e))
@@ -98,7 +103,17 @@ def run(argv: list[str]) -> int:
         log.error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
     except KeyboardInterrupt:
         log.error("interrupted")
+    except Exception as e:
+        if not _is_stream_error(e):
+            raise
+        log.error(f"invalid stream: {e}")
     return 2
+
+
+def _is_stream_error(e: Exception) -> bool:
+    """A libxc.StreamError, checked without importing libxc (and numpy) when none was raised."""
+    libxc = sys.modules.get("xenmig.libxc")
+    return libxc is not None and isinstance(e, libxc.StreamError)
 
 
 def main() -> None:

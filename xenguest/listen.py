@@ -1,14 +1,19 @@
 """`xenguest -mode listen`: xenguest's part of EMP, saving and restoring domain memory."""
 from __future__ import annotations
 
+import importlib
+import threading
+
 from xenemu import Domain, Host
 
 from xenmig import emp
 from xenmig.empserver import SET_ARG_BOOL, SET_ARG_INT, EmpServer, Work
 from xenmig.log import Log
 
-from .restore import Restorer
-from .save import Saver, page_encoder
+# What a save or restore needs (numpy and the codecs, most of xenguest's start-up): loaded on a thread
+# once Ready is printed, while emu-manager connects and sends migrate_init, set_args and track_dirty.
+# save() and restore() import them too; the import lock makes them wait until the loading is done.
+COPY_MODULES = ("xenguest.save", "xenguest.restore")
 
 
 class Server(EmpServer):
@@ -19,6 +24,9 @@ class Server(EmpServer):
         super().__init__(host, domid, host.xenguest_socket(domid), log=log)
         self.compress = compress
 
+    def ready(self) -> None:
+        threading.Thread(target=_load_copy_modules, name="load-copy-modules", daemon=True).start()
+
     def _domain(self) -> Domain:
         return self.host.domain(self.domid)
 
@@ -26,6 +34,8 @@ class Server(EmpServer):
         self._domain().memory.clean_all()
 
     def save(self, live: bool) -> Work:
+        from .save import Saver, page_encoder
+
         assert self.stream_fd is not None
         saver = Saver(self._domain(), self.stream_fd, live=live, policy=self.precopy_policy,
                       suspend=self.wait_paused, on_pass_progress=self.pass_progress,
@@ -40,6 +50,8 @@ class Server(EmpServer):
         return work
 
     def restore(self) -> Work:
+        from .restore import Restorer
+
         domain = self._domain()
         assert self.stream_fd is not None
         if "store_port" not in self.args or "console_port" not in self.args:
@@ -52,3 +64,12 @@ class Server(EmpServer):
             result = restorer.run()
             return f"{result.store_mfn} {result.console_mfn}"
         return work
+
+
+def _load_copy_modules() -> None:
+    """Import what a save or restore needs; an import error shows again where they are used."""
+    for name in COPY_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:       # noqa: BLE001 - reported by save()/restore() when they import it
+            return

@@ -72,6 +72,9 @@ class EmpServer:
         self.chan: emp.Channel | None = None
 
     # -- what an emulator supplies ---------------------------------------------
+    def ready(self) -> None:
+        """Called once Ready is printed: work to overlap with emu-manager's connect and first requests."""
+
     def save(self, live: bool) -> Work:
         raise NotImplementedError
 
@@ -101,6 +104,7 @@ class EmpServer:
             listener.listen(1)
             listener.settimeout(ACCEPT_TIMEOUT)
             print("Ready", flush=True)
+            self.ready()
             conn, _ = listener.accept()
             conn.settimeout(None)
         except (socket.timeout, TimeoutError):
