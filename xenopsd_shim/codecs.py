@@ -34,7 +34,7 @@ class CodecError(Exception):
 class Wrap(Protocol):
     """One stream's fd as a codec wraps it: `fd` is where the image is written (or read).
     `finish` when the stream is complete (raises what `ERRORS` holds if the codec failed);
-    `settle` after the writer failed, to learn whether the codec failed first; `failure`
+    `settle` after the writer or reader failed, to learn whether the codec failed first; `failure`
     why it failed, if it did; `killed` whether a signal ended it; `stop` on any end; `cpu` the
     CPU seconds of its process, once reaped (None: it has none, or not yet reaped)."""
 

@@ -454,7 +454,7 @@ class IncomingMigration:
                 if w.cpu is not None:
                     cpu.add(ZSTD, w.cpu)
         except Exception as e:
-            failure = next(filter(None, (w.failure() for w in wraps())), None)
+            failure = next(filter(None, (w.settle() for w in wraps())), None)
             domain.destroy()
             self._fail(f"restore failed: {failure or e}", linger=True)
             return

@@ -24,6 +24,9 @@ LOWER_PRIORITY = ["nice", "-n", "19", "ionice", "-c", "3"]
 COMPRESS_ARGV = [*LOWER_PRIORITY, ZSTD, "--fast"]
 DECOMPRESS_ARGV = [*LOWER_PRIORITY, ZSTD, "--decompress", "--stdout"]
 EXIT_TIMEOUT = 60.0
+# A decompressor killed under its reader ends within ms, but its reader can see the stream cut and
+# report first: after a failure, this long is given for its end to show before blaming the reader.
+KILLED_GRACE = 0.2
 
 
 class ZstdError(Exception):
@@ -98,12 +101,13 @@ class Zstd:
         return f"{self.name} {how}" + (f": {detail[-1]}" if detail else "")
 
     def settle(self, timeout: float = EXIT_TIMEOUT) -> str | None:
-        """A compressor, after its writer failed: why zstd failed first, if it did (a full disk
-        under it is the cause, the writer's EPIPE only its echo). The writer can see EPIPE before
-        zstd can be reaped, so our end is closed and zstd waited for; a healthy one exits 0."""
-        assert self.compress
-        self.close_fd()
-        self._reaped(wait_exit(self.proc, timeout))
+        """After its writer (or reader) failed: why zstd failed first, if it did (a full disk under
+        a compressor, or a decompressor killed, is the cause; the other side's EPIPE or cut stream
+        only its echo). A compressor's input is closed and it is waited for (a healthy one exits 0);
+        a decompressor may still be waiting for input, so it gets KILLED_GRACE to show its end."""
+        if self.compress:
+            self.close_fd()
+        self._reaped(wait_exit(self.proc, timeout if self.compress else min(timeout, KILLED_GRACE)))
         return self.failure()
 
     def finish(self) -> None:
