@@ -29,6 +29,11 @@ class CpuAccounting:
     def add(self, role: str, seconds: float) -> None:
         self._roles[role] = self._roles.get(role, 0.0) + seconds
 
+    def add_codec(self, seconds: float | None) -> None:
+        """A codec's process (zstd), once reaped; None: it has none, or was not reaped."""
+        if seconds is not None:
+            self.add(ZSTD, seconds)
+
     def add_emu_manager(self, total: float, emulators: Mapping[str, float]) -> None:
         """emu-manager's wait4 figure (its emulators' included) split into its own and each
         emulator's, by what it reported of them."""

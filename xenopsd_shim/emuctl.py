@@ -117,15 +117,7 @@ class EmuManager:
             if percent is not None:
                 on_info(percent)
                 continue
-            try:
-                stats = ctl.parse_save_stats(line)
-            except ctl.ControlError as e:
-                raise EmuManagerError(str(e)) from None
-            if stats is not None:
-                emu, figures = stats
-                self.save_stats[emu] = figures
-                continue
-            if self._took_cpu(line):
+            if self._took_report(line):
                 continue
             if until(line):
                 return line
@@ -137,16 +129,18 @@ class EmuManager:
             else:
                 raise EmuManagerError(f"protocol error: unexpected message from emu-manager {line!r}")
 
-    def _took_cpu(self, line: str) -> bool:
-        """An emulator's CPU report (our extension), kept: True; any other line: False."""
+    def _took_report(self, line: str) -> bool:
+        """Our extensions' reports (an emulator's save figures, its CPU), kept: True; any other
+        line: False; a malformed one raises."""
         try:
-            report = ctl.parse_cpu(line)
+            stats, cpu = ctl.parse_save_stats(line), ctl.parse_cpu(line)
         except ctl.ControlError as e:
             raise EmuManagerError(str(e)) from None
-        if report is None:
-            return False
-        self.emulator_cpu[report[0]] = report[1]
-        return True
+        if stats is not None:
+            self.save_stats[stats[0]] = stats[1]
+        elif cpu is not None:
+            self.emulator_cpu[cpu[0]] = cpu[1]
+        return stats is not None or cpu is not None
 
     def finish(self, timeout: float = 60) -> int:
         """After its last result: what emu-manager still says (its emulators' CPU, or an error,
@@ -161,7 +155,7 @@ class EmuManager:
             self.log.debug(f"<- emu-manager: {line}")
             if line.startswith(ctl.MSG_ERROR):
                 raise EmuManagerError(f"emu-manager reported: {line[len(ctl.MSG_ERROR):]}")
-            if not self._took_cpu(line) and ctl.parse_info(line) is None:
+            if not self._took_report(line) and ctl.parse_info(line) is None:
                 raise EmuManagerError(f"protocol error: unexpected message from emu-manager {line!r}")
         return self.wait(timeout)
 

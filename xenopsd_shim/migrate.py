@@ -28,7 +28,7 @@ from xenemu import Domain, Host
 from xenemu.memory import memory_digest
 
 from . import cancel, codecs, tlstunnel, transport
-from .accounting import ZSTD, CpuAccounting
+from .accounting import CpuAccounting
 from .codecs import Codec
 from .imagewriter import ImageWriter, SaveStats, vm_metadata
 from .log import Logger
@@ -204,8 +204,7 @@ class SourceMigration:
         transfer.writer.close()
         for stream in transfer.streams:
             stream.finish()
-            if stream.wrap.cpu is not None:
-                cpu.add(ZSTD, stream.wrap.cpu)
+            cpu.add_codec(stream.wrap.cpu)
         self.log.info("synchronisation point 2: image sent")
 
     def _abandon(self, seen: BaseException, transfer: Transfer) -> BaseException:

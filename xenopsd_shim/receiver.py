@@ -28,7 +28,7 @@ from xenemu.memory import memory_digest
 from xenmig import image
 
 from . import codecs, tlstunnel, transport
-from .accounting import SHIM, ZSTD, CpuAccounting
+from .accounting import CpuAccounting
 from .imagereader import ImageReader, parse_vm_metadata, valid_uuid
 from .listener import Listener
 from .log import Logger
@@ -415,7 +415,7 @@ class IncomingMigration:
         codec = codecs.from_cookies(request.cookies)
         self.log.info(f"incoming migration of VM {vm_id}"
                       + (f" ({codec.cookie[0]}={request.cookies[codec.cookie[0]]})" if codec.cookie else ""))
-        cpu_start = time.thread_time()
+        cpu = CpuAccounting(own=time.thread_time)       # this migration's thread of the shim
         try:
             domain, agreed = self._create(request, vm_id)
         except (MigrationRefused, transport.TransportError) as e:
@@ -443,7 +443,6 @@ class IncomingMigration:
             self._fail(str(e))
             return
         assert wrap.fd is not None
-        cpu = CpuAccounting(own=time.thread_time)       # this migration's thread of the shim
         reader = ImageReader(self.host, wrap.fd, log=self.log,
                              vgpu_fd=lambda: self._vgpu_fd(codec), uuid=domain.uuid, domain=domain, cpu=cpu)
         wraps = lambda: [w for w in (wrap, self.vgpu_wrap) if w is not None]  # noqa: E731
@@ -451,8 +450,7 @@ class IncomingMigration:
             reader.run()
             for w in wraps():
                 w.finish()     # each stream has ended: its codec must have ended cleanly too
-                if w.cpu is not None:
-                    cpu.add(ZSTD, w.cpu)
+                cpu.add_codec(w.cpu)
         except Exception as e:
             failure = next(filter(None, (w.settle() for w in wraps())), None)
             domain.destroy()
@@ -476,8 +474,7 @@ class IncomingMigration:
         try:
             transport.send_result(self.conn)                           # point 4
             if transport.EXT_STATS in agreed:
-                stats = {"cpu_seconds": {**{k: v for k, v in cpu.by_role().items() if k != SHIM},
-                                         SHIM: round(time.thread_time() - cpu_start, 3)}}
+                stats = {"cpu_seconds": cpu.by_role()}
                 transport.send_result(self.conn, json.dumps(stats))
             self._linger()     # the source reads its stream connections' counters before it closes
         except transport.TransportError:
