@@ -69,3 +69,29 @@ def test_report_reads_the_previous_format(tmp_path, monkeypatch):
     assert found["1 GiB in-band total time <= 0.6x stream, loopback"] == ("no data", None)
     [slower] = [v for k, v in found.items() if k.startswith("nothing gets slower")]
     assert slower[1] is True
+
+
+def test_report_judges_a_case_slower_only_when_both_measures_say_so(monkeypatch):
+    """A slow window (seconds up, CLI up alike) is no regression; a case slower in seconds and in
+    CLI units is; a link-bound case is judged in seconds (the CLI does not follow the link)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.report import targets
+
+    def run(cli: float, seconds: dict[tuple[str, str], float]) -> dict:
+        return {"size": "256M", "reps": 3, "link_shaping": "tc tbf", "cpus": 2, "seconds": 1.0,
+                "links": {"unlimited": None, "1gbit": 1_000_000_000},
+                "references": {"mixed": {"zstd --fast CLI": cli}},
+                "results": [{**_old_row(link, m, s), "size": "256M",
+                             "wire_bytes": (256 if m == "none" else 100) << 20} for (link, m), s in seconds.items()]}
+
+    def verdict(new: dict, old: dict) -> bool | None:
+        return next(met for name, _, met in targets(new, old) if name.startswith("nothing gets slower"))
+
+    base = {("unlimited", "none"): 0.8, ("unlimited", "xenguest"): 1.2, ("1gbit", "none"): 2.5}
+    old = run(500.0, base)
+    slow_window = run(250.0, {k: 2 * v for k, v in base.items() if k[0] == "unlimited"} | {("1gbit", "none"): 2.5})
+    assert verdict(slow_window, old) is True
+    regression = run(500.0, base | {("unlimited", "xenguest"): 1.8})
+    assert verdict(regression, old) is False
+    link_slower = run(250.0, base | {("1gbit", "none"): 3.5})     # CLI units would call it faster
+    assert verdict(link_slower, old) is False
