@@ -164,18 +164,26 @@ def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None
     receiver.serve_forever(ready=lambda: click.echo(f"listening on {receiver.address}", err=True))
 
 
+def _sender_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options of a migration's sender: vm-migrate's, and host-evacuate's to pass on to it."""
+    for option in reversed([
+            click.option("--dest", required=True, help="HOST:PORT of the destination's `serve`"),
+            click.option("--compress/--no-compress", default=None, help="compress the stream (default: pool setting)"),
+            click.option("--max-bandwidth", default=None, help="cap the link, e.g. 125MB/s (kernel socket pacing)"),
+            click.option("--json", "as_json", is_flag=True, help="print a JSON summary at the end"),
+            click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                         help=f"the destination's migration secret (or ${policy.SECRET_ENV})"),
+            click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                         help="use TLS, trusting this CA or self-signed certificate (PEM) for the destination")]):
+        command = option(command)
+    return command
+
+
 @cli.command("vm-migrate")
 @click.argument("name")
-@click.option("--dest", required=True, help="HOST:PORT of the destination's `serve`")
-@click.option("--compress/--no-compress", default=None, help="compress the stream (default: pool setting)")
+@_sender_options
 @click.option("--live/--non-live", default=True, show_default=True)
 @click.option("--verify", is_flag=True, help="the destination checks every page against the pause point")
-@click.option("--max-bandwidth", default=None, help="cap the link, e.g. 125MB/s (kernel socket pacing)")
-@click.option("--json", "as_json", is_flag=True, help="print a JSON summary at the end")
-@click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help=f"the destination's migration secret (or ${policy.SECRET_ENV})")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="use TLS, trusting this CA or self-signed certificate (PEM) for the destination")
 @click.pass_obj
 def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool, verify: bool,
                max_bandwidth: str | None, as_json: bool, secret_file: Path | None, tls_ca: Path | None) -> None:
@@ -199,16 +207,9 @@ def _migrated(name: str, dest: str, summary: dict) -> str:
 
 
 @cli.command("host-evacuate")
-@click.option("--dest", required=True, help="HOST:PORT of the destination's `serve`")
+@_sender_options
 @click.option("--parallel", default=None, metavar="N",
               help=f"migrations at once (default {evacuate.DEFAULT_PARALLEL}, xapi's evacuation-batch-size)")
-@click.option("--compress/--no-compress", default=None, help="compress every stream (default: pool setting)")
-@click.option("--max-bandwidth", default=None, help="cap each migration's link, e.g. 125MB/s")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object at the end")
-@click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help=f"the destination's migration secret (or ${policy.SECRET_ENV})")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="use TLS, trusting this CA or self-signed certificate (PEM) for the destination")
 @click.pass_context
 def host_evacuate(click_ctx: click.Context, dest: str, parallel: str | None, compress: bool | None,
                   max_bandwidth: str | None, as_json: bool, secret_file: Path | None, tls_ca: Path | None) -> None:
