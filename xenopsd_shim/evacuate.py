@@ -37,6 +37,7 @@ SHIM = "xenopsd-shim"
 ERROR_PREFIX = f"{SHIM}: "      # how the child's one error line begins
 WAKE_INTERVAL = 0.2             # how often the scheduler looks for a signal while children run
 NOT_STARTED = "not started: the evacuation was cancelled"
+STDERR_KEPT = 100               # a child's last stderr lines kept (its error line is its last)
 
 
 def parse_parallel(text: str | None) -> int:
@@ -71,7 +72,7 @@ class Child:
     proc: subprocess.Popen[str]
     started: float
     signalled: bool = False
-    stderr: list[str] = field(default_factory=list)
+    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_KEPT))
 
 
 def _reason(child: Child, out: str) -> Outcome:
@@ -232,7 +233,7 @@ def evacuate_host(host: Host, log: Logger, request: Request, as_json: bool,
                 click.echo(describe(o.vm, request.dest, o.summary))
         click.echo(f"evacuated {len(outcomes) - len(failed)} of {len(outcomes)} VMs to {request.dest} "
                    f"in {total:.2f} s ({request.parallel} at a time)")
-    if run.cancelled is not None:
+    if run.cancelled is not None and failed:      # (a signal after the last child ended cancelled nothing)
         EvacuationFailed(failed).show()
         raise cancel.Cancelled(run.cancelled)
     if failed:
