@@ -18,7 +18,7 @@ from xenemu.units import format_size, parse_rate, parse_size
 from xenmig import image
 from xenmig.procwait import exit_now
 
-from . import cancel, codecs, policy, tlstunnel, transport
+from . import cancel, codecs, evacuate, policy, tlstunnel, transport
 from .emuctl import EmuManagerError
 from .imagereader import ImageReader
 from .imagewriter import ImageWriter
@@ -164,18 +164,26 @@ def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None
     receiver.serve_forever(ready=lambda: click.echo(f"listening on {receiver.address}", err=True))
 
 
+def _sender_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options of a migration's sender: vm-migrate's, and host-evacuate's to pass on to it."""
+    for option in reversed([
+            click.option("--dest", required=True, help="HOST:PORT of the destination's `serve`"),
+            click.option("--compress/--no-compress", default=None, help="compress the stream (default: pool setting)"),
+            click.option("--max-bandwidth", default=None, help="cap the link, e.g. 125MB/s (kernel socket pacing)"),
+            click.option("--json", "as_json", is_flag=True, help="print a JSON summary at the end"),
+            click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                         help=f"the destination's migration secret (or ${policy.SECRET_ENV})"),
+            click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                         help="use TLS, trusting this CA or self-signed certificate (PEM) for the destination")]):
+        command = option(command)
+    return command
+
+
 @cli.command("vm-migrate")
 @click.argument("name")
-@click.option("--dest", required=True, help="HOST:PORT of the destination's `serve`")
-@click.option("--compress/--no-compress", default=None, help="compress the stream (default: pool setting)")
+@_sender_options
 @click.option("--live/--non-live", default=True, show_default=True)
 @click.option("--verify", is_flag=True, help="the destination checks every page against the pause point")
-@click.option("--max-bandwidth", default=None, help="cap the link, e.g. 125MB/s (kernel socket pacing)")
-@click.option("--json", "as_json", is_flag=True, help="print a JSON summary at the end")
-@click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help=f"the destination's migration secret (or ${policy.SECRET_ENV})")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="use TLS, trusting this CA or self-signed certificate (PEM) for the destination")
 @click.pass_obj
 def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool, verify: bool,
                max_bandwidth: str | None, as_json: bool, secret_file: Path | None, tls_ca: Path | None) -> None:
@@ -188,12 +196,38 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
                                       else os.environ.get(policy.SECRET_ENV), timeouts=ctx.timeouts,
                                       tls=tlstunnel.client_context(tls_ca) if tls_ca else None), ctx.log,
                               on_info=_progress(f"migrating {name}")).run()
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        click.echo(f"{name} migrated to {dest} in {summary['total_seconds']:.2f} s "
-                   f"(downtime {summary['downtime_seconds']:.3f} s, {summary['iterations']} iterations, "
-                   f"{format_size(summary['wire_bytes'])} on the wire)")
+    click.echo(json.dumps(summary) if as_json else _migrated(name, dest, summary))
+
+
+def _migrated(name: str, dest: str, summary: dict) -> str:
+    """vm-migrate's line for a migrated VM (host-evacuate prints one per VM)."""
+    return (f"{name} migrated to {dest} in {summary['total_seconds']:.2f} s "
+            f"(downtime {summary['downtime_seconds']:.3f} s, {summary['iterations']} iterations, "
+            f"{format_size(summary['wire_bytes'])} on the wire)")
+
+
+@cli.command("host-evacuate")
+@_sender_options
+@click.option("--parallel", default=None, metavar="N",
+              help=f"migrations at once (default {evacuate.DEFAULT_PARALLEL}, xapi's evacuation-batch-size)")
+@click.pass_context
+def host_evacuate(click_ctx: click.Context, dest: str, parallel: str | None, compress: bool | None,
+                  max_bandwidth: str | None, as_json: bool, secret_file: Path | None, tls_ca: Path | None) -> None:
+    """Live-migrate every running VM of this host to DEST, N at a time (as `xe host-evacuate`)."""
+    ctx: Ctx = click_ctx.obj
+    if max_bandwidth:
+        parse_rate(max_bandwidth)               # a bad value is one line now, not one per VM
+    if secret_file:
+        policy.read_secret(secret_file)
+    top = click_ctx.find_root().params
+    shim_args = ["--root", str(ctx.host.root), *(["--config", str(top["config"].resolve())] if top["config"] else []),
+                 *(["-v"] if top["verbose"] else [])]
+    migrate_args = [*([] if compress is None else ["--compress" if compress else "--no-compress"]),
+                    *(["--max-bandwidth", max_bandwidth] if max_bandwidth else []),
+                    *(["--secret-file", str(secret_file.resolve())] if secret_file else []),
+                    *(["--tls-ca", str(tls_ca.resolve())] if tls_ca else [])]
+    evacuate.evacuate_host(ctx.host, ctx.log, evacuate.Request(dest, evacuate.parse_parallel(parallel), shim_args,
+                                                              migrate_args), as_json, _migrated)
 
 
 @cli.command("vm-suspend")
