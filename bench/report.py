@@ -177,8 +177,7 @@ ADAPTIVE_SLACK = 1.05       # adaptive against the better of its two fixed choic
 def adaptive_targets(report: Report, previous: Report | None = None) -> list[Target]:
     """Issue 14's targets, measured in this run (none compares with the previous run)."""
     out: list[Target] = []
-    links = [link for link in ("unlimited", "10gbit", "1gbit") if any(r["link"] == link for r in report["results"])]
-    for link in links:
+    for link in ("unlimited", "10gbit", "1gbit"):
         ratios = {}
         for r in report["results"]:
             if r["link"] == link and r["method"] == "adaptive" and r.get("scenario") is None:
