@@ -28,15 +28,18 @@ def _bytes(size: str) -> int:
     return int(size[:-1]) * _UNITS[size[-1].upper()] if size[-1].upper() in _UNITS else int(size)
 
 
-def _find(report: Report, **match: str) -> Row | None:
-    """The row of this case; rows of a report older than the size column are its main size."""
+def _find(report: Report, **match: str | None) -> Row | None:
+    """The row of this case; rows of a report older than the size column are its main size, and
+    a row without a scenario is the grid's."""
+    match.setdefault("scenario", None)
     return next((r for r in report["results"]
                  if all(r.get(k, report["size"] if k == "size" else None) == v for k, v in match.items())), None)
 
 
-def _case(report: Report, r: Row) -> dict[str, str]:
+def _case(report: Report, r: Row) -> dict[str, str | None]:
     """What identifies a row's case across runs."""
-    return {"size": r.get("size", report["size"]), **{k: r[k] for k in ("profile", "workload", "link", "method")}}
+    return {"size": r.get("size", report["size"]), **{k: r[k] for k in ("profile", "workload", "link", "method")},
+            "scenario": r.get("scenario")}
 
 
 def _cli_mbps(report: Report, size: str, profile: str) -> float | None:
@@ -108,7 +111,7 @@ def _slower(report: Report, previous: Report | None) -> Target:
         old = _find(previous, **_case(report, r))
         now, then = _against_cli(report, r), old and _against_cli(previous, old)
         if old and old["total_seconds"] and now and then:
-            key = " ".join(_case(report, r).values())
+            key = " ".join(v for v in _case(report, r).values() if v)
             raw[key] = r["total_seconds"] / old["total_seconds"]
             scaled[key] = raw[key] if _link_bound(report, r) else now / then
     if not raw:
@@ -168,14 +171,62 @@ def targets(report: Report, previous: Report | None = None) -> list[Target]:
     return out
 
 
+ADAPTIVE_SLACK = 1.05       # adaptive against the better of its two fixed choices, case by case
+
+
+def adaptive_targets(report: Report, previous: Report | None = None) -> list[Target]:
+    """Issue 14's targets, measured in this run (none compares with the previous run)."""
+    out: list[Target] = []
+    for link in ("unlimited", "10gbit", "1gbit"):
+        ratios = {}
+        for r in report["results"]:
+            if r["link"] == link and r["method"] == "adaptive" and r.get("scenario") is None:
+                case = {k: v for k, v in _case(report, r).items() if k != "method"}
+                best = min((_get(_find(report, **case, method=m), "total_seconds") or math.inf)
+                           for m in ("none", "xenguest"))
+                if math.isfinite(best):
+                    ratios[" ".join(v for v in case.values() if v and v != link)] = r["total_seconds"] / best
+        name = f"{link}: adaptive time <= {ADAPTIVE_SLACK}x the better of none and xenguest, every profile"
+        if not ratios:
+            out.append((name, NO_DATA, None))
+            continue
+        worst = max(ratios, key=ratios.__getitem__)
+        out.append((name, f"worst {ratios[worst]:.2f}x ({worst}); " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()),
+                    ratios[worst] <= ADAPTIVE_SLACK))
+
+    def scenario(name: str, method: str) -> Row | None:
+        return next((r for r in report["results"] if r.get("scenario") == name and r["method"] == method), None)
+
+    drop = {m: _get(scenario("link drop", m), "total_seconds") for m in ("none", "xenguest", "adaptive")}
+    fixed = min((v for k, v in drop.items() if k != "adaptive" and v), default=None)
+    out.append(_ratio("link drops from unlimited to 1 Gbit/s half-way (1 GiB): adaptive faster than both fixed "
+                      "choices (< 1.0x the better)", 0.9999, drop["adaptive"], fixed))
+    none, adaptive = scenario("dirty faster than the link", "none"), scenario("dirty faster than the link", "adaptive")
+    name = "guest dirtying faster than 1 Gbit/s carries plain: adaptive converges where none does not (fewer " \
+           "pages left for the paused pass, shorter downtime)"
+    if none and adaptive and none.get("final_pass_pages") and adaptive.get("final_pass_pages") is not None:
+        out.append((name, "; ".join(f"{m}: {r['iterations']:.0f} passes, {r['final_pass_pages']:.0f} pages paused, "
+                                    f"downtime {r['downtime_seconds']:.3f} s" for m, r in (("none", none),
+                                                                                          ("adaptive", adaptive))),
+                    adaptive["final_pass_pages"] < none["final_pass_pages"]
+                    and adaptive["downtime_seconds"] < none["downtime_seconds"]))
+    else:
+        out.append((name, NO_DATA, None))
+    out.append(_ratio("evacuating 4 VMs of 256 MiB over 1 Gbit/s: adaptive aggregate time <= 0.5x none", 0.5,
+                      _get(scenario("evacuate 4 VMs", "adaptive"), "total_seconds"),
+                      _get(scenario("evacuate 4 VMs", "none"), "total_seconds")))
+    return out
+
+
 def _met(met: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "n/a"}[met]
 
 
-def targets_table(report: Report, previous: Report | None) -> list[str]:
-    before = {name: figure for name, figure, _ in targets(previous)} if previous else {}
+def targets_table(report: Report, previous: Report | None,
+                  measure: Callable[[Report, Report | None], list[Target]]) -> list[str]:
+    before = {name: figure for name, figure, _ in measure(previous, None)} if previous else {}
     lines = ["| target | previous run | this run | met |", "|---|---|---|---|"]
-    for name, figure, met in targets(report, previous):
+    for name, figure, met in measure(report, previous):
         lines.append(f"| {name} | {before.get(name, NO_DATA)} | {figure} | {_met(met)} |")
     return lines
 
@@ -199,7 +250,9 @@ def write_markdown(report: Report, path: Path, previous: Report | None = None) -
              f"Links shaped by: {report['link_shaping']}. Every repetition runs every case (all sizes and "
              "links), the methods in turn.", "",
              "## Targets (issue 13; ratios of figures measured side by side in this run)", "",
-             *targets_table(report, previous), "",
+             *targets_table(report, previous, targets), "",
+             "## Targets (issue 14: adaptive compression; ratios of figures measured side by side in this run)", "",
+             *targets_table(report, previous, adaptive_targets), "",
              "## Phases (mixed memory, idle guest; seconds, median)", "",
              "handshake: connections and synchronisation points; start-up: emu-manager and xenguest until "
              "the first page; data: first page to xenguest's END; tail: END to the VM running on the "
@@ -215,19 +268,20 @@ def write_markdown(report: Report, path: Path, previous: Report | None = None) -
                      f"{c.get('start_up_median') or 0:.2f} | {c['zstd_cli_mixed_seconds']:.2f} | {c['elapsed']:.0f} |")
     lines += ["", "CPU seconds are summed over source and destination, per process role; `prev s` is the "
               "previous run's total time for the same case.", ""]
-    for link in dict.fromkeys(r["link"] for r in report["results"]):
-        lines += [f"## Link: {link}", "",
-                  "| size | profile | workload | method | total s | prev s | downtime s | wire MiB | ratio | "
+    for scenario, link in dict.fromkeys((r.get("scenario"), r["link"]) for r in report["results"]):
+        lines += [f"## Link: {link}" if scenario is None else f"## Scenario: {scenario} ({link})", "",
+                  "| size | profile | workload | method | total s | prev s | downtime s | passes | wire MiB | ratio | "
                   "guest MB/s | CPU s (total: per role) |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in (r for r in report["results"] if r["link"] == link):
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in (r for r in report["results"] if r["link"] == link and r.get("scenario") == scenario):
             old = _find(previous, **_case(report, r)) \
                 if previous else None
             roles = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_seconds"].items())
             prev = f"{old['total_seconds']:.2f}" if old else "-"
+            passes = f"{r['iterations']:.0f}" if r.get("iterations") is not None else "-"
             lines.append(f"| {r.get('size', report['size'])} | {r['profile']} | {r['workload']} | {r['method']} | "
                          f"{r['total_seconds']:.2f} | {prev} | "
-                         f"{r['downtime_seconds']:.3f} | {r['wire_bytes'] / 2**20:.1f} | {r['ratio']:.2f} | "
+                         f"{r['downtime_seconds']:.3f} | {passes} | {r['wire_bytes'] / 2**20:.1f} | {r['ratio']:.2f} | "
                          f"{r['guest_mbps']:.0f} | {r['cpu_total']:.2f}: {roles} |")
         lines.append("")
     refs = report["references"]
@@ -248,9 +302,10 @@ def write_plot(report: Report, path: Path) -> None:
 
     rates = {"1gbit": 1, "10gbit": 10, "unlimited": 40}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in ("none", "stream", "xenguest"):
+    for method in ("none", "stream", "xenguest", "adaptive"):
         pts = sorted((rates[r["link"]], r["total_seconds"]) for r in report["results"]
                      if r["method"] == method and r["profile"] == "mixed" and r["workload"] == "none"
+                     and r.get("scenario") is None
                      and r.get("size", report["size"]) == report["size"])
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)

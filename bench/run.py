@@ -34,7 +34,7 @@ from xenopsd_shim.phases import PHASES
 BIN = Path(sys.executable).parent
 OUT = Path(__file__).resolve().parent
 LINKS = {"unlimited": None, "10gbit": 10_000_000_000, "1gbit": 1_000_000_000}     # bits/s
-METHODS = ("none", "stream", "xenguest")
+METHODS = ("none", "stream", "xenguest", "adaptive")
 
 
 # Links ------------------------------------------------------------------------------
@@ -177,6 +177,22 @@ class Case:
     profile: str
     workload: str
     link: str
+    # Issue 14's scenarios beyond the grid (None: a grid case, every method).
+    scenario: str | None = None
+    drop_after: float | None = None     # seconds after vm-migrate starts: the link falls to 1 Gbit/s
+    vms: int = 1                        # more than one: the host is evacuated, all at once
+    methods: tuple[str, ...] = METHODS
+
+
+DROP = "unlimited, then 1gbit"
+IN_BAND = ("none", "xenguest", "adaptive")      # what adaptive must beat: plain, and compressing always
+# A link that falls half-way through a 1 GiB migration (none sends about half by then); a guest
+# that dirties faster than 1 Gbit/s carries; four VMs evacuated together over 1 Gbit/s.
+SCENARIOS = (
+    Case("1G", "mixed", "none", DROP, "link drop", drop_after=0.8, methods=IN_BAND),
+    Case("256M", "mixed", "dirty:160MB/s", "1gbit", "dirty faster than the link", methods=IN_BAND),
+    Case("256M", "mixed", "none", "1gbit", "evacuate 4 VMs", vms=4, methods=IN_BAND),
+)
 
 
 def cases(size: str, spot_size: str | None, quick: bool) -> list[Case]:
@@ -186,21 +202,55 @@ def cases(size: str, spot_size: str | None, quick: bool) -> list[Case]:
            if not (quick and w != "none" and (p != "mixed" or link != "unlimited"))]
     if spot_size and spot_size != size:
         out.append(Case(spot_size, **SPOT))
-    return out
+    return out + list(SCENARIOS)
 
 
-def migrate_once(b: Bench, case: Case, method: str, link_args: list[str]) -> dict:
+def migrate_once(b: Bench, case: Case, method: str) -> dict:
     (b.root_a / "xenopsd.conf").write_text(f"migration-compressor = {'stream' if method == 'none' else method}\n")
-    b.shim("A", "vm-create", "vm", "--memory", case.size, "--image", case.profile, "--workload", case.workload)
+    names = [f"vm{i}" for i in range(case.vms)]
+    for name in names:
+        b.shim("A", "vm-create", name, "--memory", case.size, "--image", case.profile, "--workload", case.workload)
     if case.workload != "none":
         time.sleep(0.5)
-    proc = b.shim("A", "vm-migrate", "vm", "--dest", b.dest, "--json", *link_args,
-                  "--no-compress" if method == "none" else "--compress", check=False)
+    flag = "--no-compress" if method == "none" else "--compress"
+    link_args = b.link.shape(LINKS[case.link.split(",")[0]])
+    drop = None
+    if case.drop_after is not None:
+        drop = threading.Timer(case.drop_after, b.link.shape, [LINKS["1gbit"]])
+        drop.start()
+    try:
+        if case.vms > 1:
+            proc = b.shim("A", "host-evacuate", "--dest", b.dest, "--parallel", str(case.vms), "--json",
+                          *link_args, flag, check=False)
+        else:
+            proc = b.shim("A", "vm-migrate", names[0], "--dest", b.dest, "--json", *link_args, flag, check=False)
+    finally:
+        if drop is not None:
+            drop.cancel()
+            drop.join()
     if proc.returncode != 0:
-        b.shim("A", "vm-destroy", "vm", check=False)
+        for name in names:
+            b.shim("A", "vm-destroy", name, check=False)
         raise RuntimeError(f"{method} {case}: {proc.stderr.strip()}")
-    b.shim("B", "vm-destroy", "vm")
-    return json.loads(proc.stdout)
+    for name in names:
+        b.shim("B", "vm-destroy", name)
+    summary = json.loads(proc.stdout)
+    return evacuation_run(summary) if case.vms > 1 else summary
+
+
+def evacuation_run(evacuation: dict) -> dict:
+    """An evacuation as one run: its aggregate time, its VMs' bytes and CPU summed, the longest
+    downtime, the most passes."""
+    vms = evacuation["vms"]
+    cpu: dict[str, dict[str, float]] = {}
+    for vm in vms:
+        for side, roles in vm["cpu_seconds"].items():
+            for role, seconds in roles.items():
+                cpu.setdefault(side, {})[role] = cpu.get(side, {}).get(role, 0.0) + seconds
+    return {"total_seconds": evacuation["total_seconds"], "cpu_seconds": cpu,
+            "downtime_seconds": max(vm["downtime_seconds"] for vm in vms),
+            "wire_bytes": sum(vm["wire_bytes"] for vm in vms), "memory_bytes": sum(vm["memory_bytes"] for vm in vms),
+            "iterations": max(vm["iterations"] for vm in vms), "iteration_stats": []}
 
 
 def _role_cpu(run: dict, role: str) -> float:
@@ -223,6 +273,9 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
         "cpu_seconds": cpu, "cpu_total": round(sum(v for v in cpu.values() if v), 3),
         "phases": phases,
         "fixed_seconds": med([p["start_up"] + p["tail"] for p in traced]),
+        "iterations": med([r["iterations"] for r in runs]),
+        # The pages of the pass made while paused: what pre-copy left (adaptive's convergence).
+        "final_pass_pages": med([r["iteration_stats"][-1]["pages"] for r in runs if r.get("iteration_stats")]),
         "data_mbps": med([r["memory_bytes"] / r["phases"]["data"] / 1e6 for r in runs
                           if r.get("phases") and r["phases"]["data"] > 0]),
     }
@@ -251,9 +304,10 @@ def main() -> int:
     size = args.size or ("256M" if args.quick else "1G")
     spot_size = SPOT_SIZE[args.quick] if args.spot_size is None else args.spot_size or None
     reps = args.reps or (3 if args.quick else 5)
-    plan = cases(size, spot_size, args.quick)
     link = make_link(args.pacing)
-    runs: dict[tuple[Case, str], list[dict]] = {(c, m): [] for c in plan for m in METHODS}
+    # A link that changes mid-run needs tc: socket pacing is fixed when the connection is made.
+    plan = [c for c in cases(size, spot_size, args.quick) if c.drop_after is None or isinstance(link, NetnsLink)]
+    runs: dict[tuple[Case, str], list[dict]] = {(c, m): [] for c in plan for m in c.methods}
     ref_runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     canaries: list[dict] = []
     started = time.monotonic()
@@ -271,12 +325,13 @@ def main() -> int:
                 for key, memory in memories.items():    # the reference points share the window too
                     ref_runs.setdefault(key, []).append(references(memory))
                 for case in plan:
-                    link_args = link.shape(LINKS[case.link])
-                    order = METHODS[rep % len(METHODS):] + METHODS[:rep % len(METHODS)]   # no method always first
+                    methods = case.methods
+                    order = methods[rep % len(methods):] + methods[:rep % len(methods)]   # no method always first
                     for method in order:
-                        run = migrate_once(b, case, method, link_args)
+                        run = migrate_once(b, case, method)
                         runs[(case, method)].append(run)
-                        rep_runs.append(run)
+                        if case.scenario is None:       # the canary: the same work in every repetition
+                            rep_runs.append(run)
                 link.shape(None)
                 canaries.append({"rep": rep + 1, **canary(rep_runs),
                                  "zstd_cli_mixed_seconds": round(memories[(size, "mixed")].stat().st_size / 1e6
@@ -291,7 +346,8 @@ def main() -> int:
     finally:
         link.close()
     results = [{"size": c.size, "profile": c.profile, "workload": c.workload, "link": c.link, "method": m,
-                **summarise(runs[(c, m)])} for c in plan for m in METHODS]
+                **({"scenario": c.scenario} if c.scenario else {}), **summarise(runs[(c, m)])}
+               for c in plan for m in c.methods]
     refs = {f"{p}" if s == size else f"{p} {s}": {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
             for (s, p), rs in ref_runs.items()}
     report = {"size": size, "spot_size": spot_size, "reps": reps, "link_shaping": link.kind,

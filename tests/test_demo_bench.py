@@ -95,3 +95,27 @@ def test_report_judges_a_case_slower_only_when_both_measures_say_so(monkeypatch)
     assert verdict(regression, old) is False
     link_slower = run(250.0, base | {("1gbit", "none"): 3.5})     # CLI units would call it faster
     assert verdict(link_slower, old) is False
+
+
+def test_report_measures_adaptive_against_its_fixed_choices(monkeypatch):
+    """Issue 14's targets from rows: adaptive against the better fixed method case by case, the
+    scenarios by their names; a missing scenario is no data, not a pass."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.report import adaptive_targets
+
+    def row(method: str, seconds: float, link: str = "unlimited", scenario: str | None = None, **more) -> dict:
+        return {**_old_row(link, method, seconds), "size": "256M", **({"scenario": scenario} if scenario else {}),
+                **more}
+
+    report = {"size": "256M", "references": {}, "results": [
+        row("none", 0.5), row("xenguest", 0.8), row("adaptive", 0.52),
+        row("none", 2.5, "1gbit"), row("xenguest", 1.2, "1gbit"), row("adaptive", 1.3, "1gbit"),
+        row("none", 4.7, "x", "link drop"), row("xenguest", 3.2, "x", "link drop"), row("adaptive", 2.3, "x", "link drop"),
+        row("none", 9.0, "1gbit", "evacuate 4 VMs"), row("adaptive", 4.0, "1gbit", "evacuate 4 VMs")]}
+    found = {name.split(":")[0]: (figure, met) for name, figure, met in adaptive_targets(report)}
+    assert found["unlimited"][1] is True and found["unlimited"][0].startswith("worst 1.04x")
+    assert found["1gbit"][1] is False and found["1gbit"][0].startswith("worst 1.08x")
+    assert found["10gbit"] == ("no data", None)
+    assert found["link drops from unlimited to 1 Gbit/s half-way (1 GiB)"] == ("0.72x (2.3 / 3.2)", True)
+    assert found["guest dirtying faster than 1 Gbit/s carries plain"] == ("no data", None)
+    assert found["evacuating 4 VMs of 256 MiB over 1 Gbit/s"] == ("0.44x (4 / 9)", True)

@@ -140,8 +140,15 @@ class Host:
         return found
 
     def xenguest_socket(self, domid: int) -> Path:
-        path = self.run_dir / f"xenguest-control-{domid}"
+        return self._socket(f"xenguest-control-{domid}", "xenguest's control socket")
+
+    def migration_socket(self, domid: int) -> Path:
+        """Where a running `vm-migrate` of this domain takes commands (vm-compress)."""
+        return self._socket(f"migration-control-{domid}", "the migration's control socket")
+
+    def _socket(self, name: str, what: str) -> Path:
+        path = self.run_dir / name
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-            raise DomainError(f"host directory {self.root} is too long a path: xenguest's control socket "
+            raise DomainError(f"host directory {self.root} is too long a path: {what} "
                               f"{path} would exceed the {MAX_SOCKET_PATH}-byte limit of a Unix socket path")
         return path

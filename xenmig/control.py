@@ -27,7 +27,12 @@ MSG_SAVE_STATS = MSG_INFO + "xenmig-save-stats:"   # + emulator name + " " + JSO
 # wait4 when emu-manager reaped it), after "result:" and before emu-manager exits, so that xenopsd
 # can tell emu-manager's own CPU from its emulators' without sampling /proc.
 MSG_CPU = MSG_INFO + "xenmig-cpu:"                 # + emulator name + " " + seconds
+# Ours too (docs/in-host-protocols.md): the answer to a compression switch, and each pass's figures.
+MSG_COMPRESS_APPLIED = MSG_INFO + "xenmig-compress:"          # + emulator + " " + mode + " " + level
+MSG_COMPRESS_REFUSED = MSG_INFO + "xenmig-compress-refused:"  # + emulator + " " + reason
+MSG_ITERATION = MSG_INFO + "xenmig-iteration:"                # + emulator + " " + JSON object
 # xenopsd -> emu-manager
+MSG_COMPRESS = "xenmig-compress:"  # + emulator + " " + mode [+ " " + level]: ours, no `done` follows
 MSG_DONE = "done"
 MSG_RESTORE = "restore:"          # + emulator name
 MSG_ABORT = "abort"
@@ -86,6 +91,40 @@ def parse_cpu(line: str) -> tuple[str, float] | None:
     if not emu or not 0 <= seconds < float("inf"):
         raise ControlError(f"protocol error: malformed CPU report {line!r}")
     return emu, seconds
+
+
+COMPRESS_MODES = ("off", "on", "auto")
+
+
+def compress_request(emu: str, mode: str, level: int | None = None) -> str:
+    if mode not in COMPRESS_MODES:
+        raise ValueError(f"unknown compression mode {mode!r} (one of {', '.join(COMPRESS_MODES)})")
+    return f"{MSG_COMPRESS}{emu} {mode}" + ("" if level is None else f" {level}")
+
+
+def parse_compress_answer(line: str) -> tuple[str, bool, str] | None:
+    """(emulator, applied, what: "<mode> <level>" or the reason) of an answer to a switch;
+    None for any other line."""
+    for prefix, applied in ((MSG_COMPRESS_APPLIED, True), (MSG_COMPRESS_REFUSED, False)):
+        if line.startswith(prefix):
+            emu, _, text = line[len(prefix):].partition(" ")
+            words = text.split()
+            if not emu or not text or (applied and (len(words) != 2 or words[0] not in COMPRESS_MODES
+                                                    or not words[1].lstrip("-").isdigit())):
+                raise ControlError(f"protocol error: malformed compression answer {line!r}")
+            return emu, applied, text
+    return None
+
+
+def parse_iteration(line: str) -> tuple[str, dict] | None:
+    """(emulator, figures) of a pass's report; None for any other line."""
+    if not line.startswith(MSG_ITERATION):
+        return None
+    emu, _, text = line[len(MSG_ITERATION):].partition(" ")
+    try:
+        return emu, emp.parse_iteration(json.loads(text))
+    except (ValueError, emp.EmpError):
+        raise ControlError(f"protocol error: malformed iteration report {line!r}") from None
 
 
 class LineChannel:

@@ -89,6 +89,19 @@ def parse_save_stats(data: Any) -> dict[str, int]:
     return {key: data[key] for key in SAVE_STATS_FIELDS}
 
 
+EVENT_ITERATION = "XENMIG_ITERATION"
+ITERATION_FIELDS = {"iteration": int, "pages": int, "wire_bytes": int, "compressed_batches": int,
+                    "plain_batches": int, "levels": list, "mode": str, "link_mbps": (int, float, type(None)),
+                    "compress_mbps": (int, float, type(None))}
+
+
+def parse_iteration(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict) or set(data) != set(ITERATION_FIELDS) \
+            or not all(isinstance(data[k], t) and not isinstance(data[k], bool) for k, t in ITERATION_FIELDS.items()):
+        raise EmpError(f"malformed iteration report {str(data)[:120]}")
+    return data
+
+
 _WHITESPACE = b" \t\r\n"
 _OPEN, _CLOSE, _QUOTE, _ESCAPE = b"{"[0], b"}"[0], b'"'[0], b"\\"[0]
 _NESTING = {b"{"[0]: 1, b"["[0]: 1, b"}"[0]: -1, b"]"[0]: -1}

@@ -15,10 +15,11 @@ from xenemu.build import build
 from xenemu.memory import digest_report
 from xenemu.profiles import PROFILES
 from xenemu.units import format_size, parse_rate, parse_size
+from xenmig import control as ctl
 from xenmig import image
 from xenmig.procwait import exit_now
 
-from . import cancel, codecs, evacuate, policy, tlstunnel, transport
+from . import cancel, codecs, evacuate, migctl, policy, tlstunnel, transport
 from .emuctl import EmuManagerError
 from .imagereader import ImageReader
 from .imagewriter import ImageWriter
@@ -58,11 +59,11 @@ class Ctx:
 def _progress(label: str):  # type: ignore[no-untyped-def]
     """A progress bar on a terminal, fed by emu-manager's info: messages; silent otherwise."""
     if not sys.stderr.isatty():
-        return lambda p: None
+        return lambda p, s: None
 
-    def show(percent: int) -> None:
+    def show(percent: int, status: str) -> None:
         bar = "#" * (percent // 4)
-        sys.stderr.write(f"\r{label} [{bar:<25}] {percent:3d}%")
+        sys.stderr.write(f"\r{label} [{bar:<25}] {percent:3d}%" + (f" {status}\x1b[K" if status else ""))
         if percent >= 100:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -228,6 +229,23 @@ def host_evacuate(click_ctx: click.Context, dest: str, parallel: str | None, com
                     *(["--tls-ca", str(tls_ca.resolve())] if tls_ca else [])]
     evacuate.evacuate_host(ctx.host, ctx.log, evacuate.Request(dest, evacuate.parse_parallel(parallel), shim_args,
                                                               migrate_args), as_json, _migrated)
+
+
+@cli.command("vm-compress")
+@click.argument("name")
+@click.argument("mode", type=click.Choice(ctl.COMPRESS_MODES))
+@click.option("--level", type=int, default=None, help="zstd level (default: the one in force)")
+@click.option("--timeout", type=float, default=15.0, show_default=True, help="seconds to wait for the answer")
+@click.pass_obj
+def vm_compress(ctx: Ctx, name: str, mode: str, level: int | None, timeout: float) -> None:
+    """Switch in-band compression of a running migration: off, on, or auto (xenguest decides per batch)."""
+    domain = ctx.host.find(name)
+    try:
+        answer = migctl.request(ctx.host.migration_socket(domain.domid), mode, level, timeout)
+    except migctl.ControlSocketError as e:
+        raise click.ClickException(f"VM {name}: {e}") from None
+    applied, level_now, first = answer.split()[:3]
+    click.echo(f"VM {name}: in-band compression {applied} (level {level_now}) from pass {first}")
 
 
 @cli.command("vm-suspend")

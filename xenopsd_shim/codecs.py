@@ -84,6 +84,11 @@ class Codec:
     cookie: tuple[str, str] | None = None          # sent on every connection; its presence decides
     emu_args: tuple[str, ...] = ()                 # added to emu-manager's command line (after -dm)
     magic: bytes | None = None                     # how a suspend file it wrote starts
+    # In-band compression while it runs: whether xenguest's records may be switched (vm-compress),
+    # the mode the policy asks of xenguest at the start, and whether it watches pre-copy converge.
+    switchable: bool = True
+    in_band_start: str | None = None
+    converge_watch: bool = False
 
     def sender(self, far_fd: int) -> Wrap:
         """Wrap the fd that the image goes out on (a socket or a file)."""
@@ -107,10 +112,13 @@ class ZstdCodec(Codec):
 
 NONE = Codec("none")
 STREAM = ZstdCodec("stream", compresses=True, cookie=(transport.COOKIE_COMPRESS, transport.COMPRESS_ZSTD),
-                   magic=ZSTD_MAGIC)
+                   magic=ZSTD_MAGIC, switchable=False)
 XENGUEST = Codec("xenguest", compresses=True, emu_args=("-compress", "true"))
+# xenguest decides per batch (auto); the toolstack forces compression on when pre-copy stalls.
+ADAPTIVE = Codec("adaptive", compresses=True, emu_args=("-compress", "true"), in_band_start="auto",
+                 converge_watch=True)
 
-CODECS: dict[str, Codec] = {c.name: c for c in (NONE, STREAM, XENGUEST)}
+CODECS: dict[str, Codec] = {c.name: c for c in (NONE, STREAM, XENGUEST, ADAPTIVE)}
 DEFAULT = STREAM                       # what `compress=true` means when xenopsd.conf says nothing
 COMPRESSORS = tuple(name for name, c in CODECS.items() if c.compresses)
 ERRORS: tuple[type[Exception], ...] = (CodecError, ZstdError)    # what a codec's wrap raises

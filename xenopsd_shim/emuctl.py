@@ -52,6 +52,9 @@ class EmuManager:
         self.save_stats: dict[str, dict[str, int]] = {}     # by emulator: its figures of a save
         self.emulator_cpu: dict[str, float] = {}            # by emulator: its CPU, reported once reaped
         self.exit: Exit | None = None                       # once reaped
+        # Takers of our other extensions' lines (inband.InBand.take): True when a line was theirs.
+        self.reports: list[Callable[[str], bool]] = []
+        self._send_lock = threading.Lock()                  # switches are sent from another thread
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, pass_fds=(to_emu_r, from_emu_w, fd, *pass_fds),
@@ -79,7 +82,8 @@ class EmuManager:
     def send(self, line: str) -> None:
         self.log.debug(f"-> emu-manager: {line}")
         try:
-            self.channel.send(line)
+            with self._send_lock:
+                self.channel.send(line)
         except ctl.ControlError as e:
             raise EmuManagerError(f"emu-manager: {e}") from None
 
@@ -130,17 +134,19 @@ class EmuManager:
                 raise EmuManagerError(f"protocol error: unexpected message from emu-manager {line!r}")
 
     def _took_report(self, line: str) -> bool:
-        """Our extensions' reports (an emulator's save figures, its CPU), kept: True; any other
-        line: False; a malformed one raises."""
+        """Our extensions' reports (an emulator's save figures, its CPU, what `reports` take),
+        kept: True; any other line: False; a malformed one raises."""
         try:
             stats, cpu = ctl.parse_save_stats(line), ctl.parse_cpu(line)
+            if stats is not None:
+                self.save_stats[stats[0]] = stats[1]
+            elif cpu is not None:
+                self.emulator_cpu[cpu[0]] = cpu[1]
+            else:
+                return any(take(line) for take in self.reports)
         except ctl.ControlError as e:
             raise EmuManagerError(str(e)) from None
-        if stats is not None:
-            self.save_stats[stats[0]] = stats[1]
-        elif cpu is not None:
-            self.emulator_cpu[cpu[0]] = cpu[1]
-        return stats is not None or cpu is not None
+        return True
 
     def finish(self, timeout: float = 60) -> int:
         """After its last result: what emu-manager still says (its emulators' CPU, or an error,

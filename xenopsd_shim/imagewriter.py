@@ -21,7 +21,10 @@ from xenmig.fdio import write_all
 from .accounting import CpuAccounting
 from .codecs import Codec
 from .emuctl import EmuManager, EmuManagerError
+from .inband import InBand
 from .log import Logger
+
+Progress = Callable[[int, str], None]       # percent done, and what in-band compression does
 
 
 def vm_metadata(domain: Domain) -> bytes:
@@ -51,8 +54,8 @@ class SaveStats:
 
 class ImageWriter:
     def __init__(self, domain: Domain, fd: int, *, live: bool, codec: Codec, log: Logger,
-                 on_info: Callable[[int], None] = lambda p: None, vgpu_fd: int | None = None,
-                 watch: Callable[[], None] | None = None) -> None:
+                 on_info: Progress = lambda p, s: None, vgpu_fd: int | None = None,
+                 watch: Callable[[], None] | None = None, inband: InBand | None = None) -> None:
         self.domain = domain
         self.watch = watch
         self.fd = fd
@@ -63,10 +66,16 @@ class ImageWriter:
         self.on_info = on_info
         self.stats = SaveStats()
         self.emu: EmuManager | None = None
+        self.inband = inband
+
+    def _progress(self, percent: int) -> None:
+        self.on_info(percent, self.inband.state() if self.inband is not None else "")
 
     def _suspend(self, _: str) -> None:
         self.domain.pause()
         self.stats.paused_at = time.monotonic()
+        if self.inband is not None:
+            self.inband.paused()
         self.log.info(f"domain {self.domain.domid} paused")
 
     def _prepare(self, emu: str) -> None:
@@ -87,9 +96,14 @@ class ImageWriter:
                               codec_args=self.codec.emu_args, extra=vgpu, log=self.log,
                               pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
         self.stats.emu_argv = self.emu.argv
+        if self.inband is not None:
+            self.emu.reports.append(self.inband.take)
+            self.inband.attach(self.emu.send)
         self.emu.serve({ctl.MSG_SUSPEND: self._suspend, ctl.MSG_PREPARE: self._prepare},
-                       until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self.on_info, watch=self.watch)
+                       until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self._progress, watch=self.watch)
         self.stats.last_page_at = time.monotonic()
+        if self.inband is not None:
+            self.inband.close()
         memory = self.emu.save_stats.get("xenguest", {})
         self.stats.iterations, self.stats.pages = memory.get("iterations", 0), memory.get("pages", 0)
         self.stats.zero_pages = memory.get("zero_pages", 0)
@@ -111,6 +125,8 @@ class ImageWriter:
 
     def close(self) -> None:
         """Release emu-manager: `abort` first if it still runs, then wait for it and its emulators."""
+        if self.inband is not None:
+            self.inband.close()
         if self.emu is not None:
             self.emu.close()
             self.emu = None

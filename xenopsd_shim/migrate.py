@@ -30,8 +30,10 @@ from xenemu.memory import memory_digest
 from . import cancel, codecs, tlstunnel, transport
 from .accounting import CpuAccounting
 from .codecs import Codec
-from .imagewriter import ImageWriter, SaveStats, vm_metadata
+from .imagewriter import ImageWriter, Progress, SaveStats, vm_metadata
+from .inband import ConvergenceWatch, InBand, SwitchRefused
 from .log import Logger
+from .migctl import ControlServer
 from .phases import phases
 from .policy import is_same_host
 from .timeouts import Timeouts
@@ -137,7 +139,7 @@ def failure_reason(seen: BaseException, failures: Failures) -> BaseException:
 
 class SourceMigration:
     def __init__(self, host: Host, domain: Domain, dest: str, options: Options, log: Logger,
-                 on_info: Callable[[int], None] = lambda p: None) -> None:
+                 on_info: Progress = lambda p, s: None) -> None:
         self.host = host
         self.domain = domain
         self.dest = dest
@@ -149,6 +151,17 @@ class SourceMigration:
         self.agreed: frozenset[str] = frozenset()   # our extensions, as both sides announced them
         self.left_paused: str | None = None     # why: it could not say whether it started it
         self.running_at: float | None = None    # when the destination said the VM runs (point 4)
+        codec = options.codec
+        self.inband = InBand(log, start_mode=codec.in_band_start,
+                             watch=ConvergenceWatch() if codec.converge_watch else None)
+
+    def _switch(self, mode: str, level: int | None) -> str:
+        """A vm-compress request (on the control socket's thread): the "ok" line, or it raises."""
+        if not self.options.codec.switchable:
+            raise SwitchRefused(f"the {self.options.codec.name} method compresses the whole stream outside "
+                                "xenguest: in-band compression cannot be switched")
+        switch = self.inband.switch(mode, level)
+        return f"ok {switch.mode} {switch.level} {switch.iteration}"
 
     def _cookies(self) -> dict[str, str]:
         """xenopsd's cookies on every connection, plus our secret."""
@@ -172,6 +185,7 @@ class SourceMigration:
             self.domain.mark_outgoing(True)     # lets this host's receiver restore a copy beside it
         transfer = Transfer()
         cpu = CpuAccounting()
+        control = ControlServer(self.host.migration_socket(self.domain.domid), self._switch)
         try:
             self._open(transfer.conns, cookies)
             self._send_image(transfer, cpu)
@@ -182,6 +196,8 @@ class SourceMigration:
             remote = self._settle(reason, was_running, cookies)
         else:
             wire = self._end(transfer.conns)
+        finally:
+            control.close()
         done = time.monotonic()
         self.domain.destroy()
         return self._summary(transfer.stats, wire, cpu.by_role(), remote, t0, done)
@@ -198,7 +214,7 @@ class SourceMigration:
         vm = transfer.conns["vm"]
         transfer.writer = ImageWriter(self.domain, memory.fd, live=self.options.live, codec=codec, log=self.log,
                                       on_info=self.on_info, vgpu_fd=vgpu[0].fd if vgpu else None,
-                                      watch=lambda: self._watch_destination(vm))
+                                      watch=lambda: self._watch_destination(vm), inband=self.inband)
         transfer.stats = transfer.writer.run()
         transfer.writer.account(cpu)
         transfer.writer.close()
@@ -247,6 +263,7 @@ class SourceMigration:
             "cpu_seconds": {"source": cpu, "destination": remote.get("cpu_seconds", {})},
             "emu_manager_argv": stats.emu_argv,
             "phases": phases(t0, self.opened_at, stats.first_page_at, stats.last_page_at, self.running_at, done),
+            **self.inband.summary(),
         }
 
     def _connect(self, path: str, cookies: dict[str, str]) -> socket.socket:
