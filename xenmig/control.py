@@ -9,7 +9,8 @@ import json
 import os
 import select
 import time
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from . import emp
 
@@ -27,10 +28,16 @@ MSG_SAVE_STATS = MSG_INFO + "xenmig-save-stats:"   # + emulator name + " " + JSO
 # wait4 when emu-manager reaped it), after "result:" and before emu-manager exits, so that xenopsd
 # can tell emu-manager's own CPU from its emulators' without sampling /proc.
 MSG_CPU = MSG_INFO + "xenmig-cpu:"                 # + emulator name + " " + seconds
+# Ours too (docs/in-host-protocols.md): the answers to a compression switch, and each pass's figures.
+MSG_COMPRESS_APPLIED = MSG_INFO + "xenmig-compress:"            # + emulator + " " + mode + " " + level
+MSG_COMPRESS_REFUSED = MSG_INFO + "xenmig-compress-refused:"    # + emulator + " " + one-line reason
+MSG_ITERATION = MSG_INFO + "xenmig-iteration:"                  # + emulator + " " + JSON object
 # xenopsd -> emu-manager
 MSG_DONE = "done"
 MSG_RESTORE = "restore:"          # + emulator name
 MSG_ABORT = "abort"
+# Our extension: switch an emulator's in-band compression (no `done` follows).
+MSG_COMPRESS = "xenmig-compress:"                               # + emulator + " " + mode [+ " " + level]
 
 MAX_LINE = 4096
 
@@ -86,6 +93,73 @@ def parse_cpu(line: str) -> tuple[str, float] | None:
     if not emu or not 0 <= seconds < float("inf"):
         raise ControlError(f"protocol error: malformed CPU report {line!r}")
     return emu, seconds
+
+
+def compress_request(emu: str, mode: str, level: int | None = None) -> str:
+    """xenopsd asks emu-manager to switch an emulator's compression with this line."""
+    emp.parse_compress_mode(mode, level)
+    return f"{MSG_COMPRESS}{emu} {mode}" + ("" if level is None else f" {level}")
+
+
+def parse_compress_request(argument: str) -> tuple[str, str, int | None]:
+    """(emulator, mode, level or None) of what follows `xenmig-compress:`; ValueError, one line."""
+    words = argument.split(" ")
+    if len(words) not in (2, 3) or not words[0]:
+        raise ValueError(f"malformed request {argument[:80]!r} (expected <emu> <mode>[ <level>])")
+    mode, level = emp.parse_compress_mode(words[1], words[2] if len(words) == 3 else None)
+    return words[0], mode, level
+
+
+def compress_applied(emu: str, mode: str, level: int) -> str:
+    return f"{MSG_COMPRESS_APPLIED}{emu} {mode} {level}"
+
+
+def compress_refused(emu: str, reason: str) -> str:
+    return f"{MSG_COMPRESS_REFUSED}{emu} " + " ".join(reason.split())[:MAX_LINE // 2]
+
+
+@dataclass(frozen=True)
+class CompressAnswer:
+    emu: str
+    mode: str | None = None         # applied: the mode and the level now in force
+    level: int | None = None
+    refused: str | None = None      # refused: why
+
+
+def parse_compress_answer(line: str) -> CompressAnswer | None:
+    """emu-manager's answer to a compression switch; None for any other line."""
+    if line.startswith(MSG_COMPRESS_REFUSED):
+        emu, _, reason = line[len(MSG_COMPRESS_REFUSED):].partition(" ")
+        if emu and reason:
+            return CompressAnswer(emu, refused=reason)
+    elif line.startswith(MSG_COMPRESS_APPLIED):
+        try:
+            emu, mode, level = parse_compress_request(line[len(MSG_COMPRESS_APPLIED):])
+        except ValueError:
+            level = None
+        if level is not None:
+            return CompressAnswer(emu, mode, level)
+    else:
+        return None
+    raise ControlError(f"protocol error: malformed compression answer {line!r}")
+
+
+def iteration(emu: str, figures: Mapping[str, Any]) -> str:
+    """emu-manager forwards an emulator's EMP iteration event as this line."""
+    return f"{MSG_ITERATION}{emu} {json.dumps(emp.parse_iteration(dict(figures)), separators=(',', ':'))}"
+
+
+def parse_iteration(line: str) -> tuple[str, dict[str, Any]] | None:
+    """(emulator, one pass's figures) of an iteration line; None for any other line."""
+    if not line.startswith(MSG_ITERATION):
+        return None
+    emu, _, text = line[len(MSG_ITERATION):].partition(" ")
+    try:
+        if not emu:
+            raise ValueError
+        return emu, emp.parse_iteration(json.loads(text))
+    except (ValueError, emp.EmpError):
+        raise ControlError(f"protocol error: malformed iteration figures {line!r}") from None
 
 
 class LineChannel:
