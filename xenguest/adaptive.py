@@ -5,8 +5,8 @@ receiver needs no signal and the choice may change from one batch to the
 next: by a switch from emu-manager (xenmig_compress, on the EMP thread), or,
 in `auto`, by `compress_wins` from what this save measures as it goes:
 
-- the drain rate of the stream fd: wire bytes over the time blocked writing
-  them, over the last LINK_WINDOW seconds (LinkMeter);
+- the drain rate of the stream fd, from the wire bytes written and the time
+  blocked writing them over the last LINK_WINDOW seconds (LinkMeter);
 - the compression rate per thread in wall time (so that CPU taken by other
   migrations or by the receiver shows) and the ratio of recent batches;
 - per region of REGION_PFNS pfns, the ratio it reached last time: a region
@@ -22,12 +22,12 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from xenmig import compressed, emp, libxc
-from xenmig.compressed import CompressedPages, choose_level
+from xenmig.compressed import LEVEL_FIGURES, CompressedPages, choose_level
 from xenmig.emp import MODE_OFF, MODE_ON
 from xenmig.libxc import Encoded, PlainPages
 
@@ -39,6 +39,8 @@ HYSTERESIS = 0.1            # compression goes on when 10% faster than plain, of
 RATE_WEIGHT = 0.25          # weight of a new batch in the running compression rate and ratio
 LINK_WINDOW = 1.0           # seconds of writes the drain rate is measured over
 LINK_BINDING = 0.5          # the writer blocked this share of the window: the link is the bottleneck
+LINK_MIN_SPAN = 0.25        # seconds of writes a figure needs (the receiver's start-up is no link)
+LINK_STALE = 2.0            # a link figure not measured again for this long is dropped (then plain re-measures)
 MB = 1e6                    # the per-iteration report's rates are in MB/s
 
 
@@ -64,15 +66,26 @@ def compress_wins(m: Measurements, compressing: bool) -> bool:
     return packed < plain * ((1 + HYSTERESIS) if compressing else (1 - HYSTERESIS))
 
 
+def drain_rate(nbytes: int, blocked: float, span: float) -> float | None:
+    """The link's rate from writes that took `span` seconds, `blocked` of them waiting in
+    write_all: when the writer waited for most of it, the socket buffer stayed full and the link
+    carried all it could, so the bytes over the span are its rate; otherwise it is not the
+    bottleneck and its rate is not measurable (None), nor over less than LINK_MIN_SPAN."""
+    if span < LINK_MIN_SPAN or blocked < LINK_BINDING * span:
+        return None
+    return nbytes / span
+
+
 class LinkMeter:
-    """The stream fd's drain rate from the saver's writes: (end, wire bytes, seconds blocked)
-    over the last LINK_WINDOW seconds. When the writer blocked for most of the window the rate
-    is the link's; when it did not, the link takes more than it was given, and the last
-    binding figure stands only while the bytes actually moved do not exceed it."""
+    """The stream fd's drain rate from the saver's writes (end, wire bytes, seconds blocked)
+    over the last LINK_WINDOW seconds. A figure measured while the link bound stands while
+    the writer no longer waits (compression may have made the stream thinner than the link),
+    for LINK_STALE seconds at most and only while the bytes moved do not show a faster link."""
 
     def __init__(self) -> None:
         self._writes: deque[tuple[float, int, float]] = deque()
         self._bound: float | None = None
+        self._measured = 0.0            # when the figure was last measured
         self._lock = threading.Lock()
 
     def add(self, nbytes: int, seconds: float, end: float) -> None:
@@ -85,14 +98,18 @@ class LinkMeter:
         with self._lock:
             if not self._writes:
                 return self._bound
-            first_end, first_bytes, first_blocked = self._writes[0]
+            first_end, _, first_blocked = self._writes[0]
             span = self._writes[-1][0] - (first_end - first_blocked)
             nbytes = sum(w[1] for w in self._writes)
-            blocked = sum(w[2] for w in self._writes)
-            if span > 0 and blocked >= LINK_BINDING * span:
-                self._bound = nbytes / blocked
-            elif self._bound is not None and span > 0 and nbytes / span > self._bound:
-                self._bound = None          # it carries more than the old figure: that link is gone
+            rate = drain_rate(nbytes, sum(w[2] for w in self._writes), span)
+            if rate is not None:
+                self._bound, self._measured = rate, self._writes[-1][0]
+            elif self._bound is not None and (span > 0 and nbytes / span > self._bound
+                                              or self._writes[-1][0] - self._measured > LINK_STALE):
+                # it carries more than the old figure, or that figure is old (the link may have
+                # changed, or it was the receiver starting up): measure again from here
+                self._bound = None
+                self._writes.clear()
             return self._bound
 
 
@@ -106,11 +123,13 @@ class PassFigures:
     compress_seconds: float = 0.0   # wall seconds zstd took, summed over threads
     write_bytes: int = 0
     write_seconds: float = 0.0      # seconds blocked writing them
+    write_start: float | None = None
+    write_end: float = 0.0
 
     def report(self) -> dict:
+        link = drain_rate(self.write_bytes, self.write_seconds, self.write_end - (self.write_start or 0.0))
         return {"compressed_batches": self.compressed_batches, "plain_batches": self.plain_batches,
-                "levels": sorted(self.levels or ()),
-                "link_mbps": round(self.write_bytes / self.write_seconds / MB, 1) if self.write_seconds > 0 else None,
+                "levels": sorted(self.levels or ()), "link_mbps": None if link is None else round(link / MB, 1),
                 "compress_mbps": round(self.compress_bytes / self.compress_seconds / MB, 1)
                 if self.compress_seconds > 0 else None}
 
@@ -158,6 +177,16 @@ class AdaptivePages:
     def measurements(self) -> Measurements:
         return Measurements(self.link.rate(), self._compress, self._ratio, self.threads)
 
+    def _level(self, m: Measurements) -> int:
+        """choose_level with the table's compression rates scaled to what this save measures at
+        its current level (the CPU it really gets: shared with the receiver, other migrations)."""
+        figures = LEVEL_FIGURES
+        if m.compress is not None and self.codec.level in figures:
+            scale = m.compress / figures[self.codec.level].compress_bytes_per_s
+            figures = {level: replace(f, compress_bytes_per_s=f.compress_bytes_per_s * scale)
+                       for level, f in figures.items()}
+        return choose_level(m.link, self.threads, figures)
+
     def _choose(self, region: int) -> int | None:
         """The level to compress this batch at, or None for plain."""
         with self._lock:
@@ -167,7 +196,7 @@ class AdaptivePages:
                 return self.codec.level
             m = self.measurements()
             if self._pinned is None:
-                self.codec.level = choose_level(m.link, self.threads)
+                self.codec.level = self._level(m)
             known = self._regions.get(region)
             if known is not None and known.ratio < SKIP_RATIO:
                 known.skips += 1
@@ -208,10 +237,15 @@ class AdaptivePages:
 
     def wrote(self, nbytes: int, seconds: float) -> None:
         """The saver wrote `nbytes` to the stream fd, blocked `seconds` doing so."""
-        self.link.add(nbytes, seconds, time.monotonic())
+        end = time.monotonic()
+        self.link.add(nbytes, seconds, end)
         with self._lock:
-            self._pass.write_bytes += nbytes
-            self._pass.write_seconds += seconds
+            figures = self._pass
+            figures.write_bytes += nbytes
+            figures.write_seconds += seconds
+            if figures.write_start is None:
+                figures.write_start = end - seconds
+            figures.write_end = end
 
     def end_pass(self) -> dict:
         """The finished pass's figures (XENMIG_ITERATION's fields but the pass's own); a new pass starts."""
