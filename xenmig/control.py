@@ -10,7 +10,7 @@ import os
 import select
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from . import emp
 
@@ -60,20 +60,33 @@ def parse_info(line: str) -> int | None:
     return None
 
 
+def _figures_line(prefix: str, emu: str, figures: dict, check: Callable[[Any], dict]) -> str:
+    """An emulator's figures, forwarded from its EMP event: prefix, emulator, one JSON object."""
+    return f"{prefix}{emu} {json.dumps(check(figures), separators=(',', ':'))}"
+
+
+def _parse_figures_line(line: str, prefix: str, check: Callable[[Any], dict],
+                        what: str) -> tuple[str, dict] | None:
+    """(emulator, figures) of a line of `_figures_line`'s kind; None for any other line."""
+    if not line.startswith(prefix):
+        return None
+    emu, _, text = line[len(prefix):].partition(" ")
+    try:
+        if not emu:
+            raise ValueError(emu)
+        return emu, check(json.loads(text))
+    except (ValueError, emp.EmpError):
+        raise ControlError(f"protocol error: malformed {what} {line!r}") from None
+
+
 def save_stats(emu: str, figures: Mapping[str, int]) -> str:
     """emu-manager forwards an emulator's EMP save-statistics event as this line."""
-    return f"{MSG_SAVE_STATS}{emu} {json.dumps(emp.parse_save_stats(dict(figures)), separators=(',', ':'))}"
+    return _figures_line(MSG_SAVE_STATS, emu, dict(figures), emp.parse_save_stats)
 
 
 def parse_save_stats(line: str) -> tuple[str, dict[str, int]] | None:
     """(emulator, figures) of a save-statistics line; None for any other line."""
-    if not line.startswith(MSG_SAVE_STATS):
-        return None
-    emu, _, text = line[len(MSG_SAVE_STATS):].partition(" ")
-    try:
-        return emu, emp.parse_save_stats(json.loads(text))
-    except (ValueError, emp.EmpError):
-        raise ControlError(f"protocol error: malformed save statistics {line!r}") from None
+    return _parse_figures_line(line, MSG_SAVE_STATS, emp.parse_save_stats, "save statistics")
 
 
 def cpu(emu: str, seconds: float) -> str:
@@ -146,20 +159,12 @@ def parse_compress_answer(line: str) -> CompressAnswer | None:
 
 def iteration(emu: str, figures: Mapping[str, Any]) -> str:
     """emu-manager forwards an emulator's EMP iteration event as this line."""
-    return f"{MSG_ITERATION}{emu} {json.dumps(emp.parse_iteration(dict(figures)), separators=(',', ':'))}"
+    return _figures_line(MSG_ITERATION, emu, dict(figures), emp.parse_iteration)
 
 
 def parse_iteration(line: str) -> tuple[str, dict[str, Any]] | None:
     """(emulator, one pass's figures) of an iteration line; None for any other line."""
-    if not line.startswith(MSG_ITERATION):
-        return None
-    emu, _, text = line[len(MSG_ITERATION):].partition(" ")
-    try:
-        if not emu:
-            raise ValueError
-        return emu, emp.parse_iteration(json.loads(text))
-    except (ValueError, emp.EmpError):
-        raise ControlError(f"protocol error: malformed iteration figures {line!r}") from None
+    return _parse_figures_line(line, MSG_ITERATION, emp.parse_iteration, "iteration figures")
 
 
 class LineChannel:
