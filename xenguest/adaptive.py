@@ -152,7 +152,7 @@ class AdaptivePages:
     def __init__(self, mode: str, level: int | None = None, threads: int | None = None) -> None:
         self.codec = CompressedPages(level, threads)
         self.threads = self.codec.threads
-        self.mode, self._pinned = mode, level     # a level given pins auto's choice
+        self.mode, self._pinned = mode, level     # a level given pins auto's choice (until the next switch)
         self.link = LinkMeter()
         self._lock = threading.Lock()
         self._compress: float | None = None
@@ -162,16 +162,12 @@ class AdaptivePages:
         self._compressing = False
         self._pass = PassFigures()
 
-    @property
-    def level(self) -> int:
-        return self.codec.level
-
     def switch(self, mode: str, level: int | None = None) -> int:
         """Change the mode (and level) from the next batch encoded; returns the level in force."""
         with self._lock:
-            self.mode = mode
+            self.mode, self._pinned = mode, level
             if level is not None:
-                self.codec.level = self._pinned = level
+                self.codec.level = level
             return self.codec.level
 
     def measurements(self) -> Measurements:
