@@ -3,13 +3,15 @@ control protocol and EMP), its per-pass reports, and how `auto` decides."""
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 import pytest
 
 from conftest import HostDir
 from test_emu_manager import Xenopsd, append_only, transcript
-from xenmig import control
-from xenguest.adaptive import HYSTERESIS, Measurements, compress_wins
+from xenguest.adaptive import HYSTERESIS, REGION_PFNS, REPROBE_EVERY, AdaptivePages, Measurements, compress_wins
+from xenmig import compressed, control
 
 MB = 1e6
 
@@ -163,3 +165,45 @@ def test_auto_keeps_its_choice_within_the_hysteresis():
     assert compress_wins(even, compressing=True) is True
     faster = Measurements(link=600 * MB * (1 - HYSTERESIS) ** 2, compress=300 * MB, ratio=2.6, threads=2)
     assert compress_wins(faster, compressing=False) is True
+
+
+def batch(region: int) -> np.ndarray:
+    return np.arange(region * REGION_PFNS, (region + 1) * REGION_PFNS, dtype=np.uint64)
+
+
+def test_auto_leaves_regions_that_did_not_shrink_and_probes_them_again_now_and_then():
+    """With a link that binds, a compressible region goes compressed and an incompressible one
+    plain, compressed again (to see if it changed) at every REPROBE_EVERY-th visit."""
+    encoder = AdaptivePages("auto", threads=1)
+    encoder.link.add(4 << 20, 0.4, time.monotonic())        # 4 MiB in 0.4 s, all of it blocked: 10 MB/s
+    noise = np.random.default_rng(14).integers(0, 256, (REGION_PFNS, 4096), dtype=np.uint8)
+    text = np.tile(np.frombuffer(b"xenmig compresses this " * 178 + b"xx", dtype=np.uint8), (REGION_PFNS, 1))
+    counts = {"noise": [0, 0], "text": [0, 0]}
+    zstd_ran: list[int] = []                                 # the regions given to the compressor
+    codec_encode = encoder.codec.encode
+    encoder.codec.encode = lambda pfns, pages, level: zstd_ran.append(int(pfns[0]) // REGION_PFNS) or \
+        codec_encode(pfns, pages, level)
+    for visit in range(2 * REPROBE_EVERY + 1):
+        for region, (kind, pages) in enumerate((("text", text), ("noise", noise))):
+            rtype = int.from_bytes(bytes(encoder.encode(batch(region), pages).buffers[0][:4]), "little")
+            counts[kind][rtype == compressed.REC_TYPE] += 1
+    figures = encoder.end_pass()
+    assert counts["text"] == [0, 2 * REPROBE_EVERY + 1], counts
+    assert counts["noise"] == [2 * REPROBE_EVERY + 1, 0], counts        # it never shrank: sent plain
+    assert figures["compressed_batches"] == 2 * REPROBE_EVERY + 1, figures
+    assert figures["plain_batches"] == 2 * REPROBE_EVERY + 1, figures
+    # zstd ran on the noise region at its first visit and at its reprobes only: 3 of 17 visits
+    assert zstd_ran.count(1) == 3 and zstd_ran.count(0) == 2 * REPROBE_EVERY + 1, zstd_ran
+
+
+def test_switch_applies_from_the_next_batch_and_a_level_pins_auto_until_the_next_switch():
+    encoder = AdaptivePages("off", threads=1)
+    pages = np.zeros((REGION_PFNS, 4096), dtype=np.uint8)
+    assert encoder.switch("on", 5) == 5
+    encoder.encode(batch(0), pages)
+    assert encoder.switch("auto", 3) == 3
+    assert encoder.switch("off") == 3
+    encoder.encode(batch(1), pages)
+    figures = encoder.end_pass()
+    assert (figures["compressed_batches"], figures["plain_batches"], figures["levels"], figures["mode"]) == \
+        (1, 1, [5], "off"), figures

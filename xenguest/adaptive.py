@@ -197,6 +197,8 @@ class AdaptivePages:
             if known is not None and known.ratio < SKIP_RATIO:
                 known.skips += 1
                 return self.codec.level if known.skips % REPROBE_EVERY == 0 else None
+            if known is not None:           # what this region reached is the better guess
+                m = replace(m, ratio=known.ratio)
             self._compressing = compress_wins(m, self._compressing)
             self._batches += 1
             probe = self._batches % PROBE_EVERY == 1
