@@ -75,6 +75,7 @@ class EmuKind:
     socket: Callable[[Host, int], Path] | None = None       # its EMP socket, from the host and domid
     sends_result: bool = False      # restore: "result:<emu> <its result>", not just "result:<emu>"
     set_args: Callable[[Mapping[str, Any], int], dict[str, str]] | None = None   # (options, emulators run)
+    switches_compression: bool = False     # takes our xenmig_compress (in-band compression) mid-save
 
     def command(self, executable: str, options: Mapping[str, Any]) -> list[str]:
         argv = [executable, *(arg.format(domid=options["domid"]) for arg in self.argv)]
@@ -88,7 +89,7 @@ EMU_KINDS: dict[str, EmuKind] = {kind.name: kind for kind in (
     EmuKind("xenguest", ALL_STAGES, DmArg.FLAG, always=True, executable="xenguest",
             argv=("-debug", "-domid", "{domid}", "-controloutfd", "2", "-controlinfd", "0", "-mode", "listen"),
             argv_if=(("compress", ("-compress", "true")),), socket=Host.xenguest_socket,
-            sends_result=True, set_args=_xenguest_set_args),
+            sends_result=True, set_args=_xenguest_set_args, switches_compression=True),
     EmuKind("vgpu", ALL_STAGES & ~Stage.READY, DmArg.STREAM_FD, executable="vgpu-emu",
             argv=("-domid", "{domid}", "-mode", "listen"),
             socket=lambda host, domid: host.run_dir / f"vgpu-control-{domid}"),
@@ -142,6 +143,7 @@ class Emu:
     result: str = ""
     save_stats: dict[str, int] | None = None    # its figures of a save, forwarded before "result:"
     cpu: float | None = None                    # its CPU seconds, once it has exited and been reaped
+    switches: list[tuple[str, int | None]] = field(default_factory=list)  # xenmig_compress (mode, level) queued
 
     @property
     def name(self) -> str:
@@ -182,11 +184,11 @@ class Emu:
         self.state = EmuState.CONNECTED
 
     def send(self, command: str, fds: list[int] | None = None, **arguments: str) -> None:
-        """Send a request; the orchestrator's loop collects the reply."""
+        """Send a request; the orchestrator's loop collects the reply (a switch's reply it
+        answers to xenopsd itself, leaving `reply` to the request the stages wait on)."""
         if self.chan is None:
             raise EmuFailure(self.name, f"{command} before {self.name} is connected")
         self.awaiting_reply = command
-        self.reply = None
         try:
             self.chan.send(emp.request(command, **arguments), fds)
         except emp.EmpError as e:

@@ -51,6 +51,12 @@ class Aborted(Exception):
     """xenopsd said `abort`, or went away."""
 
 
+# An emulator takes a compression switch between its init stage and its completion; before, the
+# switch waits in its queue; after, it is refused.
+SWITCHABLE = (EmuState.INITIALISED, EmuState.RUNNING, EmuState.LIVE_DONE)
+SWITCH_TOO_LATE = (EmuState.COMPLETED, EmuState.EXITED)
+
+
 class Orchestrator:
     def __init__(self, *, save: bool, live: bool, emus: list[Emu], control: ctl.LineChannel,
                  log: Log, timeouts: Timeouts | None = None) -> None:
@@ -119,6 +125,7 @@ class Orchestrator:
             if emu.set_args:
                 self.request(emu, emp.CMD_SET_ARGS, **emu.set_args)
             emu.state = EmuState.INITIALISED
+            self._settle(emu)           # switches that came early: now, before anything else
 
     def track(self) -> None:
         for emu in self.taking_part(Stage.TRACK):
@@ -208,12 +215,32 @@ class Orchestrator:
         self.control.send(line)
 
     def request(self, emu: Emu, command: str, fds: list[int] | None = None, **arguments: str) -> None:
+        self._settle(emu)
         self.log.debug(f"-> {emu.name}: {command}")
+        emu.reply = None
         emu.send(command, fds, **arguments)
         self.wait_until(lambda: emu.reply is not None, self.timeouts.reply, f"{emu.name}'s reply to {command}")
         assert emu.reply is not None
         if "error" in emu.reply:
             raise EmuFailure(emu.name, f"{command}: {emu.reply['error']}")
+
+    def _settle(self, emu: Emu) -> None:
+        """Nothing in flight to this emulator and none of its switches still queued that it
+        could take now (EMP has one request outstanding at a time: never nest one in another)."""
+        while True:
+            self.wait_until(lambda: emu.awaiting_reply is None, self.timeouts.reply,
+                            f"{emu.name}'s reply to {emu.awaiting_reply}")
+            if not self._send_switch(emu):
+                return
+
+    def _send_switch(self, emu: Emu) -> bool:
+        """Send the emulator's first queued switch if it can take it now; whether one was sent."""
+        if not emu.switches or emu.awaiting_reply is not None or emu.state not in SWITCHABLE:
+            return False
+        mode, level = emu.switches.pop(0)
+        self.log.debug(f"-> {emu.name}: {emp.CMD_XENMIG_COMPRESS} {mode}" + ("" if level is None else f" {level}"))
+        emu.send(emp.CMD_XENMIG_COMPRESS, **emp.compress_request(mode, level)["arguments"])
+        return True
 
     def ack(self, message: str) -> None:
         self.awaiting_ack = message
@@ -241,6 +268,8 @@ class Orchestrator:
             while emu.chan is not None and emu.chan.has_message():
                 self._on_emu(emu, emu.chan.recv(self.timeouts.reply)[0])
                 handled = True
+        for emu in self.emus.values():
+            handled = self._send_switch(emu) or handled
         if handled:
             return
         sources: dict[int, Emu | None] = {self.control.infd: None}
@@ -301,8 +330,33 @@ class Orchestrator:
             raise ctl.ControlError(f"protocol error: unexpected {line!r}")
         self.restore_requests.append(name)
 
+    def _on_compress(self, argument: str) -> None:
+        """Our extension: queue a compression switch for an emulator, or refuse it at once. Never
+        an `error:` (that would fail the migration); xenopsd sends no `done` for it."""
+        name = argument.split(" ")[0] or "-"
+        try:
+            name, mode, level = ctl.parse_compress_request(argument)
+        except ValueError as e:
+            self.tell(ctl.compress_refused(name, str(e)))
+            return
+        emu = self.emus.get(name)
+        if not self.save:
+            reason = "only a save compresses"
+        elif emu is None:
+            reason = f"no emulator {name} in this migration"
+        elif not emu.kind.switches_compression:
+            reason = f"{name} has no in-band compression"
+        elif emu.state in SWITCH_TOO_LATE:
+            reason = f"{name} has completed its save"
+        else:
+            emu.switches.append((mode, level))
+            self._send_switch(emu)
+            return
+        self.tell(ctl.compress_refused(name, reason))
+
     CONTROL: dict[str, Callable[["Orchestrator", str], None]] = {
         ctl.MSG_DONE: _on_done, ctl.MSG_ABORT: _on_abort, ctl.MSG_RESTORE: _on_restore,
+        ctl.MSG_COMPRESS: _on_compress,
     }
 
     # -- messages from the emulators -------------------------------------------------
@@ -310,6 +364,10 @@ class Orchestrator:
         if "return" in message or "error" in message:
             if emu.awaiting_reply is None:
                 raise EmuFailure(emu.name, f"{emu.name} replied when nothing was asked")
+            if emu.awaiting_reply == emp.CMD_XENMIG_COMPRESS:
+                emu.awaiting_reply = None
+                self._on_switched(emu, message)
+                return
             emu.awaiting_reply = None
             emu.reply = message
             return
@@ -326,6 +384,9 @@ class Orchestrator:
                 raise EmuFailure(emu.name, str(data.get("error", data["status"])))
             emu.state = EmuState.COMPLETED
             emu.result = str(data.get("result", ""))
+            while emu.switches:
+                emu.switches.pop(0)
+                self.tell(ctl.compress_refused(emu.name, f"{emu.name} has completed its save"))
             return
         figures = {key: data.get(key, -1) for key in ("sent", "remaining", "iteration")}
         if set(data) - set(figures) or not all(type(v) is int for v in figures.values()):
@@ -348,8 +409,28 @@ class Orchestrator:
         except emp.EmpError as e:
             raise EmuFailure(emu.name, f"{emu.name} sent {e}") from None
 
+    def _on_switched(self, emu: Emu, reply: dict) -> None:
+        """An emulator's reply to xenmig_compress, answered to xenopsd."""
+        if "error" in reply:
+            self.tell(ctl.compress_refused(emu.name, str(reply["error"])))
+            return
+        try:
+            mode, level = emp.parse_compress_reply(reply)
+        except emp.EmpError as e:
+            raise EmuFailure(emu.name, f"{emu.name} sent {e}") from None
+        self.tell(ctl.compress_applied(emu.name, mode, level))
+
+    def _on_iteration(self, emu: Emu, data: dict) -> None:
+        """A pass's figures, forwarded at once."""
+        try:
+            line = ctl.iteration(emu.name, data)
+        except emp.EmpError as e:
+            raise EmuFailure(emu.name, f"{emu.name} sent {e}") from None
+        self.tell(line)
+
     EVENTS: dict[str, Callable[["Orchestrator", Emu, dict], None]] = {
         emp.EVENT_MIGRATION: _on_migration, emp.EVENT_SAVE_STATS: _on_save_stats,
+        emp.EVENT_ITERATION: _on_iteration,
     }
 
     def _report_percent(self) -> None:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import sys
 
 from xenemu import DomainError, Host
@@ -36,13 +37,15 @@ MODES = (*DOMAIN_MODES, "inspect", "convert")
 
 
 def _save(host: Host, args: dict, log: Log) -> int:
-    from .save import Saver, page_encoder, simple_precopy_policy
+    from .adaptive import AdaptivePages, mode_from_environment
+    from .save import Saver, simple_precopy_policy
 
     domain = host.domain(args["domid"])
     if domain.state not in ("running", "paused"):
         raise DomainError(f"domain {domain.domid} is {domain.state}; nothing to save")
     saver = Saver(domain, args["fd"], live=bool(args["live"]), policy=simple_precopy_policy(),
-                  suspend=domain.pause, encoder=page_encoder(bool(args["compress"])))
+                  suspend=domain.pause, encoder=AdaptivePages(mode_from_environment(bool(args["compress"]))),
+                  on_iteration=lambda figures: log.debug(f"pass {json.dumps(figures)}"))
     p = saver.run()
     log.info(f"saved domain {domain.domid}: iterations {len(p.history)}, pages {p.sent}, "
              f"bytes {p.wire_bytes}, per iteration {p.history}")

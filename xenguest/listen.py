@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import importlib
+import os
 import threading
+from typing import TYPE_CHECKING
 
 from xenemu import Domain, Host
 
 from xenmig import emp
 from xenmig.empserver import SET_ARG_BOOL, SET_ARG_INT, EmpServer, Work
 from xenmig.log import Log
+
+if TYPE_CHECKING:
+    from .adaptive import AdaptivePages
 
 # What a save or restore needs (numpy and the codecs, most of xenguest's start-up): loaded on a thread
 # once Ready is printed, while emu-manager connects and sends migrate_init, set_args and track_dirty.
@@ -22,7 +27,24 @@ class Server(EmpServer):
 
     def __init__(self, host: Host, domid: int, *, compress: bool, log: Log) -> None:
         super().__init__(host, domid, host.xenguest_socket(domid), log=log)
-        self.compress = compress
+        self.start_mode = emp.MODE_ON if compress else emp.MODE_OFF
+        self.encoder: AdaptivePages | None = None       # made when first needed (it loads numpy)
+
+    def _encoder(self) -> AdaptivePages:
+        if self.encoder is None:
+            from .adaptive import AdaptivePages
+            self.encoder = AdaptivePages(self.start_mode)
+        return self.encoder
+
+    def compress(self, mode: str, level: int | None) -> int:
+        """Runs on the EMP thread; the save's encoder takes it from its next batch."""
+        applied = self._encoder().switch(mode, level)
+        self.log.info(f"in-band compression {mode}, level {applied}")
+        return applied
+
+    def iteration(self, figures: dict) -> None:
+        if self.chan is not None:
+            self.chan.send(emp.iteration_event(figures))
 
     def ready(self) -> None:
         threading.Thread(target=_load_copy_modules, name="load-copy-modules", daemon=True).start()
@@ -34,12 +56,12 @@ class Server(EmpServer):
         self._domain().memory.clean_all()
 
     def save(self, live: bool) -> Work:
-        from .save import Saver, page_encoder
+        from .save import Saver
 
         assert self.stream_fd is not None
         saver = Saver(self._domain(), self.stream_fd, live=live, policy=self.precopy_policy,
                       suspend=self.wait_paused, on_pass_progress=self.pass_progress,
-                      encoder=page_encoder(self.compress), abort=self.abort)
+                      encoder=self._encoder(), abort=self.abort, on_iteration=self.iteration)
 
         def work() -> str:
             progress = saver.run()

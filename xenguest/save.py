@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,18 +25,16 @@ import numpy as np
 
 from xenemu import Domain
 from xenmig import libxc
-from xenmig.compressed import CompressedPages
+from xenmig.emp import MODE_OFF
 from xenmig.fdio import write_all
-from xenmig.libxc import Encoded, PageEncoder, PlainPages
+from xenmig.libxc import Encoded
 from xenmig.precopy import Aborted, PrecopyPolicy, PrecopyStats
 
-# The page records by xenguest's `-compress` flag (the toolstack's `xenguest` method sets it):
-# the only thing that method changes on this side; the restorer reads either by record type.
-PAGE_ENCODERS: dict[bool, Callable[[], PageEncoder]] = {False: PlainPages, True: CompressedPages}
+from .adaptive import AdaptivePages
 
-
-def page_encoder(compress: bool) -> PageEncoder:
-    return PAGE_ENCODERS[compress]()
+# The page records: one encoder whatever the mode (xenguest's `-compress true` starts it in `on`,
+# the toolstack's `xenguest` method; a switch may change it mid-save); the restorer reads either
+# record by its type.
 
 
 # libxc's built-in policy when its caller gives none (xg_sr_save.c, simple_precopy_policy): fewer
@@ -87,9 +86,11 @@ def frames(pages: np.ndarray, batch: np.ndarray) -> np.ndarray:
 class Saver:
     def __init__(self, domain: Domain, fd: int, *, live: bool, policy: PrecopyPolicy,
                  suspend: Callable[[], None], on_pass_progress: Callable[[int, int], None] = lambda done, total: None,
-                 encoder: PageEncoder | None = None, abort: threading.Event | None = None) -> None:
+                 encoder: AdaptivePages | None = None, abort: threading.Event | None = None,
+                 on_iteration: Callable[[dict], None] = lambda figures: None) -> None:
         """`on_pass_progress(done, total)` runs at the start of each pass and after each batch
-        (libxc's progress callback); `abort` may be shared with whoever receives that request."""
+        (libxc's progress callback); `abort` may be shared with whoever receives that request;
+        `on_iteration(figures)` after each pass, with its XENMIG_ITERATION fields."""
         self.domain = domain
         self.mem = domain.memory
         self.fd = fd
@@ -97,7 +98,8 @@ class Saver:
         self.policy = policy
         self.suspend = suspend
         self.on_pass_progress = on_pass_progress
-        self.encoder = encoder or PlainPages()
+        self.encoder = encoder or AdaptivePages(MODE_OFF)
+        self.on_iteration = on_iteration
         self.progress = Progress()
         self._pool: ThreadPoolExecutor | None = None
         self.abort = abort or threading.Event()
@@ -106,7 +108,10 @@ class Saver:
     def _write(self, buffers: list) -> None:
         if self.abort.is_set():
             raise Aborted("save aborted")
-        self.progress.wire_bytes += write_all(self.fd, buffers)
+        start = time.monotonic()
+        nbytes = write_all(self.fd, buffers)
+        self.encoder.wrote(nbytes, time.monotonic() - start)
+        self.progress.wire_bytes += nbytes
 
     def _record(self, rtype: int, body: bytes = b"") -> None:
         self._write([libxc.build_record(rtype, body)])
@@ -147,8 +152,12 @@ class Saver:
 
     def _pass(self, pfns: np.ndarray) -> None:
         self._pass_start, self._pass_total = self.progress.sent, len(pfns)
+        wire_start = self.progress.wire_bytes
+        self.encoder.end_pass()             # the records before the first pass are not its figures
         self.on_pass_progress(0, len(pfns))
         self.send_pages(pfns)
+        self.on_iteration({"iteration": len(self.progress.history), "pages": len(pfns),
+                           "wire_bytes": self.progress.wire_bytes - wire_start, **self.encoder.end_pass()})
         self.progress.history.append(len(pfns))
 
     def run(self) -> Progress:

@@ -84,23 +84,23 @@ class CompressedPages:
         self.threads = threads or int(os.environ.get("XENGUEST_COMPRESS_THREADS", 0)) or os.cpu_count() or 1
         self._local = threading.local()      # a zstd context is not thread-safe: one per thread
 
-    def _compress(self, data: np.ndarray) -> bytes:
+    def _compress(self, data: np.ndarray, level: int) -> bytes:
         contexts = getattr(self._local, "cctx", None)
         if contexts is None:
             contexts = self._local.cctx = {}
-        level = self.level
         if level not in contexts:
             contexts[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
         return contexts[level].compress(data)
 
-    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
+    def encode(self, pfns: np.ndarray, pages: np.ndarray, level: int | None = None) -> Encoded:
+        """One batch at `level` (default: self.level); plain PAGE_DATA if that is not longer."""
         # `pages` may be live guest memory (PageEncoder). Each page is read once for the zero
         # test and once by the boolean index, which copies the data pages out in one pass (also
         # when none is zero): zstd and its checksum read only that snapshot. A page written
         # between the two reads is dirty, and is resent whichever way it went this time.
         zero = np.bitwise_or.reduce(pages.view("<u8"), axis=1) == 0
         data = pages[~zero]
-        payload = self._compress(data) if data.size else b""
+        payload = self._compress(data, self.level if level is None else level) if data.size else b""
         bitmap = np.packbits(zero, bitorder="little").tobytes()
         head = struct.pack(HEADER_FORMAT, len(pfns), ALGORITHM_ZSTD, 0, int(zero.sum()), len(payload))
         meta = head + pfns.astype("<u8").tobytes() + bitmap + bytes(bitmap_size(len(pfns)) - len(bitmap))

@@ -9,7 +9,8 @@ import json
 import os
 import select
 import time
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from . import emp
 
@@ -27,15 +28,16 @@ MSG_SAVE_STATS = MSG_INFO + "xenmig-save-stats:"   # + emulator name + " " + JSO
 # wait4 when emu-manager reaped it), after "result:" and before emu-manager exits, so that xenopsd
 # can tell emu-manager's own CPU from its emulators' without sampling /proc.
 MSG_CPU = MSG_INFO + "xenmig-cpu:"                 # + emulator name + " " + seconds
-# Ours too (docs/in-host-protocols.md): the answer to a compression switch, and each pass's figures.
-MSG_COMPRESS_APPLIED = MSG_INFO + "xenmig-compress:"          # + emulator + " " + mode + " " + level
-MSG_COMPRESS_REFUSED = MSG_INFO + "xenmig-compress-refused:"  # + emulator + " " + reason
-MSG_ITERATION = MSG_INFO + "xenmig-iteration:"                # + emulator + " " + JSON object
+# Ours too (docs/in-host-protocols.md): the answers to a compression switch, and each pass's figures.
+MSG_COMPRESS_APPLIED = MSG_INFO + "xenmig-compress:"            # + emulator + " " + mode + " " + level
+MSG_COMPRESS_REFUSED = MSG_INFO + "xenmig-compress-refused:"    # + emulator + " " + one-line reason
+MSG_ITERATION = MSG_INFO + "xenmig-iteration:"                  # + emulator + " " + JSON object
 # xenopsd -> emu-manager
-MSG_COMPRESS = "xenmig-compress:"  # + emulator + " " + mode [+ " " + level]: ours, no `done` follows
 MSG_DONE = "done"
 MSG_RESTORE = "restore:"          # + emulator name
 MSG_ABORT = "abort"
+# Our extension: switch an emulator's in-band compression (no `done` follows).
+MSG_COMPRESS = "xenmig-compress:"                               # + emulator + " " + mode [+ " " + level]
 
 MAX_LINE = 4096
 
@@ -58,20 +60,33 @@ def parse_info(line: str) -> int | None:
     return None
 
 
+def _figures_line(prefix: str, emu: str, figures: dict, check: Callable[[Any], dict]) -> str:
+    """An emulator's figures, forwarded from its EMP event: prefix, emulator, one JSON object."""
+    return f"{prefix}{emu} {json.dumps(check(figures), separators=(',', ':'))}"
+
+
+def _parse_figures_line(line: str, prefix: str, check: Callable[[Any], dict],
+                        what: str) -> tuple[str, dict] | None:
+    """(emulator, figures) of a line of `_figures_line`'s kind; None for any other line."""
+    if not line.startswith(prefix):
+        return None
+    emu, _, text = line[len(prefix):].partition(" ")
+    try:
+        if not emu:
+            raise ValueError(emu)
+        return emu, check(json.loads(text))
+    except (ValueError, emp.EmpError):
+        raise ControlError(f"protocol error: malformed {what} {line!r}") from None
+
+
 def save_stats(emu: str, figures: Mapping[str, int]) -> str:
     """emu-manager forwards an emulator's EMP save-statistics event as this line."""
-    return f"{MSG_SAVE_STATS}{emu} {json.dumps(emp.parse_save_stats(dict(figures)), separators=(',', ':'))}"
+    return _figures_line(MSG_SAVE_STATS, emu, dict(figures), emp.parse_save_stats)
 
 
 def parse_save_stats(line: str) -> tuple[str, dict[str, int]] | None:
     """(emulator, figures) of a save-statistics line; None for any other line."""
-    if not line.startswith(MSG_SAVE_STATS):
-        return None
-    emu, _, text = line[len(MSG_SAVE_STATS):].partition(" ")
-    try:
-        return emu, emp.parse_save_stats(json.loads(text))
-    except (ValueError, emp.EmpError):
-        raise ControlError(f"protocol error: malformed save statistics {line!r}") from None
+    return _parse_figures_line(line, MSG_SAVE_STATS, emp.parse_save_stats, "save statistics")
 
 
 def cpu(emu: str, seconds: float) -> str:
@@ -93,38 +108,63 @@ def parse_cpu(line: str) -> tuple[str, float] | None:
     return emu, seconds
 
 
-COMPRESS_MODES = ("off", "on", "auto")
-
-
 def compress_request(emu: str, mode: str, level: int | None = None) -> str:
-    if mode not in COMPRESS_MODES:
-        raise ValueError(f"unknown compression mode {mode!r} (one of {', '.join(COMPRESS_MODES)})")
+    """xenopsd asks emu-manager to switch an emulator's compression with this line."""
+    emp.parse_compress_mode(mode, level)
     return f"{MSG_COMPRESS}{emu} {mode}" + ("" if level is None else f" {level}")
 
 
-def parse_compress_answer(line: str) -> tuple[str, bool, str] | None:
-    """(emulator, applied, what: "<mode> <level>" or the reason) of an answer to a switch;
-    None for any other line."""
-    for prefix, applied in ((MSG_COMPRESS_APPLIED, True), (MSG_COMPRESS_REFUSED, False)):
-        if line.startswith(prefix):
-            emu, _, text = line[len(prefix):].partition(" ")
-            words = text.split()
-            if not emu or not text or (applied and (len(words) != 2 or words[0] not in COMPRESS_MODES
-                                                    or not words[1].lstrip("-").isdigit())):
-                raise ControlError(f"protocol error: malformed compression answer {line!r}")
-            return emu, applied, text
-    return None
+def parse_compress_request(argument: str) -> tuple[str, str, int | None]:
+    """(emulator, mode, level or None) of what follows `xenmig-compress:`; ValueError, one line."""
+    words = argument.split(" ")
+    if len(words) not in (2, 3) or not words[0]:
+        raise ValueError(f"malformed request {argument[:80]!r} (expected <emu> <mode>[ <level>])")
+    mode, level = emp.parse_compress_mode(words[1], words[2] if len(words) == 3 else None)
+    return words[0], mode, level
 
 
-def parse_iteration(line: str) -> tuple[str, dict] | None:
-    """(emulator, figures) of a pass's report; None for any other line."""
-    if not line.startswith(MSG_ITERATION):
+def compress_applied(emu: str, mode: str, level: int) -> str:
+    return f"{MSG_COMPRESS_APPLIED}{emu} {mode} {level}"
+
+
+def compress_refused(emu: str, reason: str) -> str:
+    return f"{MSG_COMPRESS_REFUSED}{emu} " + " ".join(reason.split())[:MAX_LINE // 2]
+
+
+@dataclass(frozen=True)
+class CompressAnswer:
+    emu: str
+    mode: str | None = None         # applied: the mode and the level now in force
+    level: int | None = None
+    refused: str | None = None      # refused: why
+
+
+def parse_compress_answer(line: str) -> CompressAnswer | None:
+    """emu-manager's answer to a compression switch; None for any other line."""
+    if line.startswith(MSG_COMPRESS_REFUSED):
+        emu, _, reason = line[len(MSG_COMPRESS_REFUSED):].partition(" ")
+        if emu and reason:
+            return CompressAnswer(emu, refused=reason)
+    elif line.startswith(MSG_COMPRESS_APPLIED):
+        try:
+            emu, mode, level = parse_compress_request(line[len(MSG_COMPRESS_APPLIED):])
+        except ValueError:
+            level = None
+        if level is not None:
+            return CompressAnswer(emu, mode, level)
+    else:
         return None
-    emu, _, text = line[len(MSG_ITERATION):].partition(" ")
-    try:
-        return emu, emp.parse_iteration(json.loads(text))
-    except (ValueError, emp.EmpError):
-        raise ControlError(f"protocol error: malformed iteration report {line!r}") from None
+    raise ControlError(f"protocol error: malformed compression answer {line!r}")
+
+
+def iteration(emu: str, figures: Mapping[str, Any]) -> str:
+    """emu-manager forwards an emulator's EMP iteration event as this line."""
+    return _figures_line(MSG_ITERATION, emu, dict(figures), emp.parse_iteration)
+
+
+def parse_iteration(line: str) -> tuple[str, dict[str, Any]] | None:
+    """(emulator, one pass's figures) of an iteration line; None for any other line."""
+    return _parse_figures_line(line, MSG_ITERATION, emp.parse_iteration, "iteration figures")
 
 
 class LineChannel:

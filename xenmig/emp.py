@@ -35,9 +35,13 @@ CMD_MIGRATE_NONLIVE = "migrate_nonlive"
 CMD_MIGRATE_ABORT = "migrate_abort"
 CMD_RESTORE = "restore"
 CMD_QUIT = "quit"
+# This project's extension (docs/in-host-protocols.md): switch an emulator's in-band compression
+# mid-save; arguments "mode" (off/on/auto) and optionally "level", strings as every EMP argument.
+# Its reply carries the mode and the level now in force: {"return": {"mode": M, "level": "L"}}.
+CMD_XENMIG_COMPRESS = "xenmig_compress"
 COMMANDS = (CMD_SET_ARGS, CMD_MIGRATE_INIT, CMD_TRACK_DIRTY, CMD_MIGRATE_PROGRESS, CMD_MIGRATE_LIVE,
             CMD_MIGRATE_PAUSE, CMD_MIGRATE_PAUSED, CMD_MIGRATE_NONLIVE, CMD_MIGRATE_ABORT, CMD_RESTORE,
-            CMD_QUIT)
+            CMD_QUIT, CMD_XENMIG_COMPRESS)
 
 EVENT_MIGRATION = "MIGRATION"
 STATUS_COMPLETED = "completed"
@@ -46,6 +50,18 @@ STATUS_FAILED = "failed"
 # just before its completion event, so that they reach the toolstack as a message.
 EVENT_SAVE_STATS = "XENMIG_SAVE_STATS"
 SAVE_STATS_FIELDS = ("iterations", "pages", "zero_pages", "bytes")
+# Also ours: xenguest's figures of each pass (pre-copy and final), sent as the pass ends.
+EVENT_ITERATION = "XENMIG_ITERATION"
+ITERATION_COUNTS = ("iteration", "pages", "wire_bytes", "compressed_batches", "plain_batches")
+ITERATION_RATES = ("link_mbps", "compress_mbps")        # MB/s, or null when not measured
+ITERATION_FIELDS = (*ITERATION_COUNTS, "levels", "mode", *ITERATION_RATES)
+# The in-band encoder's modes (xenguest `-compress true` starts in on, otherwise off; xenmig_compress
+# switches them mid-save): plain PAGE_DATA, every batch compressed, or per batch from measurements.
+MODE_OFF, MODE_ON, MODE_AUTO = "off", "on", "auto"
+COMPRESS_MODES = (MODE_OFF, MODE_ON, MODE_AUTO)
+# The zstd levels a switch may ask for: the fast (negative) levels down to -7, the normal ones up to
+# 19 (20-22, "ultra", want windows beyond a record's 4 MiB and are far too slow for a migration).
+MIN_LEVEL, MAX_LEVEL = -7, 19
 
 
 class EmpError(Exception):
@@ -56,8 +72,8 @@ def request(command: str, **arguments: str) -> dict[str, Any]:
     return {"execute": command, "arguments": {k: str(v) for k, v in arguments.items()}}
 
 
-def reply_ok() -> dict[str, Any]:
-    return {"return": {}}
+def reply_ok(values: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {"return": dict(values or {})}
 
 
 def reply_error(text: str) -> dict[str, Any]:
@@ -89,17 +105,58 @@ def parse_save_stats(data: Any) -> dict[str, int]:
     return {key: data[key] for key in SAVE_STATS_FIELDS}
 
 
-EVENT_ITERATION = "XENMIG_ITERATION"
-ITERATION_FIELDS = {"iteration": int, "pages": int, "wire_bytes": int, "compressed_batches": int,
-                    "plain_batches": int, "levels": list, "mode": str, "link_mbps": (int, float, type(None)),
-                    "compress_mbps": (int, float, type(None))}
+def parse_compress_mode(mode: Any, level: Any = None) -> tuple[str, int | None]:
+    """A requested mode and optional level (a string or an int), checked: ValueError, one line."""
+    if mode not in COMPRESS_MODES:
+        raise ValueError(f"unknown compression mode {str(mode)[:40]!r} (one of {', '.join(COMPRESS_MODES)})")
+    if level is None:
+        return mode, None
+    text = str(level)
+    if not text.lstrip("-").isdigit() or not MIN_LEVEL <= int(text) <= MAX_LEVEL:
+        raise ValueError(f"bad compression level {text[:40]!r} (an integer {MIN_LEVEL}..{MAX_LEVEL})")
+    return mode, int(text)
+
+
+def compress_request(mode: str, level: int | None = None) -> dict[str, Any]:
+    return request(CMD_XENMIG_COMPRESS, mode=mode, **({} if level is None else {"level": str(level)}))
+
+
+def compress_reply(mode: str, level: int) -> dict[str, Any]:
+    return reply_ok({"mode": mode, "level": str(level)})
+
+
+def parse_compress_reply(reply: Any) -> tuple[str, int]:
+    """(mode, level) of a successful xenmig_compress reply."""
+    values = reply.get("return") if isinstance(reply, dict) else None
+    if not isinstance(values, dict) or set(values) != {"mode", "level"} or values["mode"] not in COMPRESS_MODES \
+            or not isinstance(values["level"], str) or not values["level"].lstrip("-").isdigit():
+        raise EmpError(f"malformed {CMD_XENMIG_COMPRESS} reply {str(reply)[:120]}")
+    return values["mode"], int(values["level"])
+
+
+def iteration_event(figures: Mapping[str, Any]) -> dict[str, Any]:
+    return {"event": EVENT_ITERATION, "data": parse_iteration(dict(figures))}
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_rate(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and 0 <= value < float("inf"))
 
 
 def parse_iteration(data: Any) -> dict[str, Any]:
+    """A pass's figures (the event's data, or the control line that forwards it): exactly
+    ITERATION_FIELDS; counts non-negative integers, levels a sorted list of integers, mode one of
+    COMPRESS_MODES, rates non-negative numbers or null."""
     if not isinstance(data, dict) or set(data) != set(ITERATION_FIELDS) \
-            or not all(isinstance(data[k], t) and not isinstance(data[k], bool) for k, t in ITERATION_FIELDS.items()):
-        raise EmpError(f"malformed iteration report {str(data)[:120]}")
-    return data
+            or not all(_is_count(data[key]) for key in ITERATION_COUNTS) \
+            or not all(_is_rate(data[key]) for key in ITERATION_RATES) \
+            or data["mode"] not in COMPRESS_MODES or not isinstance(data["levels"], list) \
+            or not all(type(level) is int for level in data["levels"]) or data["levels"] != sorted(data["levels"]):
+        raise EmpError(f"malformed iteration figures {str(data)[:160]}")
+    return {key: data[key] for key in ITERATION_FIELDS}
 
 
 _WHITESPACE = b" \t\r\n"

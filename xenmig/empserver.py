@@ -84,6 +84,10 @@ class EmpServer:
     def track_dirty(self) -> None:
         """Start logging dirty state (nothing to do for an emulator without any)."""
 
+    def compress(self, mode: str, level: int | None) -> int:
+        """Our extension: switch in-band compression from the next batch; the level now in force."""
+        raise ValueError(f"{emp.CMD_XENMIG_COMPRESS} is not supported by this emulator")
+
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
         """Serve one emu-manager; SIGTERM stops it as SIGINT does, through the clean-up that
@@ -145,11 +149,11 @@ class EmpServer:
                 self.chan.send(emp.reply_error(f"unknown command {command!r}"))
                 continue
             try:
-                handler(self, arguments, fds)
+                values = handler(self, arguments, fds)
             except (ValueError, DomainError) as e:
                 self.chan.send(emp.reply_error(str(e)))
                 continue
-            self.chan.send(emp.reply_ok())
+            self.chan.send(emp.reply_ok(values))
             if command == emp.CMD_QUIT:
                 return 2 if self.failed else 0
             if command in (emp.CMD_MIGRATE_LIVE, emp.CMD_MIGRATE_NONLIVE, emp.CMD_RESTORE):
@@ -207,12 +211,21 @@ class EmpServer:
     def _quit(self, arguments: dict[str, Any], fds: list[int]) -> None:
         pass
 
-    HANDLERS: dict[str, Callable[["EmpServer", dict[str, Any], list[int]], None]] = {
+    def _xenmig_compress(self, arguments: dict[str, Any], fds: list[int]) -> dict[str, str]:
+        for fd in fds:
+            os.close(fd)
+        if set(arguments) - {"mode", "level"}:
+            raise ValueError(f"Bad Args: {emp.CMD_XENMIG_COMPRESS} takes mode and level")
+        mode, level = emp.parse_compress_mode(arguments.get("mode"), arguments.get("level"))
+        return emp.compress_reply(mode, self.compress(mode, level))["return"]
+
+    # A handler's return value, if any, is its reply's "return" object.
+    HANDLERS: dict[str, Callable[["EmpServer", dict[str, Any], list[int]], dict[str, str] | None]] = {
         emp.CMD_SET_ARGS: _set_args, emp.CMD_MIGRATE_INIT: _migrate_init, emp.CMD_TRACK_DIRTY: _track_dirty,
         emp.CMD_MIGRATE_PROGRESS: _migrate_progress, emp.CMD_MIGRATE_LIVE: _migrate_live,
         emp.CMD_MIGRATE_NONLIVE: _migrate_nonlive, emp.CMD_MIGRATE_PAUSE: _migrate_pause,
         emp.CMD_MIGRATE_PAUSED: _migrate_paused, emp.CMD_MIGRATE_ABORT: _migrate_abort,
-        emp.CMD_RESTORE: _restore, emp.CMD_QUIT: _quit,
+        emp.CMD_RESTORE: _restore, emp.CMD_QUIT: _quit, emp.CMD_XENMIG_COMPRESS: _xenmig_compress,
     }
 
     # -- work -----------------------------------------------------------------

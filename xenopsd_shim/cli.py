@@ -15,8 +15,7 @@ from xenemu.build import build
 from xenemu.memory import digest_report
 from xenemu.profiles import PROFILES
 from xenemu.units import format_size, parse_rate, parse_size
-from xenmig import control as ctl
-from xenmig import image
+from xenmig import emp, image
 from xenmig.procwait import exit_now
 
 from . import cancel, codecs, evacuate, migctl, policy, tlstunnel, transport
@@ -233,7 +232,7 @@ def host_evacuate(click_ctx: click.Context, dest: str, parallel: str | None, com
 
 @cli.command("vm-compress")
 @click.argument("name")
-@click.argument("mode", type=click.Choice(ctl.COMPRESS_MODES))
+@click.argument("mode", type=click.Choice(emp.COMPRESS_MODES))
 @click.option("--level", type=int, default=None, help="zstd level (default: the one in force)")
 @click.option("--timeout", type=float, default=15.0, show_default=True, help="seconds to wait for the answer")
 @click.pass_obj

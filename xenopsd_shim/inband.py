@@ -105,7 +105,7 @@ class InBand:
         """A report of ours from emu-manager: True if it was one (kept), False if not."""
         answer = ctl.parse_compress_answer(line)
         if answer is not None:
-            self._answered(answer[1], answer[2])
+            self._answered(answer)
             return True
         report = ctl.parse_iteration(line)
         if report is not None:
@@ -113,19 +113,19 @@ class InBand:
             return True
         return False
 
-    def _answered(self, applied: bool, text: str) -> None:
+    def _answered(self, answer: ctl.CompressAnswer) -> None:
         with self._lock:
             if not self._pending:
                 raise ctl.ControlError("protocol error: a compression answer nobody asked for")
             pending = self._pending.popleft()
-        if applied:
-            mode, level = text.split()
-            pending.applied = Switch(len(self.passes), mode, int(level), pending.by)
+        if answer.refused is None and answer.mode is not None and answer.level is not None:
+            pending.applied = Switch(len(self.passes), answer.mode, answer.level, pending.by)
             self.switches.append(pending.applied)
-            self.log.info(f"in-band compression {mode} (level {level}) from pass {len(self.passes)}, by {pending.by}")
+            self.log.info(f"in-band compression {answer.mode} (level {answer.level}) from pass {len(self.passes)}, "
+                          f"by {pending.by}")
         else:
-            self.log.info(f"in-band compression switch to {pending.mode} refused: {text}")
-        pending.answer = (applied, text)
+            pending.answer = (False, answer.refused or "refused")
+            self.log.info(f"in-band compression switch to {pending.mode} refused: {answer.refused}")
         pending.done.set()
 
     def _reported(self, figures: dict[str, Any]) -> None:

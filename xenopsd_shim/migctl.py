@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from xenmig import control as ctl
+from xenmig import emp
 
 MAX_REQUEST = 256
 CLIENT_TIMEOUT = 5.0            # a client that does not send its line in this time is dropped
@@ -32,11 +32,7 @@ def parse_request(line: str) -> tuple[str, int | None]:
     words = line.split()
     if not words or words[0] != COMMAND_COMPRESS or len(words) not in (2, 3):
         raise ValueError(f"malformed request {line[:80]!r} (expected: compress off|on|auto [LEVEL])")
-    if words[1] not in ctl.COMPRESS_MODES:
-        raise ValueError(f"unknown compression mode {words[1]!r} (one of {', '.join(ctl.COMPRESS_MODES)})")
-    if len(words) == 3 and not words[2].lstrip("-").isdigit():
-        raise ValueError(f"the level must be a whole number, not {words[2]!r}")
-    return words[1], int(words[2]) if len(words) == 3 else None
+    return emp.parse_compress_mode(words[1], words[2] if len(words) == 3 else None)
 
 
 def _read_line(sock: socket.socket) -> str:

@@ -1,0 +1,209 @@
+"""Switching xenguest's in-band compression mid-save through emu-manager (our extension of the
+control protocol and EMP), its per-pass reports, and how `auto` decides."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from conftest import HostDir
+from test_emu_manager import Xenopsd, append_only, transcript
+from xenguest.adaptive import HYSTERESIS, REGION_PFNS, REPROBE_EVERY, AdaptivePages, Measurements, compress_wins
+from xenmig import compressed, control
+
+MB = 1e6
+
+
+def restored_digests(a: HostDir, b: HostDir, stream, memory: str) -> list[str]:
+    dst = b.empty("vm", memory)
+    with open(stream, "rb") as f:
+        b.run("xenguest", "-mode", "restore", "-domid", str(dst), "-fd", "0", stdin=f)
+    return b.page_digests(dst)
+
+
+def live_save(h: HostDir, stream, domid: int, before: list[str], after_pass=None,
+              hold=lambda answers: False) -> tuple[Xenopsd, dict]:
+    """A live save with -debuglog; the `before` lines go to emu-manager first. Answers and pass
+    reports are collected; `after_pass(x, figures)` may send lines; `suspend:` is carried out
+    (the domain paused) and acked only once `hold(answers)` is false."""
+    fd = append_only(stream)
+    x = Xenopsd(h, "-fd", str(fd), "-mode", "hvm_save", "-domid", str(domid), "-live", "true", "-dm", "qemu",
+                "-debuglog", "true", stream_fd=fd)
+    os.close(fd)
+    for line in before:
+        x.send(line)
+    got: dict = {"iterations": [], "answers": [], "end": None}
+    suspending = False
+    while (line := x.recv()) is not None:
+        if (answer := control.parse_compress_answer(line)) is not None:
+            got["answers"].append(answer)
+        elif (report := control.parse_iteration(line)) is not None:
+            assert report[0] == "xenguest"
+            got["iterations"].append(report[1])
+            if after_pass is not None:
+                after_pass(x, report[1])
+        elif line == "suspend:":
+            suspending = True
+        elif line == "prepare:xenguest":
+            x.send("done")
+        elif not line.startswith("info:"):
+            got["end"] = line
+            break
+        if suspending and not hold(got["answers"]):
+            h.xenemu("pause", str(domid))          # as xenopsd does before its `done`
+            x.send("done")
+            suspending = False
+    return x, got
+
+
+def test_switch_on_then_off_mid_live_save_is_page_exact(hosts, tmp_path):
+    a, b = hosts("A"), hosts("B")
+    domid = a.create("vm", "32M", image="mixed", workload="increment")    # every pass resends pages
+    stream = tmp_path / "stream"
+
+    def switch_off(x: Xenopsd, figures: dict) -> None:
+        if figures["iteration"] == 0:
+            x.send(control.compress_request("xenguest", "off"))
+
+    # the final pass (after `suspend:`) starts only once xenguest has taken the switch off
+    x, got = live_save(a, stream, domid, [control.compress_request("xenguest", "on", 3)], switch_off,
+                       hold=lambda answers: len(answers) < 2)
+    assert got["end"] == "result:0 0", got
+    code, err = x.finish()
+    assert code == 0, err
+    assert [(s.emu, s.mode, s.level, s.refused) for s in got["answers"]] == [
+        ("xenguest", "on", 3, None), ("xenguest", "off", 3, None)]
+    # queued before xenguest was initialised: sent right after the init stage, before migrate_live
+    said = transcript(err)
+    assert said[:3] == ["xenguest: migrate_init", "xenguest: xenmig_compress on 3", "xenguest: track_dirty"], said
+    assert said.index("xenguest: migrate_live") < said.index("xenguest: xenmig_compress off") \
+        < said.index("xenguest: migrate_paused"), said
+    passes = got["iterations"]
+    assert [p["iteration"] for p in passes] == list(range(len(passes))) and len(passes) >= 2, passes
+    first, final = passes[0], passes[-1]
+    assert first["mode"] == "on" and first["compressed_batches"] > 0 and first["levels"] == [3], first
+    assert first["pages"] == 8192 and first["compress_mbps"] is not None, first
+    assert final["mode"] == "off" and final["compressed_batches"] == 0 and final["levels"] == [], final
+    assert final["plain_batches"] == -(-final["pages"] // 1024) and final["compress_mbps"] is None, final
+    assert sum(p["plain_batches"] for p in passes[1:]) > 0, passes
+    assert sum(p["wire_bytes"] for p in passes) < stream.stat().st_size
+    assert a.domains()[0]["state"] == "paused"               # memory now is the pause point
+    assert restored_digests(a, b, stream, "32M") == a.page_digests(domid)
+
+
+def test_auto_on_random_memory_sends_plain(hosts, tmp_path):
+    a, b = hosts("A"), hosts("B")
+    domid = a.create("vm", "32M", image="random")
+    stream = tmp_path / "stream"
+    x, got = live_save(a, stream, domid, [control.compress_request("xenguest", "auto")])
+    assert got["end"] == "result:0 0", got
+    code, err = x.finish()
+    assert code == 0, err
+    assert [(s.mode, s.refused) for s in got["answers"]] == [("auto", None)]
+    passes = got["iterations"]
+    assert all(p["mode"] == "auto" for p in passes), passes
+    assert sum(p["compressed_batches"] for p in passes) == 0, passes
+    assert passes[0]["plain_batches"] == 8, passes[0]             # 8192 pages, 1024 a batch
+    assert restored_digests(a, b, stream, "32M") == a.page_digests(domid)
+
+
+def test_refused_switches_answer_without_failing_the_save(hosts, tmp_path):
+    """Unknown emulator, one without compression, a bad mode, and xenguest once it has completed:
+    each answered `info:xenmig-compress-refused:`, and the save goes on."""
+    h = hosts()
+    from test_emu_manager import vgpu_vm
+    domid = vgpu_vm(h)
+    fds = [append_only(tmp_path / "stream"), append_only(tmp_path / "vgpu")]
+    x = Xenopsd(h, "-fd", str(fds[0]), "-mode", "hvm_save", "-domid", str(domid), "-live", "false",
+                "-dm", f"vgpu:{fds[1]}", stream_fd=fds[0], more_fds=(fds[1],))
+    for fd in fds:
+        os.close(fd)
+    x.send("xenmig-compress:qemu on")
+    x.send("xenmig-compress:xenguest fast")
+    answers = []
+    while (line := x.recv()) is not None:
+        if (answer := control.parse_compress_answer(line)) is not None:
+            answers.append(answer)
+        elif line == "prepare:vgpu":          # xenguest has completed (non-live: one at a time)
+            x.send("xenmig-compress:xenguest on")
+            x.send("xenmig-compress:vgpu on")
+            while len(answers) < 4:
+                answers.append(control.parse_compress_answer(x.recv()))
+            x.send("done")
+        elif line in ("suspend:", "prepare:xenguest"):
+            x.send("done")
+        elif not line.startswith("info:"):
+            break
+    assert line == "result:0 0"
+    code, err = x.finish()
+    assert code == 0, err
+    assert [(s.emu, s.refused) for s in answers] == [
+        ("qemu", "no emulator qemu in this migration"),
+        ("xenguest", "unknown compression mode 'fast' (one of off, on, auto)"),
+        ("xenguest", "xenguest has completed its save"),
+        ("vgpu", "vgpu has no in-band compression")], answers
+
+
+# -- auto's decision from given measurements (the bench measures it on shaped links) ----------------
+@pytest.mark.parametrize("link,compress,ratio,wins", [
+    (1500 * MB, 300 * MB, 2.6, False),      # loopback: 2 threads turn out 600 MB/s, the link takes 1500
+    (125 * MB, 300 * MB, 2.6, True),        # 1 Gbit/s: 325 MB/s of guest memory compressed, 125 plain
+    (125 * MB, 300 * MB, 1.02, False),      # random memory does not shrink
+    (None, 300 * MB, 2.6, False),           # the link drains as fast as it is fed
+    (125 * MB, None, None, False),          # nothing compressed yet
+])
+def test_auto_compresses_only_when_the_link_binds_and_data_shrinks(link, compress, ratio, wins):
+    assert compress_wins(Measurements(link, compress, ratio, threads=2), compressing=False) is wins
+
+
+def test_auto_keeps_its_choice_within_the_hysteresis():
+    # compressed exactly as fast as plain: neither switches on nor off
+    even = Measurements(link=600 * MB, compress=300 * MB, ratio=2.6, threads=2)
+    assert compress_wins(even, compressing=False) is False
+    assert compress_wins(even, compressing=True) is True
+    faster = Measurements(link=600 * MB * (1 - HYSTERESIS) ** 2, compress=300 * MB, ratio=2.6, threads=2)
+    assert compress_wins(faster, compressing=False) is True
+
+
+def batch(region: int) -> np.ndarray:
+    return np.arange(region * REGION_PFNS, (region + 1) * REGION_PFNS, dtype=np.uint64)
+
+
+def test_auto_leaves_regions_that_did_not_shrink_and_probes_them_again_now_and_then():
+    """With a link that binds, a compressible region goes compressed and an incompressible one
+    plain, compressed again (to see if it changed) at every REPROBE_EVERY-th visit."""
+    encoder = AdaptivePages("auto", threads=1)
+    encoder.link.add(4 << 20, 0.4, time.monotonic())        # 4 MiB in 0.4 s, all of it blocked: 10 MB/s
+    noise = np.random.default_rng(14).integers(0, 256, (REGION_PFNS, 4096), dtype=np.uint8)
+    text = np.tile(np.frombuffer(b"xenmig compresses this " * 178 + b"xx", dtype=np.uint8), (REGION_PFNS, 1))
+    counts = {"noise": [0, 0], "text": [0, 0]}
+    zstd_ran: list[int] = []                                 # the regions given to the compressor
+    codec_encode = encoder.codec.encode
+    encoder.codec.encode = lambda pfns, pages, level: zstd_ran.append(int(pfns[0]) // REGION_PFNS) or \
+        codec_encode(pfns, pages, level)
+    for visit in range(2 * REPROBE_EVERY + 1):
+        for region, (kind, pages) in enumerate((("text", text), ("noise", noise))):
+            rtype = int.from_bytes(bytes(encoder.encode(batch(region), pages).buffers[0][:4]), "little")
+            counts[kind][rtype == compressed.REC_TYPE] += 1
+    figures = encoder.end_pass()
+    assert counts["text"] == [0, 2 * REPROBE_EVERY + 1], counts
+    assert counts["noise"] == [2 * REPROBE_EVERY + 1, 0], counts        # it never shrank: sent plain
+    assert figures["compressed_batches"] == 2 * REPROBE_EVERY + 1, figures
+    assert figures["plain_batches"] == 2 * REPROBE_EVERY + 1, figures
+    # zstd ran on the noise region at its first visit and at its reprobes only: 3 of 17 visits
+    assert zstd_ran.count(1) == 3 and zstd_ran.count(0) == 2 * REPROBE_EVERY + 1, zstd_ran
+
+
+def test_switch_applies_from_the_next_batch_and_a_level_pins_auto_until_the_next_switch():
+    encoder = AdaptivePages("off", threads=1)
+    pages = np.zeros((REGION_PFNS, 4096), dtype=np.uint8)
+    assert encoder.switch("on", 5) == 5
+    encoder.encode(batch(0), pages)
+    assert encoder.switch("auto", 3) == 3
+    assert encoder.switch("off") == 3
+    encoder.encode(batch(1), pages)
+    figures = encoder.end_pass()
+    assert (figures["compressed_batches"], figures["plain_batches"], figures["levels"], figures["mode"]) == \
+        (1, 1, [5], "off"), figures

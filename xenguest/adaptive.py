@@ -1,0 +1,260 @@
+"""The saver's one page encoder: compression off, on, or decided per batch from measurements.
+
+Each in-band record says by its type whether it is compressed, so the
+receiver needs no signal and the choice may change from one batch to the
+next: by a switch from emu-manager (xenmig_compress, on the EMP thread), or,
+in `auto`, by `compress_wins` from what this save measures as it goes:
+
+- the drain rate of the stream fd, from the wire bytes written and the time
+  blocked writing them over the last LINK_WINDOW seconds (LinkMeter);
+- the compression rate per thread in wall time (so that CPU taken by other
+  migrations or by the receiver shows) and the ratio of recent batches;
+- per region of REGION_PFNS pfns, the ratio it reached last time: a region
+  that did not shrink is sent plain, and compressed again now and then.
+
+A batch is compressed when that moves guest memory faster: compressed, a
+guest byte costs the slower of compressing it (on every thread) and sending
+what is left of it; plain, sending it whole.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from xenmig import compressed, emp, libxc
+from xenmig.compressed import LEVEL_FIGURES, CompressedPages, choose_level
+from xenmig.emp import MODE_OFF, MODE_ON
+from xenmig.libxc import Encoded, PlainPages
+
+REGION_PFNS = 1024          # a region: one block of pfns as iteration 0's batches cut them (locality)
+SKIP_RATIO = 1.1            # a region that shrank less than this is sent plain ...
+REPROBE_EVERY = 8           # ... and compressed again at its 8th visit since, in case it changed
+PROBE_EVERY = 16            # sending plain, 1 batch in 16 is compressed, so that the figures stay fresh
+HYSTERESIS = 0.1            # compression goes on when 10% faster than plain, off when 10% slower
+RATE_WEIGHT = 0.25          # weight of a new batch in the running compression rate and ratio
+LINK_WINDOW = 1.0           # seconds of writes the drain rate is measured over
+LINK_BINDING = 0.5          # the writer blocked this share of the window: the link is the bottleneck
+LINK_MIN_SPAN = 0.25        # seconds of writes a figure needs (the receiver's start-up is no link)
+LINK_STALE = 2.0            # a link figure not measured again for this long is dropped (then plain re-measures)
+MB = 1e6                    # the per-iteration report's rates are in MB/s
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What auto decides from; None: not measured (yet)."""
+    link: float | None          # wire bytes per second the stream fd drains; None: not the bottleneck
+    compress: float | None      # guest bytes per second one compression thread turns out (wall time)
+    ratio: float | None         # guest bytes per wire byte of recent compressed batches
+    threads: int
+
+
+def compress_wins(m: Measurements, compressing: bool) -> bool:
+    """Whether compressing the next batch shortens the migration: the link, not the CPU, binds
+    and the data shrinks. Seconds per guest byte: plain 1/link; compressed the slower of
+    1/(compress x threads) and 1/(ratio x link). Hysteresis keeps the current choice unless the
+    other one is HYSTERESIS faster. Without a link figure (it drains as fast as it is fed) or
+    without compression figures: plain."""
+    if m.link is None or m.compress is None or m.ratio is None:
+        return False
+    plain = 1 / m.link
+    packed = max(1 / (m.compress * m.threads), 1 / (m.ratio * m.link))
+    return packed < plain * ((1 + HYSTERESIS) if compressing else (1 - HYSTERESIS))
+
+
+def drain_rate(nbytes: int, blocked: float, span: float) -> float | None:
+    """The link's rate from writes that took `span` seconds, `blocked` of them waiting in
+    write_all: when the writer waited for most of it, the socket buffer stayed full and the link
+    carried all it could, so the bytes over the span are its rate; otherwise it is not the
+    bottleneck and its rate is not measurable (None), nor over less than LINK_MIN_SPAN."""
+    if span < LINK_MIN_SPAN or blocked < LINK_BINDING * span:
+        return None
+    return nbytes / span
+
+
+class LinkMeter:
+    """The stream fd's drain rate from the saver's writes (end, wire bytes, seconds blocked)
+    over the last LINK_WINDOW seconds. A figure measured while the link bound stands while
+    the writer no longer waits (compression may have made the stream thinner than the link),
+    for LINK_STALE seconds at most and only while the bytes moved do not show a faster link."""
+
+    def __init__(self) -> None:
+        self._writes: deque[tuple[float, int, float]] = deque()
+        self._bound: float | None = None
+        self._measured = 0.0            # when the figure was last measured
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int, seconds: float, end: float) -> None:
+        with self._lock:
+            self._writes.append((end, nbytes, seconds))
+            while self._writes and self._writes[0][0] < end - LINK_WINDOW:
+                self._writes.popleft()
+
+    def rate(self) -> float | None:
+        with self._lock:
+            if not self._writes:
+                return self._bound
+            first_end, _, first_blocked = self._writes[0]
+            span = self._writes[-1][0] - (first_end - first_blocked)
+            nbytes = sum(w[1] for w in self._writes)
+            rate = drain_rate(nbytes, sum(w[2] for w in self._writes), span)
+            if rate is not None:
+                self._bound, self._measured = rate, self._writes[-1][0]
+            elif self._bound is not None and (span > 0 and nbytes / span > self._bound
+                                              or self._writes[-1][0] - self._measured > LINK_STALE):
+                # it carries more than the old figure, or that figure is old (the link may have
+                # changed, or it was the receiver starting up): measure again from here
+                self._bound = None
+                self._writes.clear()
+            return self._bound
+
+
+@dataclass
+class PassFigures:
+    """One pass's counters for its XENMIG_ITERATION report."""
+    compressed_batches: int = 0
+    plain_batches: int = 0
+    levels: set[int] | None = None
+    compress_bytes: int = 0         # guest bytes given to zstd
+    compress_seconds: float = 0.0   # wall seconds zstd took, summed over threads
+    write_bytes: int = 0
+    write_seconds: float = 0.0      # seconds blocked writing them
+    write_start: float | None = None
+    write_end: float = 0.0
+
+    def report(self) -> dict:
+        link = drain_rate(self.write_bytes, self.write_seconds, self.write_end - (self.write_start or 0.0))
+        return {"compressed_batches": self.compressed_batches, "plain_batches": self.plain_batches,
+                "levels": sorted(self.levels or ()), "link_mbps": None if link is None else round(link / MB, 1),
+                "compress_mbps": round(self.compress_bytes / self.compress_seconds / MB, 1)
+                if self.compress_seconds > 0 else None}
+
+
+@dataclass
+class Region:
+    ratio: float
+    skips: int = 0
+
+
+def _running(old: float | None, new: float) -> float:
+    return new if old is None else old + RATE_WEIGHT * (new - old)
+
+
+class AdaptivePages:
+    """The encoder a save uses whatever its mode: thread-safe, and switchable between batches
+    from another thread (`switch`). Plain batches go as PlainPages (guest memory read once, by
+    writev); compressed ones through CompressedPages, whose snapshot rule stands."""
+
+    def __init__(self, mode: str, level: int | None = None, threads: int | None = None) -> None:
+        self.codec = CompressedPages(level, threads)
+        self.threads = self.codec.threads
+        self.mode, self._pinned = mode, level     # a level given pins auto's choice (until the next switch)
+        self.link = LinkMeter()
+        self._lock = threading.Lock()
+        self._compress: float | None = None
+        self._ratio: float | None = None
+        self._regions: dict[int, Region] = {}
+        self._batches = 0
+        self._compressing = False
+        self._pass = PassFigures()
+
+    def switch(self, mode: str, level: int | None = None) -> int:
+        """Change the mode (and level) from the next batch encoded; returns the level in force."""
+        with self._lock:
+            self.mode, self._pinned = mode, level
+            if level is not None:
+                self.codec.level = level
+            return self.codec.level
+
+    def measurements(self) -> Measurements:
+        return Measurements(self.link.rate(), self._compress, self._ratio, self.threads)
+
+    def _level(self, m: Measurements) -> int:
+        """choose_level with the table's compression rates scaled to what this save measures at
+        its current level (the CPU it really gets: shared with the receiver, other migrations)."""
+        figures = LEVEL_FIGURES
+        if m.compress is not None and self.codec.level in figures:
+            scale = m.compress / figures[self.codec.level].compress_bytes_per_s
+            figures = {level: replace(f, compress_bytes_per_s=f.compress_bytes_per_s * scale)
+                       for level, f in figures.items()}
+        return choose_level(m.link, self.threads, figures)
+
+    def _choose(self, region: int) -> int | None:
+        """The level to compress this batch at, or None for plain."""
+        with self._lock:
+            if self.mode == MODE_OFF:
+                return None
+            if self.mode == MODE_ON:
+                return self.codec.level
+            m = self.measurements()
+            if self._pinned is None:
+                self.codec.level = self._level(m)
+            known = self._regions.get(region)
+            if known is not None and known.ratio < SKIP_RATIO:
+                known.skips += 1
+                return self.codec.level if known.skips % REPROBE_EVERY == 0 else None
+            if known is not None:           # what this region reached is the better guess
+                m = replace(m, ratio=known.ratio)
+            self._compressing = compress_wins(m, self._compressing)
+            self._batches += 1
+            probe = self._batches % PROBE_EVERY == 1
+            return self.codec.level if self._compressing or probe else None
+
+    def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
+        level = self._choose(int(pfns[0]) // REGION_PFNS)
+        if level is None:
+            encoded = PlainPages().encode(pfns, pages)
+            with self._lock:
+                self._pass.plain_batches += 1
+            return encoded
+        start = time.monotonic()
+        encoded = self.codec.encode(pfns, pages, level)
+        seconds = time.monotonic() - start
+        guest = pages.nbytes
+        rtype, length = libxc.parse_record_header(encoded.buffers[0])
+        ratio = guest / (libxc.RH_SIZE + length + libxc.padding(length))
+        packed = rtype == compressed.REC_TYPE
+        with self._lock:
+            self._regions[int(pfns[0]) // REGION_PFNS] = Region(ratio)
+            self._ratio = _running(self._ratio, ratio)
+            if seconds > 0:
+                self._compress = _running(self._compress, guest / seconds)
+            figures = self._pass
+            figures.compress_bytes += guest
+            figures.compress_seconds += seconds
+            if packed:
+                figures.compressed_batches += 1
+                figures.levels = (figures.levels or set()) | {level}
+            else:
+                figures.plain_batches += 1
+        return encoded
+
+    def wrote(self, nbytes: int, seconds: float) -> None:
+        """The saver wrote `nbytes` to the stream fd, blocked `seconds` doing so."""
+        end = time.monotonic()
+        self.link.add(nbytes, seconds, end)
+        with self._lock:
+            figures = self._pass
+            figures.write_bytes += nbytes
+            figures.write_seconds += seconds
+            if figures.write_start is None:
+                figures.write_start = end - seconds
+            figures.write_end = end
+
+    def end_pass(self) -> dict:
+        """The finished pass's figures (XENMIG_ITERATION's fields but the pass's own); a new pass starts."""
+        with self._lock:
+            figures, self._pass = self._pass, PassFigures()
+            return {**figures.report(), "mode": self.mode}
+
+
+def mode_from_environment(compress: bool) -> str:
+    """`-compress true` starts in on, otherwise off; standalone experiments may set
+    XENGUEST_COMPRESS_MODE (off, on, auto)."""
+    mode = os.environ.get("XENGUEST_COMPRESS_MODE") or (MODE_ON if compress else MODE_OFF)
+    return emp.parse_compress_mode(mode)[0]
+
