@@ -401,14 +401,20 @@ def test_xenguest_events_as_libxc_counts_and_iterates_until_told(hosts):
     drain.start()
     # Past emum.c's 4 and libxc's own 5, unless a pass finds nothing dirty (a starved guest):
     # then xenguest stops by itself, as the real one does.
+    passes: list[dict] = []        # our extension: each pass's figures, beside libxc's events
+
+    def next_event() -> None:
+        message = emu.recv()
+        {"MIGRATION": events, "XENMIG_ITERATION": passes}.get(message["event"], []).append(message["data"])
+
     while not events or (events[-1].get("iteration", 0) < 6 and events[-1].get("remaining") != 0):
-        events.append(emu.recv()["data"])
+        next_event()
     emu.send(request("migrate_pause"))
     assert reply() == {"return": {}}
     emu.send(request("migrate_paused"))
     assert reply() == {"return": {}}
-    while "status" not in events[-1]:
-        events.append(emu.recv()["data"])
+    while not events or "status" not in events[-1]:
+        next_event()
     assert events[-1] == {"status": "completed", "result": "0 0"}, events[-1]
     emu.send(request("quit"))
     assert reply() == {"return": {}}
@@ -424,3 +430,6 @@ def test_xenguest_events_as_libxc_counts_and_iterates_until_told(hosts):
     assert counted[-1]["iteration"] >= 6 or counted[-1]["remaining"] == 0, counted
     # libxc's total_written: each pass adds the dirty count it was asked to send
     assert all(b["sent"] == a["sent"] + a["remaining"] for a, b in zip(counted, counted[1:])), counted
+    # One report per pass, the final one last; each pre-copy pass sent what libxc's count said.
+    assert [p["iteration"] for p in passes] == list(range(len(passes))), passes
+    assert [p["pages"] for p in passes[:-1]] == [a["remaining"] for a in counted][:len(passes) - 1], (passes, counted)

@@ -157,7 +157,8 @@ class Saver:
         self.on_pass_progress(0, len(pfns))
         self.send_pages(pfns)
         self.on_iteration({"iteration": len(self.progress.history), "pages": len(pfns),
-                           "wire_bytes": self.progress.wire_bytes - wire_start, **self.encoder.end_pass()})
+                           "dirty": self.mem.dirty_count(), "wire_bytes": self.progress.wire_bytes - wire_start,
+                           **self.encoder.end_pass()})
         self.progress.history.append(len(pfns))
 
     def run(self) -> Progress:

@@ -52,7 +52,9 @@ EVENT_SAVE_STATS = "XENMIG_SAVE_STATS"
 SAVE_STATS_FIELDS = ("iterations", "pages", "zero_pages", "bytes")
 # Also ours: xenguest's figures of each pass (pre-copy and final), sent as the pass ends.
 EVENT_ITERATION = "XENMIG_ITERATION"
-ITERATION_COUNTS = ("iteration", "pages", "wire_bytes", "compressed_batches", "plain_batches")
+# `dirty`: the pages the guest dirtied while the pass was sent (what the next pass must send):
+# the toolstack judges pre-copy's convergence from it before emu-manager's rule ends pre-copy.
+ITERATION_COUNTS = ("iteration", "pages", "dirty", "wire_bytes", "compressed_batches", "plain_batches")
 ITERATION_RATES = ("link_mbps", "compress_mbps")        # MB/s, or null when not measured
 ITERATION_FIELDS = (*ITERATION_COUNTS, "levels", "mode", *ITERATION_RATES)
 # The in-band encoder's modes (xenguest `-compress true` starts in on, otherwise off; xenmig_compress

@@ -19,8 +19,8 @@ from .log import Logger
 
 EMU = "xenguest"                # the emulator that compresses memory
 ANSWER_TIMEOUT = 10.0           # emu-manager forwards at its next free moment: seconds, not minutes
-# The adaptive policy's convergence watch: a pre-copy pass that sends at least this share of the
-# pages of the pass before it is not converging (the guest dirties as fast as the link carries).
+# The adaptive policy's convergence watch: a pre-copy pass while which the guest dirtied at least
+# this share of the pages it sent is not converging (the guest dirties as fast as the link carries).
 NOT_CONVERGING = 0.9
 
 
@@ -47,13 +47,15 @@ class _Pending:
 
 @dataclass(frozen=True)
 class ConvergenceWatch:
-    """adaptive's rule: start with xenguest deciding per batch (`auto`); once a pre-copy pass
-    sends nearly as many pages as the one before it, the link is slower than the guest dirties
-    and only fewer bytes per page can end pre-copy: compression goes `on` for every batch."""
+    """adaptive's rule: start with xenguest deciding per batch (`auto`); once the guest dirties
+    nearly as many pages while a pre-copy pass is sent as the pass sent, the next pass will be as
+    long: the link is slower than the guest dirties, and only fewer bytes per page can shorten
+    what is left for the pause: compression goes `on` for every batch. Judged from each pass's
+    own figures, since emu-manager (emum.c's rule) may pause the guest during the next one."""
     ratio: float = NOT_CONVERGING
 
-    def not_converging(self, passes: list[dict[str, Any]]) -> bool:
-        return len(passes) >= 2 and passes[-1]["pages"] >= self.ratio * passes[-2]["pages"] > 0
+    def not_converging(self, report: dict[str, Any]) -> bool:
+        return report["dirty"] >= self.ratio * report["pages"] > 0
 
 
 class InBand:
@@ -131,10 +133,10 @@ class InBand:
     def _reported(self, figures: dict[str, Any]) -> None:
         self.passes.append(figures)
         if self.watch is not None and not self._watched and figures["mode"] == "auto" \
-                and self.watch.not_converging(self.passes):
+                and self.watch.not_converging(figures):
             self._watched = True
-            self.log.info(f"pre-copy is not converging (pass {figures['iteration']}: {figures['pages']} pages, "
-                          f"the pass before: {self.passes[-2]['pages']}): in-band compression on")
+            self.log.info(f"pre-copy is not converging (pass {figures['iteration']} sent {figures['pages']} pages, "
+                          f"the guest dirtied {figures['dirty']} meanwhile): in-band compression on")
             self._ask("on", None, "policy")
 
     def paused(self) -> None:
