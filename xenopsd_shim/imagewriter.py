@@ -66,16 +66,15 @@ class ImageWriter:
         self.on_info = on_info
         self.stats = SaveStats()
         self.emu: EmuManager | None = None
-        self.inband = inband
+        self.inband = inband or InBand(log)     # a suspend has no switches, but xenguest reports its passes
 
     def _progress(self, percent: int) -> None:
-        self.on_info(percent, self.inband.state() if self.inband is not None else "")
+        self.on_info(percent, self.inband.state())
 
     def _suspend(self, _: str) -> None:
         self.domain.pause()
         self.stats.paused_at = time.monotonic()
-        if self.inband is not None:
-            self.inband.paused()
+        self.inband.paused()
         self.log.info(f"domain {self.domain.domid} paused")
 
     def _prepare(self, emu: str) -> None:
@@ -96,14 +95,12 @@ class ImageWriter:
                               codec_args=self.codec.emu_args, extra=vgpu, log=self.log,
                               pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
         self.stats.emu_argv = self.emu.argv
-        if self.inband is not None:
-            self.emu.reports.append(self.inband.take)
-            self.inband.attach(self.emu.send)
+        self.emu.reports.append(self.inband.take)
+        self.inband.attach(self.emu.send)
         self.emu.serve({ctl.MSG_SUSPEND: self._suspend, ctl.MSG_PREPARE: self._prepare},
                        until=lambda line: line.startswith(ctl.MSG_RESULT), on_info=self._progress, watch=self.watch)
         self.stats.last_page_at = time.monotonic()
-        if self.inband is not None:
-            self.inband.close()
+        self.inband.close()
         memory = self.emu.save_stats.get("xenguest", {})
         self.stats.iterations, self.stats.pages = memory.get("iterations", 0), memory.get("pages", 0)
         self.stats.zero_pages = memory.get("zero_pages", 0)
@@ -125,8 +122,7 @@ class ImageWriter:
 
     def close(self) -> None:
         """Release emu-manager: `abort` first if it still runs, then wait for it and its emulators."""
-        if self.inband is not None:
-            self.inband.close()
+        self.inband.close()
         if self.emu is not None:
             self.emu.close()
             self.emu = None
