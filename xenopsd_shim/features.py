@@ -107,9 +107,14 @@ def accepts_in_band(doc: dict[str, object]) -> bool:
 
 @dataclass(frozen=True)
 class Choice:
-    codec: Codec
+    requested: Codec
+    codec: Codec             # the method used
     reason: str              # one line, for the summary and the log
-    fallback: bool = False   # not what was asked for: the source warns
+
+    @property
+    def fallback(self) -> bool:
+        """Not what was asked for: the source warns."""
+        return self.codec != self.requested
 
 
 FALLBACK = codecs.STREAM     # an in-band method's stand-in: it compresses too, and every receiver reads it
@@ -119,12 +124,12 @@ def choose(dest: str, requested: Codec, doc: dict[str, object] | None, why_none:
     """The method both sides support. `doc` None: the destination offered nothing (`why_none` says
     how: an older receiver, or an unusable answer)."""
     if not in_band(requested):
-        return Choice(requested, f"{requested.name} is read by every receiver (not negotiated)")
+        return Choice(requested, requested, f"{requested.name} is read by every receiver (not negotiated)")
     if doc is None:
-        return Choice(FALLBACK, f"destination {dest} {why_none}: treated as accepting only "
-                                f"{' and '.join(LEGACY_METHODS)}", fallback=True)
+        return Choice(requested, FALLBACK, f"destination {dest} {why_none}: treated as accepting only "
+                                           f"{' and '.join(LEGACY_METHODS)}")
     version = doc.get(VERSION) or "unknown"
     if not accepts_in_band(doc):
-        return Choice(FALLBACK, f"destination {dest} (version {version}) does not accept in-band compressed "
-                                "records (COMPRESSED_PAGE_DATA)", fallback=True)
-    return Choice(requested, f"destination {dest} (version {version}) accepts in-band compressed records")
+        return Choice(requested, FALLBACK, f"destination {dest} (version {version}) does not accept in-band "
+                                           "compressed records (COMPRESSED_PAGE_DATA)")
+    return Choice(requested, requested, f"destination {dest} (version {version}) accepts in-band compressed records")
