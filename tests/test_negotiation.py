@@ -8,89 +8,46 @@ cannot go stays running on the source.
 from __future__ import annotations
 
 import json
-import select
 import shutil
 import socket
-import threading
-from pathlib import Path
 
 import pytest
 import refpeer
 from conftest import HostDir
+from tcpproxy import TcpProxy
 from test_migration import pages, vm_create
 from test_xenopsd_protocol import addr, metadata
 
 FEATURES = b"GET /services/xenops/features "
 
 
-class FeaturesProxy:
+class FeaturesProxy(TcpProxy):
     """Forwards every connection to a real `serve`, but answers the features route itself with
-    `answer` (then keeps the connection open when `hold`, as a destination that stalls does).
+    `answer` (then keeps the connection open when `hold`, as a destination that stalls does);
     `answer` None forwards it too. `asked`: how many features requests came."""
 
     def __init__(self, upstream: str, answer: bytes | None, hold: bool = False) -> None:
-        self.upstream = addr(upstream)
         self.answer = answer
         self.hold = hold
         self.asked = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        self._stop = threading.Event()
-        self._socks: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__(upstream)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            if select.select([self.listener], [], [], 0.05)[0]:
-                client, _ = self.listener.accept()
-                self._socks.append(client)
-                t = threading.Thread(target=self._serve, args=(client,), daemon=True)
-                self._threads.append(t)
-                t.start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
         head = b""
         try:
             while b"\r\n\r\n" not in head and (chunk := client.recv(1 << 16)):
                 head += chunk
+            self.asked += head.startswith(FEATURES)
             if head.startswith(FEATURES) and self.answer is not None:
-                self.asked += 1
                 client.sendall(self.answer)
                 if self.hold:
                     self._stop.wait()
                 client.close()
                 return
-            self.asked += head.startswith(FEATURES)
-            server = socket.create_connection(self.upstream)
-            self._socks.append(server)
             server.sendall(head)
-            self._pump({client: server, server: client})
         except OSError:
             return
-
-    def _pump(self, peer: dict[socket.socket, socket.socket]) -> None:
-        """Both ways, each half-closed on its own (the source ends the mem stream with SHUT_WR)."""
-        open_ends = set(peer)
-        while open_ends and not self._stop.is_set():
-            for s in select.select(list(open_ends), [], [], 0.05)[0]:
-                data = s.recv(1 << 16)
-                if data:
-                    peer[s].sendall(data)
-                else:
-                    open_ends.discard(s)
-                    try:
-                        peer[s].shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-
-    def close(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=5)
-        for s in self._socks:
-            s.close()
-        self.listener.close()
+        super()._pump(client, server)
 
 
 def in_band_source(host: HostDir, extra_conf: str = "") -> None:
