@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 
 from xenmig import compressed, libxc, libxcwalk
@@ -24,15 +24,19 @@ from . import codecs, transport
 from .codecs import Codec
 from .timeouts import Timeouts
 
-# The document's fields: its version (str), then lists (of str or int).
-VERSION = "version"                  # the receiver's project version
-LISTS: dict[str, type] = {
-    "stream_formats": str,           # libxc stream versions its restore reads ("libxc-v3")
-    "record_types": int,             # libxc record types its restore applies (refused ones left out)
-    "compression": str,              # methods whose streams it reads (codec names)
-    "in_band_algorithms": str,       # algorithms of the COMPRESSED_PAGE_DATA records it inflates
-}
-STREAM_FORMATS, RECORD_TYPES, COMPRESSION, IN_BAND = LISTS
+
+@dataclass(frozen=True)
+class Features:
+    """The document, field by field (their JSON names); each list holds one type (ITEM_TYPES)."""
+    version: str = ""                          # the receiver's project version
+    stream_formats: tuple[str, ...] = ()       # libxc stream versions its restore reads ("libxc-v3")
+    record_types: tuple[int, ...] = ()         # libxc record types its restore applies (refused ones left out)
+    compression: tuple[str, ...] = ()          # methods whose streams it reads (codec names)
+    in_band_algorithms: tuple[str, ...] = ()   # algorithms of the COMPRESSED_PAGE_DATA records it inflates
+
+
+ITEM_TYPES: dict[str, type] = {"stream_formats": str, "record_types": int, "compression": str,
+                               "in_band_algorithms": str}
 IN_BAND_ALGORITHMS = ("zstd",)       # compressed.ALGORITHM_ZSTD, by name
 # What every xenopsd receiver reads: plain streams, and whole streams through zstd (the cookie).
 LEGACY_METHODS = (codecs.NONE.name, codecs.STREAM.name)
@@ -51,23 +55,27 @@ def project_version() -> str:
         return "unknown"
 
 
-def published(accept_in_band: bool) -> dict[str, object]:
+def published(accept_in_band: bool) -> Features:
     """The document `serve` answers with; without in-band, what a host from before it reads."""
-    records = sorted(t for t, rule in libxcwalk.RULES.items()
-                     if not rule.refused and (accept_in_band or t != compressed.REC_TYPE))
-    methods = [c.name for c in codecs.CODECS.values() if not in_band(c)] + \
-        ([codecs.XENGUEST.name] if accept_in_band else [])
-    return {VERSION: project_version(),
-            STREAM_FORMATS: [f"libxc-v{v}" for v in libxc.IHDR_SUPPORTED_VERSIONS],
-            RECORD_TYPES: records, COMPRESSION: methods,
-            IN_BAND: list(IN_BAND_ALGORITHMS) if accept_in_band else []}
+    return Features(
+        version=project_version(),
+        stream_formats=tuple(f"libxc-v{v}" for v in libxc.IHDR_SUPPORTED_VERSIONS),
+        record_types=tuple(sorted(t for t, rule in libxcwalk.RULES.items()
+                                  if not rule.refused and (accept_in_band or t != compressed.REC_TYPE))),
+        compression=tuple(c.name for c in codecs.CODECS.values() if not in_band(c))
+        + ((codecs.XENGUEST.name,) if accept_in_band else ()),
+        in_band_algorithms=IN_BAND_ALGORITHMS if accept_in_band else ())
+
+
+def to_json(features: Features) -> bytes:
+    return json.dumps(asdict(features)).encode()
 
 
 class FeaturesError(ValueError):
     """An answer that is not a features document; the text says why, in a few words."""
 
 
-def parse(body: bytes) -> dict[str, object]:
+def parse(body: bytes) -> Features:
     """A destination's document: an object whose known fields have their types (a missing one
     reads as empty; unknown ones are ignored)."""
     try:
@@ -76,17 +84,17 @@ def parse(body: bytes) -> dict[str, object]:
         raise FeaturesError("not JSON") from None
     if not isinstance(doc, dict):
         raise FeaturesError("not a JSON object")
-    if not isinstance(doc.get(VERSION, ""), str):
-        raise FeaturesError(f"field {VERSION!r} is not a string")
-    for name, kind in LISTS.items():
+    if not isinstance(doc.get("version", ""), str):
+        raise FeaturesError("field 'version' is not a string")
+    for name, kind in ITEM_TYPES.items():
         value = doc.get(name, [])
         if not (isinstance(value, list) and all(type(x) is kind for x in value)):      # (a bool is no int)
             raise FeaturesError(f"field {name!r} is not a list of {kind.__name__}")
-    return doc
+    return Features(doc.get("version", ""), **{name: tuple(doc.get(name, [])) for name in ITEM_TYPES})
 
 
 def ask(dest: str, cookies: dict[str, str], timeouts: Timeouts,
-        tls: ssl.SSLContext | None) -> tuple[dict[str, object] | None, str]:
+        tls: ssl.SSLContext | None) -> tuple[Features | None, str]:
     """The destination's document, else None and why it offers nothing. Connecting, and a refused
     secret, fail as the migration would (TransportError)."""
     try:
@@ -98,11 +106,10 @@ def ask(dest: str, cookies: dict[str, str], timeouts: Timeouts,
         return None, f"gave no usable features answer ({e})"
 
 
-def accepts_in_band(doc: dict[str, object]) -> bool:
-    """In-band records need both: the method listed and the record type applied."""
-    return codecs.XENGUEST.name in doc.get(COMPRESSION, []) and \
-        compressed.REC_TYPE in doc.get(RECORD_TYPES, []) and \
-        any(a in IN_BAND_ALGORITHMS for a in doc.get(IN_BAND, []))
+def accepts_in_band(features: Features) -> bool:
+    """In-band records need all three: the method listed, the record type applied, the algorithm."""
+    return codecs.XENGUEST.name in features.compression and compressed.REC_TYPE in features.record_types \
+        and any(a in IN_BAND_ALGORITHMS for a in features.in_band_algorithms)
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,7 @@ class Choice:
 FALLBACK = codecs.STREAM     # an in-band method's stand-in: it compresses too, and every receiver reads it
 
 
-def choose(dest: str, requested: Codec, doc: dict[str, object] | None, why_none: str = "") -> Choice:
+def choose(dest: str, requested: Codec, doc: Features | None, why_none: str = "") -> Choice:
     """The method both sides support. `doc` None: the destination offered nothing (`why_none` says
     how: an older receiver, or an unusable answer)."""
     if not in_band(requested):
@@ -128,7 +135,7 @@ def choose(dest: str, requested: Codec, doc: dict[str, object] | None, why_none:
     if doc is None:
         return Choice(requested, FALLBACK, f"destination {dest} {why_none}: treated as accepting only "
                                            f"{' and '.join(LEGACY_METHODS)}")
-    version = doc.get(VERSION) or "unknown"
+    version = doc.version or "unknown"
     if not accepts_in_band(doc):
         return Choice(requested, FALLBACK, f"destination {dest} (version {version}) does not accept in-band "
                                            "compressed records (COMPRESSED_PAGE_DATA)")

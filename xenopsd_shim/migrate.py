@@ -149,7 +149,7 @@ class SourceMigration:
         self.agreed: frozenset[str] = frozenset()   # our extensions, as both sides announced them
         self.left_paused: str | None = None     # why: it could not say whether it started it
         self.running_at: float | None = None    # when the destination said the VM runs (point 4)
-        self.choice = features.choose(dest, options.codec, None)   # the method, once negotiated
+        self.choice = features.Choice(options.codec, options.codec, "")   # the method, once negotiated
 
     def _cookies(self) -> dict[str, str]:
         """xenopsd's cookies on every connection, plus our secret."""
@@ -192,6 +192,8 @@ class SourceMigration:
         """Before anything is held: a method that needs the destination's support (in-band records)
         only if its features say so, else `stream` with one warning; the choice is the summary's."""
         requested = self.options.codec
+        doc: features.Features | None = None
+        why = ""
         if features.in_band(requested):
             try:
                 doc, why = features.ask(self.dest, self._query_cookies(self._cookies()), self.options.timeouts,
@@ -200,7 +202,7 @@ class SourceMigration:
                 raise MigrationError(self._describe(e)) from None
             except cancel.Cancelled as e:
                 raise MigrationError(self._describe(e), e.exit_code) from None
-            self.choice = features.choose(self.dest, requested, doc, why)
+        self.choice = features.choose(self.dest, requested, doc, why)
         if self.choice.fallback:
             self.log.warning(f"migrating VM {self.domain.name} with {self.choice.codec.name}, not {requested.name}: "
                              f"{self.choice.reason}")

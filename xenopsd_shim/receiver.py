@@ -71,7 +71,7 @@ class Receiver:
         """`accept_in_band` False: an older host, which neither publishes in-band compression nor
         restores its records (its xenguests, through emu-manager, inherit the refusal)."""
         self.host = host
-        self.features = json.dumps(features.published(accept_in_band)).encode()
+        self.features = features.to_json(features.published(accept_in_band))
         if not accept_in_band:
             os.environ[compressed.REFUSE_ENV] = "1"
         self.timeouts = timeouts
