@@ -180,11 +180,11 @@ def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeout
 
 
 def http_get(dest: str, path: str, cookies: dict[str, str], timeouts: Timeouts,
-             tls: ssl.SSLContext | None = None, limit: int = MAX_ANSWER) -> Answer:
+             tls: ssl.SSLContext | None = None, limit: int = MAX_ANSWER, line: bool = False) -> Answer:
     """A GET on one of our extension routes. Connecting fails as a migration's connection would
     (TransportError); once connected, the whole answer must come within the connect timeout and
-    its body (read for a 200 only: to its Content-Length, else to the end) within `limit` bytes,
-    else AnswerError."""
+    its body (read for a 200 only: one `line`, else to its Content-Length or else to the end)
+    within `limit` bytes, else AnswerError."""
     sock = connect(dest, timeouts, tls=tls)
     deadline = time.monotonic() + timeouts.connect
     try:
@@ -196,9 +196,11 @@ def http_get(dest: str, path: str, cookies: dict[str, str], timeouts: Timeouts,
             raise AnswerError(f"malformed status line {lines[0][:80]!r}")
         if parts[1] != "200":
             return Answer(int(parts[1]), lines[0], b"")
-        length = next((value.strip() for key, _, value in (line.partition(":") for line in lines[1:])
+        length = next((value.strip() for key, _, value in (h.partition(":") for h in lines[1:])
                        if key.strip().lower() == "content-length"), None)
-        if length is None:
+        if line:
+            body = _read_until(sock, b"\n", limit, max(0.001, deadline - time.monotonic()), "the answer's line")
+        elif length is None:
             body = _recv_to_end(sock, limit, deadline)
         elif not length.isdigit() or int(length) > limit:
             raise AnswerError(f"an answer of {length[:20]} bytes (at most {limit} are read)")
@@ -227,10 +229,10 @@ def query_state(dest: str, vm_uuid: str, cookies: dict[str, str], timeouts: Time
                 tls: ssl.SSLContext | None = None) -> str:
     """The destination's word on a VM: its domain state, or STATE_ABSENT (our extension: a
     plain HTTP GET with a status line and one line of answer)."""
-    answer = http_get(dest, STATE_PATH + vm_uuid, cookies, timeouts, tls)
+    answer = http_get(dest, STATE_PATH + vm_uuid, cookies, timeouts, tls, line=True)
     if answer.status != 200:
         raise TransportError(f"{dest} refused the request: {answer.line}")
-    return answer.body.split(b"\n", 1)[0].decode(errors="replace")
+    return answer.body[:-1].decode(errors="replace")
 
 
 def query_features(dest: str, cookies: dict[str, str], timeouts: Timeouts,
