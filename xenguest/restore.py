@@ -200,6 +200,8 @@ class Restorer:
             if not isinstance(part, libxcwalk.Record):
                 continue
             records += 1
+            if part.rtype == compressed.REC_TYPE and os.environ.get(compressed.REFUSE_ENV):   # an older xenguest
+                raise libxc.StreamError(f"unknown mandatory record type 0x{part.rtype:08x} at offset {part.offset}")
             if part.rtype in libxcwalk.PAGE_RECORDS:
                 self._page_record(part.rtype, part.body)
             elif part.blob is not None:

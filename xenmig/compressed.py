@@ -37,6 +37,9 @@ REC_TYPE = libxc.REC_TYPE_COMPRESSED_PAGE_DATA
 HEADER_FORMAT = "<IHHII"
 HEADER_SIZE = struct.calcsize(HEADER_FORMAT)       # 16
 ALGORITHM_ZSTD = 1
+# Set (to anything) in a restoring xenguest's environment: it refuses these records as a xenguest
+# from before them does (an older host, emulated by `serve --no-in-band`).
+REFUSE_ENV = "XENGUEST_REFUSE_COMPRESSED"
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,10 @@ class Ctx:
         return self._setting(policy.max_connections)
 
     @property
+    def accept_in_band(self) -> bool:
+        return self._setting(policy.accept_in_band)
+
+    @property
     def timeouts(self) -> Timeouts:
         return self._setting(Timeouts.from_config)
 
@@ -153,14 +157,19 @@ def vm_digest(ctx: Ctx, name: str, pages: bool) -> None:
               help="accept only TLS, with this certificate (PEM)")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="the certificate's private key (PEM)")
+@click.option("--in-band/--no-in-band", default=None,
+              help=f"accept xenguest's in-band compressed records (default: {policy.ACCEPT_IN_BAND_KEY} "
+                   "in xenopsd.conf, else yes); without, act as a host from before them")
 @click.pass_obj
-def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None, tls_key: Path | None) -> None:
+def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None, tls_key: Path | None,
+          in_band: bool | None) -> None:
     """Receive migrations until SIGTERM or SIGINT."""
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     tls = tlstunnel.server_context(tls_cert, tls_key) if tls_cert and tls_key else None
     receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file),
-                        timeouts=ctx.timeouts, tls=tls, max_connections=ctx.max_connections)
+                        timeouts=ctx.timeouts, tls=tls, max_connections=ctx.max_connections,
+                        accept_in_band=ctx.accept_in_band if in_band is None else in_band)
     receiver.serve_forever(ready=lambda: click.echo(f"listening on {receiver.address}", err=True))
 
 

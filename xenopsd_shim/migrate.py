@@ -21,13 +21,15 @@ import socket
 import ssl
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from xenemu import Domain, Host
 from xenemu.memory import memory_digest
 
-from . import cancel, codecs, tlstunnel, transport
+from xenmig import emp
+
+from . import cancel, codecs, features, tlstunnel, transport
 from .accounting import CpuAccounting
 from .codecs import Codec
 from .imagewriter import ImageWriter, Progress, SaveStats, vm_metadata
@@ -151,15 +153,26 @@ class SourceMigration:
         self.agreed: frozenset[str] = frozenset()   # our extensions, as both sides announced them
         self.left_paused: str | None = None     # why: it could not say whether it started it
         self.running_at: float | None = None    # when the destination said the VM runs (point 4)
-        codec = options.codec
-        self.inband = InBand(log, start_mode=codec.in_band_start,
-                             watch=ConvergenceWatch() if codec.converge_watch else None)
+        self.choice = features.Choice(options.codec, options.codec, "")   # the method, once negotiated
+        self.inband = self._in_band(options.codec)
+
+    def _in_band(self, codec: Codec) -> InBand:
+        """The in-band account of a migration by this method: the policy's first mode, its watch."""
+        return InBand(self.log, start_mode=codec.in_band_start,
+                      watch=ConvergenceWatch() if codec.converge_watch else None)
 
     def _switch(self, mode: str, level: int | None) -> str:
-        """A vm-compress request (on the control socket's thread): the "ok" line, or it raises."""
-        if not self.options.codec.switchable:
-            raise SwitchRefused(f"the {self.options.codec.name} method compresses the whole stream outside "
+        """A vm-compress request (on the control socket's thread): the "ok" line, or it raises.
+        A method that did not negotiate in-band records (none) asks the destination first."""
+        codec = self.options.codec
+        if not codec.switchable:
+            raise SwitchRefused(f"the {codec.name} method compresses the whole stream outside "
                                 "xenguest: in-band compression cannot be switched")
+        if mode != emp.MODE_OFF and not features.in_band(codec):
+            doc, why = features.ask(self.dest, self._query_cookies(self._cookies()), self.options.timeouts,
+                                    self.options.tls)
+            if doc is None or not features.accepts_in_band(doc):
+                raise SwitchRefused(f"the destination {why or 'does not accept in-band compressed records'}")
         switch = self.inband.switch(mode, level)
         return f"ok {switch.mode} {switch.level} {switch.iteration}"
 
@@ -180,6 +193,7 @@ class SourceMigration:
         summary (`vm-migrate --json`), or MigrationError with the one line the user sees."""
         t0 = time.monotonic()
         was_running = self.domain.state == "running"
+        self._negotiate()
         cookies = self._cookies()
         if is_same_host(self.host, self.dest):
             self.domain.mark_outgoing(True)     # lets this host's receiver restore a copy beside it
@@ -201,6 +215,29 @@ class SourceMigration:
         done = time.monotonic()
         self.domain.destroy()
         return self._summary(transfer.stats, wire, cpu.by_role(), remote, t0, done)
+
+    def _negotiate(self) -> None:
+        """Before anything is held: a method that needs the destination's support (in-band records)
+        only if its features say so, else `stream` with one warning; the choice is the summary's."""
+        requested = self.options.codec
+        doc: features.Features | None = None
+        why = ""
+        if features.in_band(requested):
+            try:
+                doc, why = features.ask(self.dest, self._query_cookies(self._cookies()), self.options.timeouts,
+                                        self.options.tls)
+            except transport.TransportError as e:
+                raise MigrationError(self._describe(e)) from None
+            except cancel.Cancelled as e:
+                raise MigrationError(self._describe(e), e.exit_code) from None
+        self.choice = features.choose(self.dest, requested, doc, why)
+        if self.choice.fallback:
+            self.log.warning(f"migrating VM {self.domain.name} with {self.choice.codec.name}, not {requested.name}: "
+                             f"{self.choice.reason}")
+            self.options = replace(self.options, codec=self.choice.codec)
+            self.inband = self._in_band(self.choice.codec)
+        else:
+            self.log.info(f"migrating VM {self.domain.name} with {requested.name}: {self.choice.reason}")
 
     def _send_image(self, transfer: Transfer, cpu: CpuAccounting) -> None:
         """The suspend image through each stream's codec, then every stream ended (point 2);
@@ -251,7 +288,9 @@ class SourceMigration:
                  t0: float, done: float) -> dict[str, Any]:
         return {
             "status": "success", "vm": self.domain.name, "uuid": self.domain.uuid, "dest": self.dest,
-            "mode": self.options.codec.name, "live": self.options.live, "verified": self.options.verify,
+            "mode": self.options.codec.name, "method": self.choice.codec.name,
+            "method_requested": self.choice.requested.name,
+            "method_reason": self.choice.reason, "live": self.options.live, "verified": self.options.verify,
             "total_seconds": round(done - t0, 3),
             # The paused window: from the pause to the destination's word that the VM runs (or, when
             # that word was lost and the state asked for, to the end).
@@ -381,10 +420,15 @@ class SourceMigration:
             self.log.info(f"VM {self.domain.name} unpaused on the source after the failure")
         return False
 
+    @staticmethod
+    def _query_cookies(cookies: dict[str, str]) -> dict[str, str]:
+        """What a GET on our extension routes carries of the migration's cookies."""
+        return {k: v for k, v in cookies.items() if k in (transport.SECRET_COOKIE, transport.COOKIE_DBG)}
+
     def _settled_state(self, cookies: dict[str, str]) -> str:
         """The destination's state of the VM once it has decided (running, or absent because it
         destroyed its copy), polled for up to the connect timeout; or why that is unknown."""
-        query = {k: v for k, v in cookies.items() if k in (transport.SECRET_COOKIE, transport.COOKIE_DBG)}
+        query = self._query_cookies(cookies)
         deadline = time.monotonic() + self.options.timeouts.connect
         while True:
             try:

@@ -28,7 +28,8 @@ SECRET_ENV = "XENOPSD_MIGRATION_SECRET"
 MAX_CONNECTIONS_KEY = "migration-max-connections"   # connections `serve` holds at once
 DEFAULT_MAX_CONNECTIONS = 64
 COMPRESSOR_KEY = "migration-compressor"
-CONFIG_KEYS = (COMPRESSOR_KEY, *Timeouts.keys().values(), MAX_CONNECTIONS_KEY)
+ACCEPT_IN_BAND_KEY = "migration-accept-in-band"    # false: `serve` acts as a host from before in-band records
+CONFIG_KEYS = (COMPRESSOR_KEY, *Timeouts.keys().values(), MAX_CONNECTIONS_KEY, ACCEPT_IN_BAND_KEY)
 MAX_CONFIG = 64 << 10
 
 
@@ -122,6 +123,13 @@ def max_connections(conf: dict[str, str]) -> int:
     if not value.isdigit() or not 0 < int(value) < 1 << 20:
         raise ValueError(f"{MAX_CONNECTIONS_KEY} must be a positive whole number, not {value!r}")
     return int(value)
+
+
+def accept_in_band(conf: dict[str, str]) -> bool:
+    value = conf.get(ACCEPT_IN_BAND_KEY, "true").lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"{ACCEPT_IN_BAND_KEY} must be true or false, not {value!r}")
+    return value == "true"
 
 
 def read_secret(path: Path, required: bool = True) -> str | None:

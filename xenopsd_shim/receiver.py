@@ -25,9 +25,9 @@ from typing import Callable
 
 from xenemu import Domain, DomainError, Host
 from xenemu.memory import memory_digest
-from xenmig import image
+from xenmig import compressed, image
 
-from . import codecs, tlstunnel, transport
+from . import codecs, features, tlstunnel, transport
 from .accounting import CpuAccounting
 from .imagereader import ImageReader, parse_vm_metadata, valid_uuid
 from .listener import Listener
@@ -67,8 +67,13 @@ def claim_host(host: Host) -> int:
 class Receiver:
     def __init__(self, host: Host, listen: str, log: Logger, secret: str | None = None,
                  timeouts: Timeouts = Timeouts(), tls: ssl.SSLContext | None = None,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, accept_in_band: bool = True) -> None:
+        """`accept_in_band` False: an older host, which neither publishes in-band compression nor
+        restores its records (its xenguests, through emu-manager, inherit the refusal)."""
         self.host = host
+        self.features = features.to_json(features.published(accept_in_band))
+        if not accept_in_band:
+            os.environ[compressed.REFUSE_ENV] = "1"
         self.timeouts = timeouts
         self.tls = tls
         self.log = log
@@ -129,7 +134,7 @@ class Receiver:
     def _start(self, conn: socket.socket, peer: str, deadline: float) -> None:
         """A connection with bytes to read: its own thread from here on."""
         incoming = IncomingMigration(self.host, conn, self.log.child(f"receiver[{peer}]"),
-                                     self.parked, self.secret, self.timeouts, deadline)
+                                     self.parked, self.secret, self.timeouts, deadline, self.features)
         thread = threading.Thread(target=self._handle, args=(incoming, peer), daemon=True)
         with self._lock:
             self.active[thread] = incoming
@@ -279,8 +284,9 @@ class MigrationRefused(Exception):
 
 class IncomingMigration:
     def __init__(self, host: Host, conn: socket.socket, log: Logger, parked: ParkedStreams,
-                 secret: str | None, timeouts: Timeouts, deadline: float) -> None:
+                 secret: str | None, timeouts: Timeouts, deadline: float, features: bytes = b"{}") -> None:
         self.secret = secret
+        self.features = features   # the document FEATURES_PATH answers with
         self.deadline = deadline   # for the request's head (monotonic)
         self.timeouts = timeouts
         self.host = host
@@ -304,6 +310,9 @@ class IncomingMigration:
             return
         if request.method == "GET" and request.path.startswith(transport.STATE_PATH):
             self._answer_state(request)
+            return
+        if request.method == "GET" and request.path == transport.FEATURES_PATH:
+            self._answer_features(request)
             return
         route, vm_id = route_of(request)
         if route is None:
@@ -333,10 +342,9 @@ class IncomingMigration:
 
     def _refusal(self, request: transport.Request, route: str, vm_id: str) -> str | None:
         """Why a migration route refuses the request at once (its first handshake message)."""
-        if self.secret is not None and not hmac.compare_digest(
-                request.cookies.get(transport.SECRET_COOKIE, "").encode(), self.secret.encode()):
-            how = "a wrong" if transport.SECRET_COOKIE in request.cookies else "no"
-            return f"{how} migration secret"
+        refused = self._secret_refused(request)
+        if refused is not None:
+            return refused
         if not valid_uuid(vm_id):
             return "not a VM uuid"
         if route == ROUTE_VGPU and transport.COOKIE_VGPU_MIGRATION not in request.cookies:
@@ -345,13 +353,31 @@ class IncomingMigration:
                     f"no cookie {transport.COOKIE_VGPU_MIGRATION}")
         return None
 
+    def _secret_refused(self, request: transport.Request) -> str | None:
+        """Why the request's secret is refused; None: none is required, or it is the right one."""
+        if self.secret is None or hmac.compare_digest(
+                request.cookies.get(transport.SECRET_COOKIE, "").encode(), self.secret.encode()):
+            return None
+        return f"{'a wrong' if transport.SECRET_COOKIE in request.cookies else 'no'} migration secret"
+
+    def _forbidden(self, request: transport.Request) -> bool:
+        """Our GET routes answer only those who hold the secret (403 to others, logged)."""
+        refused = self._secret_refused(request)
+        if refused is not None:
+            transport.send_status(self.conn, 403, "Forbidden")
+            self.log.warning(f"refused {request.method} {request.path[:80]}: {refused}")
+        return refused is not None
+
+    def _answer_features(self, request: transport.Request) -> None:
+        """Our extension: what this host accepts, for a source choosing its method (features.py)."""
+        if not self._forbidden(request):
+            transport.send_status(self.conn, 200, "OK", json_body=self.features)
+            self.log.info("asked for the features this host accepts")
+
     def _answer_state(self, request: transport.Request) -> None:
         """Our extension: for a source whose commit went unconfirmed, did the VM start here?"""
         vm_uuid = request.vm_uuid
-        if self.secret is not None and not hmac.compare_digest(
-                request.cookies.get(transport.SECRET_COOKIE, "").encode(), self.secret.encode()):
-            transport.send_status(self.conn, 403, "Forbidden")
-            self.log.warning(f"refused {request.method} {request.path[:80]}: no or a wrong migration secret")
+        if self._forbidden(request):
             return
         if not valid_uuid(vm_uuid):
             transport.send_status(self.conn, 404, "Not Found")

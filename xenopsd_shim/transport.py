@@ -32,7 +32,11 @@ LEGACY_VGPU_PATH = SERVICES + "migrate-vgpu/"    # older senders' vGPU route: as
 # the VM (xapi would ask the destination pool through its API instead). Plain HTTP.
 STATE_PATH = SERVICES + "vm-state/"
 STATE_ABSENT = "absent"      # the answer when the destination has no such VM
+# Ours too: what the destination accepts (features.py), a JSON object; an older receiver has no
+# such route (404). Asked by a source before it opens a migration whose method depends on it.
+FEATURES_PATH = SERVICES + "features"
 MAX_HEAD = 16 << 10
+MAX_ANSWER = 16 << 10        # the body of an answer on our GET routes, at most
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
 # xenopsd's cookies (xenops_server.ml VM_migrate do_request, VM.receive_memory).
@@ -62,6 +66,18 @@ MAX_MESSAGE = 0xFFFF
 
 class TransportError(Exception):
     pass
+
+
+class AnswerError(TransportError):
+    """Connected, but no usable answer came to a GET: closed, slow, too long or malformed."""
+
+
+@dataclass
+class Answer:
+    """An HTTP answer on one of our GET routes: its status code and line; the body of a 200."""
+    status: int
+    line: str
+    body: bytes
 
 
 @dataclass
@@ -163,21 +179,76 @@ def open_stream(dest: str, path: str, cookies: dict[str, str], timeouts: Timeout
     return sock
 
 
+def http_get(dest: str, path: str, cookies: dict[str, str], timeouts: Timeouts,
+             tls: ssl.SSLContext | None = None, limit: int = MAX_ANSWER, line: bool = False) -> Answer:
+    """A GET on one of our extension routes. Connecting fails as a migration's connection would
+    (TransportError); once connected, the whole answer must come within the connect timeout and
+    its body (read for a 200 only: one `line`, else to its Content-Length or else to the end)
+    within `limit` bytes, else AnswerError."""
+    sock = connect(dest, timeouts, tls=tls)
+    deadline = time.monotonic() + timeouts.connect
+    try:
+        send(sock, build_request("GET", path, format_address(*parse_address(dest)), cookies))
+        head = _read_until(sock, b"\r\n\r\n", MAX_HEAD, timeouts.connect, "the destination's answer")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise AnswerError(f"malformed status line {lines[0][:80]!r}")
+        if parts[1] != "200":
+            return Answer(int(parts[1]), lines[0], b"")
+        length = next((value.strip() for key, _, value in (h.partition(":") for h in lines[1:])
+                       if key.strip().lower() == "content-length"), None)
+        if line:
+            body = _read_until(sock, b"\n", limit, max(0.001, deadline - time.monotonic()), "the answer's line")
+        elif length is None:
+            body = _recv_to_end(sock, limit, deadline)
+        elif not length.isdigit() or int(length) > limit:
+            raise AnswerError(f"an answer of {length[:20]} bytes (at most {limit} are read)")
+        else:
+            body = recv_exact(sock, int(length), max(0.0, deadline - time.monotonic()), "the answer's body")
+        return Answer(200, lines[0], body)
+    except TransportError as e:
+        raise AnswerError(str(e)) from None
+    finally:
+        sock.close()
+
+
+def _recv_to_end(sock: socket.socket, limit: int, deadline: float) -> bytes:
+    """Everything up to the peer's close, at most `limit` bytes, by `deadline`."""
+    data = b""
+    while True:
+        chunk = recv_some(sock, limit + 1 - len(data), max(0.0, deadline - time.monotonic()), "the answer's body")
+        if not chunk:
+            return data
+        data += chunk
+        if len(data) > limit:
+            raise AnswerError(f"an answer longer than {limit} bytes")
+
+
 def query_state(dest: str, vm_uuid: str, cookies: dict[str, str], timeouts: Timeouts,
                 tls: ssl.SSLContext | None = None) -> str:
     """The destination's word on a VM: its domain state, or STATE_ABSENT (our extension: a
     plain HTTP GET with a status line and one line of answer)."""
-    sock = connect(dest, timeouts, tls=tls)
-    try:
-        send(sock, build_request("GET", STATE_PATH + vm_uuid, format_address(*parse_address(dest)), cookies))
-        status = _read_until(sock, b"\r\n\r\n", MAX_HEAD, timeouts.connect, "the receiver's response")
-        line = status.split(b"\r\n", 1)[0].decode(errors="replace")
-        parts = line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
-            raise TransportError(f"{dest} refused the request: {line}")
-        return recv_line(sock, timeouts.connect, "the destination's VM state")
-    finally:
-        sock.close()
+    answer = http_get(dest, STATE_PATH + vm_uuid, cookies, timeouts, tls, line=True)
+    if answer.status != 200:
+        raise TransportError(f"{dest} refused the request: {answer.line}")
+    return answer.body[:-1].decode(errors="replace")
+
+
+def query_features(dest: str, cookies: dict[str, str], timeouts: Timeouts,
+                   tls: ssl.SSLContext | None = None) -> bytes | None:
+    """The destination's features document (features.py), None where the route is unknown (404:
+    an older receiver). A refused secret (403) fails as point 1 would; another status is an
+    AnswerError."""
+    answer = http_get(dest, FEATURES_PATH, cookies, timeouts, tls)
+    if answer.status == 403:
+        how = "a wrong" if SECRET_COOKIE in cookies else "no"
+        raise TransportError(f"destination failed: {how} migration secret")
+    if answer.status == 404:
+        return None
+    if answer.status != 200:
+        raise AnswerError(f"status {answer.line[:80]!r}")
+    return answer.body
 
 
 # Server side -------------------------------------------------------------------
@@ -198,9 +269,12 @@ def read_request(sock: socket.socket, timeout: float) -> Request:
     return Request(parts[0], parts[1], cookies)
 
 
-def send_status(sock: socket.socket, code: int, reason: str) -> None:
-    """An HTTP response: only where xenopsd writes one (an unknown route) and on our STATE_PATH."""
-    send(sock, f"HTTP/1.1 {code} {reason}\r\nConnection: close\r\n\r\n".encode())
+def send_status(sock: socket.socket, code: int, reason: str, json_body: bytes | None = None) -> None:
+    """An HTTP response: only where xenopsd writes one (an unknown route) and on our GET routes;
+    `json_body` goes with its type and length."""
+    headers = "" if json_body is None else \
+        f"Content-Type: application/json\r\nContent-Length: {len(json_body)}\r\n"
+    send(sock, f"HTTP/1.1 {code} {reason}\r\n{headers}Connection: close\r\n\r\n".encode() + (json_body or b""))
 
 
 def send_line(sock: socket.socket, line: str) -> None:
@@ -256,21 +330,25 @@ def recv_exact(sock: socket.socket, n: int, timeout: float | None, what: str) ->
     """n bytes within `timeout`, waiting in poll() so the fd's blocking mode (shared with the
     emulators) is never changed."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLRDHUP)
     data = b""
     while len(data) < n:
-        wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-        if not poller.poll(wait):
-            raise TransportError(f"timed out waiting for {what}")
-        try:
-            chunk = sock.recv(n - len(data))
-        except OSError as e:
-            raise TransportError(f"connection error while reading {what}: {e.strerror or e}") from None
+        chunk = recv_some(sock, n - len(data), None if deadline is None else deadline - time.monotonic(), what)
         if not chunk:
             raise TransportError(f"connection closed while waiting for {what}")
         data += chunk
     return data
+
+
+def recv_some(sock: socket.socket, n: int, timeout: float | None, what: str) -> bytes:
+    """Up to n bytes once some arrive within `timeout` (b"": the peer closed), waiting in poll()."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+        raise TransportError(f"timed out waiting for {what}")
+    try:
+        return sock.recv(n)
+    except OSError as e:
+        raise TransportError(f"connection error while reading {what}: {e.strerror or e}") from None
 
 
 def tcp_bytes(sock: socket.socket) -> tuple[int, int]:

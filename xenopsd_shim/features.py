@@ -1,0 +1,142 @@
+"""What a destination accepts, and the method a source picks from it (this project's extension).
+
+xenopsd negotiates nothing: a sender that writes what the receiver cannot read
+fails mid-stream. The in-band design's outlook asks for "a general table ...
+that lists features supported by xenopsd such that any other xenopsd would send
+data in the preferred format": `serve` publishes it as a JSON object on
+`GET /services/xenops/features` (transport.FEATURES_PATH), and a source that
+would send in-band records reads it first (docs/xenopsd-protocol.md).
+
+A source ignores fields it does not know. A receiver without the route (404,
+an older one), or an answer that cannot be used, counts as accepting only the
+methods every xenopsd receiver reads: `none` and `stream`.
+"""
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import asdict, dataclass
+from importlib import metadata
+
+from xenmig import compressed, libxc, libxcwalk
+
+from . import codecs, transport
+from .codecs import Codec
+from .timeouts import Timeouts
+
+
+@dataclass(frozen=True)
+class Features:
+    """The document, field by field (their JSON names); each list holds one type (ITEM_TYPES)."""
+    version: str = ""                          # the receiver's project version
+    stream_formats: tuple[str, ...] = ()       # libxc stream versions its restore reads ("libxc-v3")
+    record_types: tuple[int, ...] = ()         # libxc record types its restore applies (refused ones left out)
+    compression: tuple[str, ...] = ()          # methods whose streams it reads (codec names)
+    in_band_algorithms: tuple[str, ...] = ()   # algorithms of the COMPRESSED_PAGE_DATA records it inflates
+
+
+ITEM_TYPES: dict[str, type] = {"stream_formats": str, "record_types": int, "compression": str,
+                               "in_band_algorithms": str}
+IN_BAND_ALGORITHMS = ("zstd",)       # compressed.ALGORITHM_ZSTD, by name
+# What every xenopsd receiver reads: plain streams, and whole streams through zstd (the cookie).
+LEGACY_METHODS = (codecs.NONE.name, codecs.STREAM.name)
+
+
+def in_band(codec: Codec) -> bool:
+    """A method whose xenguest writes COMPRESSED_PAGE_DATA records (`xenguest`, and any policy that
+    starts xenguest with `-compress`): it needs a receiver that reads them."""
+    return "-compress" in codec.emu_args
+
+
+def project_version() -> str:
+    try:
+        return metadata.version("xenmig")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def published(accept_in_band: bool) -> Features:
+    """The document `serve` answers with; without in-band, what a host from before it reads."""
+    return Features(
+        version=project_version(),
+        stream_formats=tuple(f"libxc-v{v}" for v in libxc.IHDR_SUPPORTED_VERSIONS),
+        record_types=tuple(sorted(t for t, rule in libxcwalk.RULES.items()
+                                  if not rule.refused and (accept_in_band or t != compressed.REC_TYPE))),
+        compression=tuple(c.name for c in codecs.CODECS.values() if not in_band(c))
+        + ((codecs.XENGUEST.name,) if accept_in_band else ()),
+        in_band_algorithms=IN_BAND_ALGORITHMS if accept_in_band else ())
+
+
+def to_json(features: Features) -> bytes:
+    return json.dumps(asdict(features)).encode()
+
+
+class FeaturesError(ValueError):
+    """An answer that is not a features document; the text says why, in a few words."""
+
+
+def parse(body: bytes) -> Features:
+    """A destination's document: an object whose known fields have their types (a missing one
+    reads as empty; unknown ones are ignored)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise FeaturesError("not JSON") from None
+    if not isinstance(doc, dict):
+        raise FeaturesError("not a JSON object")
+    if not isinstance(doc.get("version", ""), str):
+        raise FeaturesError("field 'version' is not a string")
+    for name, kind in ITEM_TYPES.items():
+        value = doc.get(name, [])
+        if not (isinstance(value, list) and all(type(x) is kind for x in value)):      # (a bool is no int)
+            raise FeaturesError(f"field {name!r} is not a list of {kind.__name__}")
+    return Features(doc.get("version", ""), **{name: tuple(doc.get(name, [])) for name in ITEM_TYPES})
+
+
+def ask(dest: str, cookies: dict[str, str], timeouts: Timeouts,
+        tls: ssl.SSLContext | None) -> tuple[Features | None, str]:
+    """The destination's document, else None and why it offers nothing. Connecting, and a refused
+    secret, fail as the migration would (TransportError)."""
+    try:
+        body = transport.query_features(dest, cookies, timeouts, tls)
+        if body is None:
+            return None, "publishes no features (an older receiver)"
+        return parse(body), ""
+    except (transport.AnswerError, FeaturesError) as e:
+        return None, f"gave no usable features answer ({e})"
+
+
+def accepts_in_band(features: Features) -> bool:
+    """In-band records need all three: the method listed, the record type applied, the algorithm."""
+    return codecs.XENGUEST.name in features.compression and compressed.REC_TYPE in features.record_types \
+        and any(a in IN_BAND_ALGORITHMS for a in features.in_band_algorithms)
+
+
+@dataclass(frozen=True)
+class Choice:
+    requested: Codec
+    codec: Codec             # the method used
+    reason: str              # one line, for the summary and the log
+
+    @property
+    def fallback(self) -> bool:
+        """Not what was asked for: the source warns."""
+        return self.codec != self.requested
+
+
+FALLBACK = codecs.STREAM     # an in-band method's stand-in: it compresses too, and every receiver reads it
+
+
+def choose(dest: str, requested: Codec, doc: Features | None, why_none: str = "") -> Choice:
+    """The method both sides support. `doc` None: the destination offered nothing (`why_none` says
+    how: an older receiver, or an unusable answer)."""
+    if not in_band(requested):
+        return Choice(requested, requested, f"{requested.name} is read by every receiver (not negotiated)")
+    if doc is None:
+        return Choice(requested, FALLBACK, f"destination {dest} {why_none}: treated as accepting only "
+                                           f"{' and '.join(LEGACY_METHODS)}")
+    version = doc.version or "unknown"
+    if not accepts_in_band(doc):
+        return Choice(requested, FALLBACK, f"destination {dest} (version {version}) does not accept in-band "
+                                           "compressed records (COMPRESSED_PAGE_DATA)")
+    return Choice(requested, requested, f"destination {dest} (version {version}) accepts in-band compressed records")
