@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 from xenemu import Domain, Host
 from xenemu.memory import memory_digest
-
 from xenmig import emp
 
 from . import cancel, codecs, features, tlstunnel, transport
