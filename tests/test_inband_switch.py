@@ -134,3 +134,19 @@ def test_adaptive_turns_compression_on_when_precopy_does_not_converge(hosts, rec
     assert passes[turned - 1]["dirty"] >= 0.9 * passes[turned - 1]["pages"], passes
     assert all(p["mode"] == "on" for p in passes[turned + 1:])
     assert "pre-copy is not converging" in (a.root / "xenopsd.log").read_text()
+
+
+def test_switch_on_refused_when_the_destination_takes_no_in_band_records(hosts, receiver):
+    """A migration without compression asked nothing of its destination; switching in-band on
+    asks then, and an older host (serve --no-in-band) makes it a refusal, not a failed migration."""
+    a, b = hosts("A"), hosts("B")
+    r = receiver(b, "--no-in-band")
+    a.shim("vm-create", "vm1", "--memory", "32M", "--image", "mixed")
+    before = a.page_digests("vm1")
+    proc = start_migration(a, r.address, "--no-compress", "--max-bandwidth", "4MB/s")
+    refused = switch_when_sending(a, "on")
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        "Error: VM vm1: the destination does not accept in-band compressed records"]
+    summary = finish(proc)
+    assert summary["mode"] == "none" and summary["compression_switches"] == []
+    assert b.page_digests("vm1") == before
