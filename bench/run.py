@@ -315,11 +315,15 @@ def main() -> int:
         with hosts(link) as b:
             memories: dict[tuple[str, str], Path] = {}
             for key in dict.fromkeys([(size, p) for p in PROFILES] + [(c.size, c.profile) for c in plan]):
-                name = f"ref-{key[1]}-{key[0]}"     # kept to the end: its memory is the references' bytes
+                # The references' bytes: a VM's initial memory, kept as a file (an evacuation
+                # would take a VM along).
+                name = f"ref-{key[1]}-{key[0]}"
                 b.shim("A", "vm-create", name, "--memory", key[0], "--image", key[1])
                 domid = next(d["domid"] for d in json.loads(b.shim("A", "vm-list", "--json").stdout)
                              if d["name"] == name)
-                memories[key] = b.root_a / "domains" / str(domid) / "memory"
+                memories[key] = b.root_a.parent / f"{name}.memory"
+                shutil.copyfile(b.root_a / "domains" / str(domid) / "memory", memories[key])
+                b.shim("A", "vm-destroy", name)
             for rep in range(reps):
                 rep_runs: list[dict] = []
                 for key, memory in memories.items():    # the reference points share the window too
