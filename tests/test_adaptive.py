@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -147,15 +148,24 @@ def test_refused_switches_answer_without_failing_the_save(hosts, tmp_path):
 
 
 # -- auto's decision from given measurements (the bench measures it on shaped links) ----------------
-@pytest.mark.parametrize("link,compress,ratio,wins", [
-    (1500 * MB, 300 * MB, 2.6, False),      # loopback: 2 threads turn out 600 MB/s, the link takes 1500
-    (125 * MB, 300 * MB, 2.6, True),        # 1 Gbit/s: 325 MB/s of guest memory compressed, 125 plain
-    (125 * MB, 300 * MB, 1.02, False),      # random memory does not shrink
-    (None, 300 * MB, 2.6, False),           # the link drains as fast as it is fed
-    (125 * MB, None, None, False),          # nothing compressed yet
+@pytest.mark.parametrize("link,compress,ratio,zero,wins", [
+    (1500 * MB, 300 * MB, 2.6, 0.0, False),  # loopback: 2 threads turn out 600 MB/s, the link takes 1500
+    (125 * MB, 300 * MB, 2.6, 0.0, True),    # 1 Gbit/s: 325 MB/s of guest memory compressed, 125 plain
+    (125 * MB, 300 * MB, 1.02, 0.0, False),  # random memory does not shrink
+    (None, 300 * MB, 2.6, 0.0, False),       # the link drains faster than 2 threads compress
+    (None, 300 * MB, 2.6, 0.88, True),       # ... but an idle guest's batch is 88% zero pages: bits
+    (125 * MB, 300 * MB, 1.02, 0.5, True),   # random data, half zero pages, over 1 Gbit/s
+    (125 * MB, None, None, 0.0, False),      # nothing compressed yet
+    (None, None, None, 0.6, True),           # nothing measured, but mostly zero pages
 ])
-def test_auto_compresses_only_when_the_link_binds_and_data_shrinks(link, compress, ratio, wins):
-    assert compress_wins(Measurements(link, compress, ratio, threads=2), compressing=False) is wins
+def test_auto_compresses_only_when_it_shortens_the_migration(link, compress, ratio, zero, wins):
+    assert compress_wins(Measurements(link, compress, ratio, threads=2, zero=zero), compressing=False) is wins
+
+
+def test_auto_compresses_until_the_writes_could_show_a_slow_link():
+    fast = Measurements(None, 300 * MB, 2.6, threads=2)
+    assert compress_wins(replace(fast, link_seen=False), compressing=False) is True
+    assert compress_wins(fast, compressing=False) is False
 
 
 def test_auto_keeps_its_choice_within_the_hysteresis():
@@ -181,8 +191,8 @@ def test_auto_leaves_regions_that_did_not_shrink_and_probes_them_again_now_and_t
     counts = {"noise": [0, 0], "text": [0, 0]}
     zstd_ran: list[int] = []                                 # the regions given to the compressor
     codec_encode = encoder.codec.encode
-    encoder.codec.encode = lambda pfns, pages, level: zstd_ran.append(int(pfns[0]) // REGION_PFNS) or \
-        codec_encode(pfns, pages, level)
+    encoder.codec.encode = lambda pfns, pages, level, zero: zstd_ran.append(int(pfns[0]) // REGION_PFNS) or \
+        codec_encode(pfns, pages, level, zero)
     for visit in range(2 * REPROBE_EVERY + 1):
         for region, (kind, pages) in enumerate((("text", text), ("noise", noise))):
             rtype = int.from_bytes(bytes(encoder.encode(batch(region), pages).buffers[0][:4]), "little")

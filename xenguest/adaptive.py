@@ -34,13 +34,19 @@ from xenmig.libxc import Encoded, PlainPages
 REGION_PFNS = 1024          # a region: one block of pfns as iteration 0's batches cut them (locality)
 SKIP_RATIO = 1.1            # a region that shrank less than this is sent plain ...
 REPROBE_EVERY = 8           # ... and compressed again at its 8th visit since, in case it changed
-PROBE_EVERY = 16            # sending plain, 1 batch in 16 is compressed, so that the figures stay fresh
+PROBE_EVERY = 32            # sending plain, 1 batch in 32 is compressed, so that the figures stay fresh
 HYSTERESIS = 0.1            # compression goes on when 10% faster than plain, off when 10% slower
 RATE_WEIGHT = 0.25          # weight of a new batch in the running compression rate and ratio
 LINK_WINDOW = 1.0           # seconds of writes the drain rate is measured over
 LINK_BINDING = 0.5          # the writer blocked this share of the window: the link is the bottleneck
-LINK_MIN_SPAN = 0.25        # seconds of writes a figure needs (the receiver's start-up is no link)
+LINK_MIN_SPAN = 0.05       # seconds of writes before a link that does not bind counts as fast
 LINK_STALE = 2.0            # a link figure not measured again for this long is dropped (then plain re-measures)
+# Guest bytes per second that go plain when the link does not bind: what the receiving xenguest
+# restores plain pages at (the bench's `none` data phase on loopback: 994-1151 MB/s).
+PLAIN_RATE = 1e9
+# A batch at least this share zero pages is compressed while nothing is measured yet: its zero
+# pages go as bits, and only the rest costs zstd.
+ZERO_WORTH = 0.5
 MB = 1e6                    # the per-iteration report's rates are in MB/s
 
 
@@ -48,21 +54,31 @@ MB = 1e6                    # the per-iteration report's rates are in MB/s
 class Measurements:
     """What auto decides from; None: not measured (yet)."""
     link: float | None          # wire bytes per second the stream fd drains; None: not the bottleneck
-    compress: float | None      # guest bytes per second one compression thread turns out (wall time)
-    ratio: float | None         # guest bytes per wire byte of recent compressed batches
+    compress: float | None      # data-page bytes per second one compression thread turns out (wall time)
+    ratio: float | None         # data-page bytes per wire byte of recent compressed batches
     threads: int
+    zero: float = 0.0           # the batch's share of zero pages (sent as bits when compressed)
+    link_seen: bool = True      # the writes have lasted long enough to tell a binding link
 
 
 def compress_wins(m: Measurements, compressing: bool) -> bool:
-    """Whether compressing the next batch shortens the migration: the link, not the CPU, binds
-    and the data shrinks. Seconds per guest byte: plain 1/link; compressed the slower of
-    1/(compress x threads) and 1/(ratio x link). Hysteresis keeps the current choice unless the
-    other one is HYSTERESIS faster. Without a link figure (it drains as fast as it is fed) or
-    without compression figures: plain."""
-    if m.link is None or m.compress is None or m.ratio is None:
-        return False
-    plain = 1 / m.link
-    packed = max(1 / (m.compress * m.threads), 1 / (m.ratio * m.link))
+    """Whether compressing the next batch shortens the migration. Seconds per guest byte: plain,
+    1/link (PLAIN_RATE when the link does not bind); compressed, only its data pages cost, the
+    slower of compressing them, (1 - zero)/(compress x threads), and sending what is left of
+    them, (1 - zero)/(ratio x link). So a batch of mostly zero pages is compressed whatever the
+    link, and data that does not shrink only where the CPU outruns the link. Hysteresis keeps the
+    current choice unless the other one is HYSTERESIS faster. Until the writes have lasted long
+    enough to show a binding link, compress: socket and queue buffers hide a slow link for the
+    first megabytes, where each plain batch costs several compressed ones, while on a fast link
+    those first batches cost little more compressed. Nothing measured of compression yet: a
+    batch of mostly zero pages is compressed, any other goes plain."""
+    if not m.link_seen and m.link is None:
+        return True
+    if m.compress is None or m.ratio is None:
+        return m.zero >= ZERO_WORTH
+    data = 1 - m.zero
+    plain = 1 / (m.link or PLAIN_RATE)
+    packed = max(data / (m.compress * m.threads), data / (m.ratio * m.link) if m.link else 0.0)
     return packed < plain * ((1 + HYSTERESIS) if compressing else (1 - HYSTERESIS))
 
 
@@ -86,6 +102,7 @@ class LinkMeter:
         self._writes: deque[tuple[float, int, float]] = deque()
         self._bound: float | None = None
         self._measured = 0.0            # when the figure was last measured
+        self.seen = False               # writes have spanned LINK_MIN_SPAN: a binding link would show
         self._lock = threading.Lock()
 
     def add(self, nbytes: int, seconds: float, end: float) -> None:
@@ -100,6 +117,7 @@ class LinkMeter:
                 return self._bound
             first_end, _, first_blocked = self._writes[0]
             span = self._writes[-1][0] - (first_end - first_blocked)
+            self.seen = self.seen or span >= LINK_MIN_SPAN
             nbytes = sum(w[1] for w in self._writes)
             rate = drain_rate(nbytes, sum(w[2] for w in self._writes), span)
             if rate is not None:
@@ -119,7 +137,7 @@ class PassFigures:
     compressed_batches: int = 0
     plain_batches: int = 0
     levels: set[int] | None = None
-    compress_bytes: int = 0         # guest bytes given to zstd
+    compress_bytes: int = 0         # data-page bytes given to zstd (zero pages go as bits)
     compress_seconds: float = 0.0   # wall seconds zstd took, summed over threads
     write_bytes: int = 0
     write_seconds: float = 0.0      # seconds blocked writing them
@@ -171,7 +189,8 @@ class AdaptivePages:
             return self.codec.level
 
     def measurements(self) -> Measurements:
-        return Measurements(self.link.rate(), self._compress, self._ratio, self.threads)
+        link = self.link.rate()
+        return Measurements(link, self._compress, self._ratio, self.threads, link_seen=self.link.seen)
 
     def _level(self, m: Measurements) -> int:
         """choose_level with the table's compression rates scaled to what this save measures at
@@ -183,18 +202,18 @@ class AdaptivePages:
                        for level, f in figures.items()}
         return choose_level(m.link, self.threads, figures)
 
-    def _choose(self, region: int) -> int | None:
-        """The level to compress this batch at, or None for plain."""
+    def _choose(self, region: int, zero: float) -> int | None:
+        """The level to compress this batch at, or None for plain; `zero`: its share of zero pages."""
         with self._lock:
             if self.mode == MODE_OFF:
                 return None
             if self.mode == MODE_ON:
                 return self.codec.level
-            m = self.measurements()
+            m = replace(self.measurements(), zero=zero)
             if self._pinned is None:
                 self.codec.level = self._level(m)
             known = self._regions.get(region)
-            if known is not None and known.ratio < SKIP_RATIO:
+            if known is not None and known.ratio < SKIP_RATIO and zero < ZERO_WORTH:
                 known.skips += 1
                 return self.codec.level if known.skips % REPROBE_EVERY == 0 else None
             if known is not None:           # what this region reached is the better guess
@@ -205,26 +224,31 @@ class AdaptivePages:
             return self.codec.level if self._compressing or probe else None
 
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
-        level = self._choose(int(pfns[0]) // REGION_PFNS)
+        # The zero test is the first of the compressor's reads (its snapshot rule), done here so
+        # that auto can weigh the batch's zero pages; plain batches under `off` skip it.
+        zero = compressed.zero_pages(pages) if self.mode != MODE_OFF else None
+        nonzero = len(pfns) if zero is None else int(len(pfns) - zero.sum())
+        level = self._choose(int(pfns[0]) // REGION_PFNS, 1 - nonzero / len(pfns))
         if level is None:
             encoded = PlainPages().encode(pfns, pages)
             with self._lock:
                 self._pass.plain_batches += 1
             return encoded
         start = time.monotonic()
-        encoded = self.codec.encode(pfns, pages, level)
+        encoded = self.codec.encode(pfns, pages, level, zero)
         seconds = time.monotonic() - start
-        guest = pages.nbytes
+        data = nonzero * compressed.PAGE_SIZE          # what zstd had to work on
         rtype, length = libxc.parse_record_header(encoded.buffers[0])
-        ratio = guest / (libxc.RH_SIZE + length + libxc.padding(length))
         packed = rtype == compressed.REC_TYPE
         with self._lock:
-            self._regions[int(pfns[0]) // REGION_PFNS] = Region(ratio)
-            self._ratio = _running(self._ratio, ratio)
-            if seconds > 0:
-                self._compress = _running(self._compress, guest / seconds)
+            if data:
+                ratio = data / (libxc.RH_SIZE + length + libxc.padding(length))
+                self._regions[int(pfns[0]) // REGION_PFNS] = Region(ratio)
+                self._ratio = _running(self._ratio, ratio)
+                if seconds > 0:
+                    self._compress = _running(self._compress, data / seconds)
             figures = self._pass
-            figures.compress_bytes += guest
+            figures.compress_bytes += data
             figures.compress_seconds += seconds
             if packed:
                 figures.compressed_batches += 1

@@ -74,6 +74,11 @@ def bitmap_size(count: int) -> int:
 
 
 # Build ----------------------------------------------------------------------
+def zero_pages(pages: np.ndarray) -> np.ndarray:
+    """Which pages of a batch are all zero (one read of each)."""
+    return np.bitwise_or.reduce(pages.view("<u8"), axis=1) == 0
+
+
 class CompressedPages:
     """Encoder for the saver: zero pages as bits, the rest as one zstd frame.
 
@@ -95,13 +100,16 @@ class CompressedPages:
             contexts[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
         return contexts[level].compress(data)
 
-    def encode(self, pfns: np.ndarray, pages: np.ndarray, level: int | None = None) -> Encoded:
-        """One batch at `level` (default: self.level); plain PAGE_DATA if that is not longer."""
+    def encode(self, pfns: np.ndarray, pages: np.ndarray, level: int | None = None,
+               zero: np.ndarray | None = None) -> Encoded:
+        """One batch at `level` (default: self.level); plain PAGE_DATA if that is not longer.
+        `zero`: the batch's zero_pages, if the caller has tested them already."""
         # `pages` may be live guest memory (PageEncoder). Each page is read once for the zero
         # test and once by the boolean index, which copies the data pages out in one pass (also
         # when none is zero): zstd and its checksum read only that snapshot. A page written
         # between the two reads is dirty, and is resent whichever way it went this time.
-        zero = np.bitwise_or.reduce(pages.view("<u8"), axis=1) == 0
+        if zero is None:
+            zero = zero_pages(pages)
         data = pages[~zero]
         payload = self._compress(data, self.level if level is None else level) if data.size else b""
         bitmap = np.packbits(zero, bitorder="little").tobytes()
