@@ -41,8 +41,8 @@ class _Pending:
     def __init__(self, mode: str, by: str) -> None:
         self.mode, self.by = mode, by
         self.done = threading.Event()
-        self.answer: tuple[bool, str] = (False, "the migration ended before emu-manager answered")
-        self.applied: Switch | None = None
+        self.applied: Switch | None = None      # its answer: applied, or why not
+        self.refused = "the migration ended before emu-manager answered"
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class InBand:
         if not pending.done.wait(timeout):
             raise SwitchRefused(f"emu-manager did not answer within {timeout:g} s")
         if pending.applied is None:
-            raise SwitchRefused(pending.answer[1])
+            raise SwitchRefused(pending.refused)
         return pending.applied
 
     def _ask(self, mode: str, level: int | None, by: str) -> _Pending:
@@ -126,7 +126,7 @@ class InBand:
             self.log.info(f"in-band compression {answer.mode} (level {answer.level}) from pass {len(self.passes)}, "
                           f"by {pending.by}")
         else:
-            pending.answer = (False, answer.refused or "refused")
+            pending.refused = answer.refused or "refused"
             self.log.info(f"in-band compression switch to {pending.mode} refused: {answer.refused}")
         pending.done.set()
 
