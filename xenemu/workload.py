@@ -40,7 +40,9 @@ def parse_spec(spec: str) -> Workload:
                      "zeroing[:RATE])")
 
 
-def run(root: Path, domid: int) -> None:
+def run(root: Path, domid: int, ready: int | None = None) -> None:
+    """Write the domain's memory until it dies; `ready` (an fd) is closed once the guest is
+    set up and about to write, so a domain reported running has a guest that runs."""
     import numpy as np      # here, not at the top: the toolstack imports parse_spec and never runs a guest
 
     from .domain import Domain
@@ -58,6 +60,8 @@ def run(root: Path, domid: int) -> None:
     filling = True
     budget = 0.0
     last = time.monotonic()
+    if ready is not None:
+        os.close(ready)
     while workload.kind != "none":
         time.sleep(TICK)
         now = time.monotonic()
@@ -95,15 +99,19 @@ def run(root: Path, domid: int) -> None:
 
 def main() -> None:
     root, domid = Path(sys.argv[1]), int(sys.argv[2])
+    wait, ready = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(ready)
+        os.read(wait, 1)        # b"" once the guest closed it: set up, or dead (the caller checks)
         print(pid, flush=True)
         os._exit(0)
+    os.close(wait)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    run(root, domid)
+    run(root, domid, ready)
 
 
 if __name__ == "__main__":

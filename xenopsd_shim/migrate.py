@@ -29,6 +29,7 @@ from xenemu.memory import memory_digest
 from xenmig import emp
 
 from . import cancel, codecs, features, tlstunnel, transport
+from .zstdpipe import KILLED_GRACE
 from .accounting import CpuAccounting
 from .codecs import Codec
 from .imagewriter import ImageWriter, Progress, SaveStats, vm_metadata
@@ -97,8 +98,11 @@ class Stream:
 
     def stop(self) -> tuple[str | None, bool]:
         """End the stream's codec; why it had failed, if it had, and whether a signal killed it
-        (a root cause) rather than an error exit (often a consequence: the peer went away)."""
-        failure, killed = self.wrap.failure(), self.wrap.killed
+        (a root cause) rather than an error exit (often a consequence: the peer went away). A
+        codec killed under its writer closes the pipe before it can be reaped, so the writer's
+        EPIPE can arrive first: it gets a moment to show its end."""
+        failure = self.wrap.settle(KILLED_GRACE)
+        killed = self.wrap.killed
         self.wrap.stop()
         return failure, killed
 

@@ -13,10 +13,41 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 import threading
 from pathlib import Path
 
 CHUNK = 1 << 18
+TCP_INFO_SIZE = 256
+TCP_INFO_BYTES = (120, "<QQ")          # tcpi_bytes_acked, tcpi_bytes_received (Linux >= 4.1)
+
+
+def tcp_counts(sock: socket.socket) -> tuple[int, int]:
+    """(bytes acked, bytes received) from the kernel's TCP_INFO; (0, 0) where it has none."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+    except OSError:
+        return 0, 0
+    offset, fmt = TCP_INFO_BYTES
+    if len(info) < offset + struct.calcsize(fmt):
+        return 0, 0
+    return struct.unpack_from(fmt, info, offset)
+
+
+class WireSocket(socket.socket):
+    """The TCP connection under the TLS. The relay's transport closes it as soon as the tunnel
+    ends, which may be before the toolstack asks what went over it: its counts are kept from
+    the moment before it closed."""
+
+    final: tuple[int, int] | None = None
+
+    def close(self) -> None:
+        if self.final is None and self.fileno() >= 0:
+            self.final = tcp_counts(self)
+        super().close()
+
+    def counts(self) -> tuple[int, int]:
+        return self.final if self.final is not None else tcp_counts(self)
 
 
 class TlsError(Exception):
@@ -49,7 +80,7 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
 class TunnelSocket(socket.socket):
     """The local end of a tunnel; `wire` is the TCP socket under the TLS (for TCP_INFO)."""
 
-    wire: socket.socket
+    wire: WireSocket
     tunnel: "Tunnel"
 
     def close(self) -> None:
@@ -61,7 +92,7 @@ class TunnelSocket(socket.socket):
 class Tunnel:
     def __init__(self, wire: socket.socket, ctx: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None, handshake_timeout: float, stall_timeout: float) -> None:
-        self.wire = wire
+        self.wire = WireSocket(wire.family, wire.type, wire.proto, fileno=wire.detach())
         self.ctx = ctx
         self.server_side = server_side
         self.server_hostname = server_hostname
@@ -70,7 +101,7 @@ class Tunnel:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._ours = ours
         self.local = TunnelSocket(fileno=theirs.detach())
-        self.local.wire = wire
+        self.local.wire = self.wire
         self.local.tunnel = self
         self.error: str | None = None
         self._ready = threading.Event()

@@ -352,13 +352,8 @@ def recv_some(sock: socket.socket, n: int, timeout: float | None, what: str) -> 
 
 
 def tcp_bytes(sock: socket.socket) -> tuple[int, int]:
-    """(bytes acked, bytes received) from the kernel's TCP_INFO: the real wire payload
-    (under TLS, of the TCP connection beneath the tunnel)."""
-    sock = getattr(sock, "wire", sock)
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    except OSError:
-        return 0, 0
-    if len(info) < 136:
-        return 0, 0
-    return struct.unpack_from("<QQ", info, 120)
+    """(bytes acked, bytes received): the real wire payload (under TLS, of the TCP connection
+    beneath the tunnel, also once the tunnel has closed it)."""
+    if isinstance(sock, tlstunnel.TunnelSocket):
+        return sock.wire.counts()
+    return tlstunnel.tcp_counts(sock)
