@@ -26,6 +26,7 @@ OPTIONS = [
     Opt("domid", "int"), Opt("live", "bool"), Opt("dm", "str", repeat=True), Opt("mode", "str"),
     Opt("store_port", "int"), Opt("console_port", "int"), Opt("fork", "str"), Opt("mem_pnode", "int"),
     Opt("supports", "str"), Opt("compress", "bool"),
+    Opt("delta-cache", "int"),      # this project's extension: forwarded to xenguest (issue: delta encoding)
 ]
 MODES = {"hvm_save": True, "save": True, "hvm_restore": False, "restore": False}
 SUPPORTED_FEATURES = {"migration-v2"}
@@ -94,6 +95,8 @@ def run(argv: list[str]) -> int:
         for name in ("controlinfd", "controloutfd", "fd"):
             _fd_open(args[name], name)
         _check_stream(args["fd"], "xenguest")
+        if (args["delta-cache"] or 0) < 0:
+            raise UsageError(f"{PROG}: -delta-cache must be a number of bytes, 0 or more, not {args['delta-cache']}")
         save = MODES[args["mode"]]
         emus = _emulators(args, Host())
     except UsageError as e:

@@ -71,7 +71,8 @@ class EmuKind:
     always: bool = False            # in the table without a -dm, on the main stream fd (-fd)
     executable: str = ""
     argv: tuple[str, ...] = ()      # after the executable; "{domid}" is the domain's id
-    argv_if: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (bool option, argv added when it is set)
+    # (option, argv added when it is set and not 0; "{}" in it is the option's value)
+    argv_if: tuple[tuple[str, tuple[str, ...]], ...] = ()
     socket: Callable[[Host, int], Path] | None = None       # its EMP socket, from the host and domid
     sends_result: bool = False      # restore: "result:<emu> <its result>", not just "result:<emu>"
     set_args: Callable[[Mapping[str, Any], int], dict[str, str]] | None = None   # (options, emulators run)
@@ -81,14 +82,15 @@ class EmuKind:
         argv = [executable, *(arg.format(domid=options["domid"]) for arg in self.argv)]
         for option, extra in self.argv_if:
             if options[option]:
-                argv += extra
+                argv += [arg.format(options[option]) for arg in extra]
         return argv
 
 
 EMU_KINDS: dict[str, EmuKind] = {kind.name: kind for kind in (
     EmuKind("xenguest", ALL_STAGES, DmArg.FLAG, always=True, executable="xenguest",
             argv=("-debug", "-domid", "{domid}", "-controloutfd", "2", "-controlinfd", "0", "-mode", "listen"),
-            argv_if=(("compress", ("-compress", "true")),), socket=Host.xenguest_socket,
+            argv_if=(("compress", ("-compress", "true")), ("delta-cache", ("-delta-cache", "{}"))),
+            socket=Host.xenguest_socket,
             sends_result=True, set_args=_xenguest_set_args, switches_compression=True),
     EmuKind("vgpu", ALL_STAGES & ~Stage.READY, DmArg.STREAM_FD, executable="vgpu-emu",
             argv=("-domid", "{domid}", "-mode", "listen"),

@@ -55,6 +55,14 @@ class Ctx:
         return self._setting(policy.accept_in_band)
 
     @property
+    def accept_delta(self) -> bool:
+        return self._setting(policy.accept_delta)
+
+    @property
+    def delta_cache(self) -> int:
+        return self._setting(policy.delta_cache)
+
+    @property
     def timeouts(self) -> Timeouts:
         return self._setting(Timeouts.from_config)
 
@@ -160,16 +168,20 @@ def vm_digest(ctx: Ctx, name: str, pages: bool) -> None:
 @click.option("--in-band/--no-in-band", default=None,
               help=f"accept xenguest's in-band compressed records (default: {policy.ACCEPT_IN_BAND_KEY} "
                    "in xenopsd.conf, else yes); without, act as a host from before them")
+@click.option("--delta/--no-delta", default=None,
+              help=f"accept delta records of re-sent pages (default: {policy.ACCEPT_DELTA_KEY} in xenopsd.conf, "
+                   "else yes); without, act as a host from before them")
 @click.pass_obj
 def serve(ctx: Ctx, listen: str, secret_file: Path | None, tls_cert: Path | None, tls_key: Path | None,
-          in_band: bool | None) -> None:
+          in_band: bool | None, delta: bool | None) -> None:
     """Receive migrations until SIGTERM or SIGINT."""
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     tls = tlstunnel.server_context(tls_cert, tls_key) if tls_cert and tls_key else None
     receiver = Receiver(ctx.host, listen, ctx.log, secret=policy.receiver_secret(ctx.host, secret_file),
                         timeouts=ctx.timeouts, tls=tls, max_connections=ctx.max_connections,
-                        accept_in_band=ctx.accept_in_band if in_band is None else in_band)
+                        accept_in_band=ctx.accept_in_band if in_band is None else in_band,
+                        accept_delta=ctx.accept_delta if delta is None else delta)
     receiver.serve_forever(ready=lambda: click.echo(f"listening on {receiver.address}", err=True))
 
 
@@ -203,7 +215,8 @@ def vm_migrate(ctx: Ctx, name: str, dest: str, compress: bool | None, live: bool
                                       max_bandwidth=parse_rate(max_bandwidth) if max_bandwidth else None,
                                       secret=policy.read_secret(secret_file) if secret_file
                                       else os.environ.get(policy.SECRET_ENV), timeouts=ctx.timeouts,
-                                      tls=tlstunnel.client_context(tls_ca) if tls_ca else None), ctx.log,
+                                      tls=tlstunnel.client_context(tls_ca) if tls_ca else None,
+                                      delta_cache=ctx.delta_cache), ctx.log,
                               on_info=_progress(f"migrating {name}")).run()
     click.echo(json.dumps(summary) if as_json else _migrated(name, dest, summary))
 

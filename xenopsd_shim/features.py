@@ -38,6 +38,8 @@ class Features:
 ITEM_TYPES: dict[str, type] = {"stream_formats": str, "record_types": int, "compression": str,
                                "in_band_algorithms": str}
 IN_BAND_ALGORITHMS = ("zstd",)       # compressed.ALGORITHM_ZSTD, by name
+DELTA_ALGORITHMS = ("xor-zstd",)     # DELTA_PAGE_DATA's algorithm 1: XOR with the page held, then zstd
+DELTA_REC_TYPE = libxc.REC_TYPE_DELTA_PAGE_DATA
 # What every xenopsd receiver reads: plain streams, and whole streams through zstd (the cookie).
 LEGACY_METHODS = (codecs.NONE.name, codecs.STREAM.name)
 
@@ -55,16 +57,18 @@ def project_version() -> str:
         return "unknown"
 
 
-def published(accept_in_band: bool) -> Features:
-    """The document `serve` answers with; without in-band, what a host from before it reads."""
+def published(accept_in_band: bool, accept_delta: bool = True) -> Features:
+    """The document `serve` answers with; without in-band (or deltas), what a host from before
+    them reads."""
+    delta = accept_in_band and accept_delta
+    left_out = ({compressed.REC_TYPE} if not accept_in_band else set()) | ({DELTA_REC_TYPE} if not delta else set())
     return Features(
         version=project_version(),
         stream_formats=tuple(f"libxc-v{v}" for v in libxc.IHDR_SUPPORTED_VERSIONS),
-        record_types=tuple(sorted(t for t, rule in libxcwalk.RULES.items()
-                                  if not rule.refused and (accept_in_band or t != compressed.REC_TYPE))),
+        record_types=tuple(sorted(t for t, rule in libxcwalk.RULES.items() if not rule.refused and t not in left_out)),
         compression=tuple(c.name for c in codecs.CODECS.values() if not in_band(c))
         + ((codecs.XENGUEST.name,) if accept_in_band else ()),
-        in_band_algorithms=IN_BAND_ALGORITHMS if accept_in_band else ())
+        in_band_algorithms=(IN_BAND_ALGORITHMS if accept_in_band else ()) + (DELTA_ALGORITHMS if delta else ()))
 
 
 def to_json(features: Features) -> bytes:
@@ -110,6 +114,24 @@ def accepts_in_band(features: Features) -> bool:
     """In-band records need all three: the method listed, the record type applied, the algorithm."""
     return codecs.XENGUEST.name in features.compression and compressed.REC_TYPE in features.record_types \
         and any(a in IN_BAND_ALGORITHMS for a in features.in_band_algorithms)
+
+
+def accepts_delta(features: Features) -> bool:
+    """Delta records need in-band records, their type applied and their algorithm."""
+    return accepts_in_band(features) and DELTA_REC_TYPE in features.record_types \
+        and any(a in DELTA_ALGORITHMS for a in features.in_band_algorithms)
+
+
+def delta_cache(doc: Features | None, codec: Codec, configured: int, memory: int) -> tuple[int, str]:
+    """The bound of the source's delta cache for one migration (0: no deltas), and why."""
+    if not in_band(codec):
+        return 0, f"{codec.name} sends no in-band records"
+    if configured == 0:
+        return 0, "migration-delta-cache is 0"
+    if doc is None or not accepts_delta(doc):
+        return 0, "the destination does not accept delta records (DELTA_PAGE_DATA)"
+    bound = min(configured, memory)
+    return bound, f"re-sent pages may go as deltas from a cache of up to {bound >> 20} MiB"
 
 
 @dataclass(frozen=True)

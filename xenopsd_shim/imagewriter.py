@@ -55,8 +55,11 @@ class SaveStats:
 class ImageWriter:
     def __init__(self, domain: Domain, fd: int, *, live: bool, codec: Codec, log: Logger,
                  on_info: Progress = lambda p, s: None, vgpu_fd: int | None = None,
-                 watch: Callable[[], None] | None = None, inband: InBand | None = None) -> None:
+                 watch: Callable[[], None] | None = None, inband: InBand | None = None,
+                 delta_cache: int = 0) -> None:
+        """`delta_cache`: the bound of xenguest's cache of sent pages (0: it sends no deltas)."""
         self.domain = domain
+        self.delta_cache = delta_cache
         self.watch = watch
         self.fd = fd
         self.vgpu_fd = vgpu_fd
@@ -87,12 +90,15 @@ class ImageWriter:
         else:
             raise EmuManagerError(f"protocol error: prepare for unknown emulator {emu!r}")
 
+    def _delta_args(self) -> tuple[str, ...]:
+        return ("-delta-cache", str(self.delta_cache)) if self.delta_cache else ()
+
     def run(self) -> SaveStats:
         record = vm_record(self.domain)
         write_all(self.fd, [image.SIGNATURE, image.build_header(image.XENOPS, len(record)), record])
         vgpu = ([] if self.vgpu_fd is None else ["-dm", f"vgpu:{self.vgpu_fd}"])
         self.emu = EmuManager(domid=self.domain.domid, mode="hvm_save", fd=self.fd, live=self.live,
-                              codec_args=self.codec.emu_args, extra=vgpu, log=self.log,
+                              codec_args=self.codec.emu_args + self._delta_args(), extra=vgpu, log=self.log,
                               pass_fds=() if self.vgpu_fd is None else (self.vgpu_fd,))
         self.stats.emu_argv = self.emu.argv
         self.emu.reports.append(self.inband.take)

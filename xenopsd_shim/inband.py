@@ -22,6 +22,8 @@ ANSWER_TIMEOUT = 10.0           # emu-manager forwards at its next free moment: 
 # The adaptive policy's convergence watch: a pre-copy pass while which the guest dirtied at least
 # this share of the pages it sent is not converging (the guest dirties as fast as the link carries).
 NOT_CONVERGING = 0.9
+# xenguest's per-pass delta figures (XENMIG_ITERATION) that add up over a migration.
+DELTA_SUMS = ("delta_pages", "cache_hits", "cache_misses", "delta_saved_bytes")
 
 
 class SwitchRefused(Exception):
@@ -163,6 +165,11 @@ class InBand:
             return f"compression {last['mode']}: {last['compressed_batches']}/{batches} batches compressed " \
                    f"in pass {last['iteration']}"
         return ""
+
+    def delta_totals(self) -> dict[str, int]:
+        """The delta cache's figures over every pass (its peak, the others summed)."""
+        return {"cache_peak_bytes": max((p.get("cache_peak_bytes", 0) for p in self.passes), default=0),
+                **{name: sum(p.get(name, 0) for p in self.passes) for name in DELTA_SUMS}}
 
     def summary(self) -> dict[str, Any]:
         return {"iteration_stats": self.passes, "compression_switches": [asdict(s) for s in self.switches]}

@@ -69,6 +69,7 @@ class Options:
     secret: str | None = None          # the destination's migration secret
     timeouts: Timeouts = Timeouts()
     tls: ssl.SSLContext | None = None  # trust for the destination's certificate, when TLS is on
+    delta_cache: int = 0               # xenopsd.conf's migration-delta-cache, in bytes
 
 
 class Stream:
@@ -157,6 +158,7 @@ class SourceMigration:
         self.left_paused: str | None = None     # why: it could not say whether it started it
         self.running_at: float | None = None    # when the destination said the VM runs (point 4)
         self.choice = features.Choice(options.codec, options.codec, "")   # the method, once negotiated
+        self.delta: tuple[int, str] = (0, "not negotiated")    # the delta cache's bound, and why
         self.inband = self._in_band(options.codec)
 
     def _in_band(self, codec: Codec) -> InBand:
@@ -241,6 +243,9 @@ class SourceMigration:
             self.inband = self._in_band(self.choice.codec)
         else:
             self.log.info(f"migrating VM {self.domain.name} with {requested.name}: {self.choice.reason}")
+        self.delta = features.delta_cache(doc, self.choice.codec, self.options.delta_cache, self.domain.memory_bytes)
+        self.log.info(f"migrating VM {self.domain.name}: delta encoding {'on' if self.delta[0] else 'off'}: "
+                      f"{self.delta[1]}")
 
     def _send_image(self, transfer: Transfer, cpu: CpuAccounting) -> None:
         """The suspend image through each stream's codec, then every stream ended (point 2);
@@ -254,7 +259,8 @@ class SourceMigration:
         vm = transfer.conns["vm"]
         transfer.writer = ImageWriter(self.domain, memory.fd, live=self.options.live, codec=codec, log=self.log,
                                       on_info=self.on_info, vgpu_fd=vgpu[0].fd if vgpu else None,
-                                      watch=lambda: self._watch_destination(vm), inband=self.inband)
+                                      watch=lambda: self._watch_destination(vm), inband=self.inband,
+                                      delta_cache=self.delta[0])
         transfer.stats = transfer.writer.run()
         transfer.writer.account(cpu)
         transfer.writer.close()
@@ -306,6 +312,7 @@ class SourceMigration:
             "emu_manager_argv": stats.emu_argv,
             "phases": phases(t0, self.opened_at, stats.first_page_at, stats.last_page_at, self.running_at, done),
             **self.inband.summary(),
+            "delta": {"cache_bound_bytes": self.delta[0], "reason": self.delta[1], **self.inband.delta_totals()},
         }
 
     def _connect(self, path: str, cookies: dict[str, str]) -> socket.socket:

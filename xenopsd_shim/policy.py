@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 from xenemu import Host
+from xenemu.units import parse_size
 
 from . import codecs
 from .codecs import Codec
@@ -29,7 +30,13 @@ MAX_CONNECTIONS_KEY = "migration-max-connections"   # connections `serve` holds 
 DEFAULT_MAX_CONNECTIONS = 64
 COMPRESSOR_KEY = "migration-compressor"
 ACCEPT_IN_BAND_KEY = "migration-accept-in-band"    # false: `serve` acts as a host from before in-band records
-CONFIG_KEYS = (COMPRESSOR_KEY, *Timeouts.keys().values(), MAX_CONNECTIONS_KEY, ACCEPT_IN_BAND_KEY)
+ACCEPT_DELTA_KEY = "migration-accept-delta"        # false: `serve` acts as a host from before delta records
+# The source's cache of sent pages that re-sent pages go as deltas against (in-band methods only).
+# 64 MiB by default, as QEMU's XBZRLE cache, and never more than the VM: that is its working set's bound.
+DELTA_CACHE_KEY = "migration-delta-cache"
+DEFAULT_DELTA_CACHE = "64M"
+CONFIG_KEYS = (COMPRESSOR_KEY, *Timeouts.keys().values(), MAX_CONNECTIONS_KEY, ACCEPT_IN_BAND_KEY,
+               ACCEPT_DELTA_KEY, DELTA_CACHE_KEY)
 MAX_CONFIG = 64 << 10
 
 
@@ -125,11 +132,29 @@ def max_connections(conf: dict[str, str]) -> int:
     return int(value)
 
 
-def accept_in_band(conf: dict[str, str]) -> bool:
-    value = conf.get(ACCEPT_IN_BAND_KEY, "true").lower()
+def _boolean(conf: dict[str, str], key: str) -> bool:
+    value = conf.get(key, "true").lower()
     if value not in ("true", "false"):
-        raise ValueError(f"{ACCEPT_IN_BAND_KEY} must be true or false, not {value!r}")
+        raise ValueError(f"{key} must be true or false, not {value!r}")
     return value == "true"
+
+
+def accept_in_band(conf: dict[str, str]) -> bool:
+    return _boolean(conf, ACCEPT_IN_BAND_KEY)
+
+
+def accept_delta(conf: dict[str, str]) -> bool:
+    return _boolean(conf, ACCEPT_DELTA_KEY)
+
+
+def delta_cache(conf: dict[str, str]) -> int:
+    """The bound of the source's delta cache, in bytes (0: no delta encoding)."""
+    value = conf.get(DELTA_CACHE_KEY, DEFAULT_DELTA_CACHE)
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError(f"{DELTA_CACHE_KEY} must be a size such as 64M, or 0 to turn deltas off, "
+                         f"not {value!r}") from None
 
 
 def read_secret(path: Path, required: bool = True) -> str | None:

@@ -67,11 +67,13 @@ def claim_host(host: Host) -> int:
 class Receiver:
     def __init__(self, host: Host, listen: str, log: Logger, secret: str | None = None,
                  timeouts: Timeouts = Timeouts(), tls: ssl.SSLContext | None = None,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, accept_in_band: bool = True) -> None:
-        """`accept_in_band` False: an older host, which neither publishes in-band compression nor
-        restores its records (its xenguests, through emu-manager, inherit the refusal)."""
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, accept_in_band: bool = True,
+                 accept_delta: bool = True) -> None:
+        """`accept_in_band` (`accept_delta`) False: an older host, which neither publishes in-band
+        compression (delta records) nor restores its records (its xenguests, through emu-manager,
+        inherit the refusal)."""
         self.host = host
-        self.features = features.to_json(features.published(accept_in_band))
+        self.features = features.to_json(features.published(accept_in_band, accept_delta))
         if not accept_in_band:
             os.environ[compressed.REFUSE_ENV] = "1"
         self.timeouts = timeouts
