@@ -52,6 +52,7 @@ the receiving side and the fuzz loop in fuzz_harness; this module holds the test
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -174,3 +175,30 @@ def test_worst_inputs(seeds, hosts, receiver, tmp_path, name):
                                check=False, timeout=TIMEOUT)
     assert "Traceback" not in proc.stderr and proc.returncode in (0, 2), proc.stderr[-2000:]
     assert proc.returncode == 0 or len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["x" * 65, "../escape", "a/b", ""])
+def test_serve_refuses_a_bad_vm_name_in_the_metadata_cookie(seeds, hosts, name):
+    """The name comes from the wire: a refusal with the reason, never a thread's traceback."""
+    h = hosts("serve")
+    serve = Serve(h, lambda host: Receiver(host))
+    img = seeds.images["plain"]
+    meta, limit = vm_metadata(img)
+    doc = json.loads(meta)
+    doc["name"] = name
+    dest_id = img.uuid[:24] + "000000000001"
+    try:
+        with socket.create_connection(serve.addr(), timeout=TIMEOUT) as sock:
+            sock.sendall(transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, "x",
+                                                 vm_cookies(migration_cookies(img), json.dumps(doc), limit)))
+            answer = hs_recv(sock, time.monotonic() + TIMEOUT)
+        assert answer is not None and answer.startswith("Error: ") and \
+            ("invalid VM name" in answer or "no VM name" in answer), answer
+        serve.clean()
+        assert domains_of(h.root) == []
+        serve.alive()
+    finally:
+        serve.rss.stop()
+        serve.r.proc.kill()
+        serve.r.proc.wait()
+        (h.root / "run" / SERVE_ADDRESS).unlink(missing_ok=True)

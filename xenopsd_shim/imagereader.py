@@ -57,7 +57,10 @@ def parse_vm_metadata(raw: bytes, name_override: str | None = None,
     mem = rec.get("memory_bytes")
     if not isinstance(name, str):
         raise image.ImageError(f"{what} has no VM name")
-    check_name(name)
+    try:
+        check_name(name)
+    except DomainError as e:        # from the wire: a refusal of the image, as every field's
+        raise image.ImageError(f"{what} has an {e}") from None
     if not valid_uuid(rec.get("uuid")):
         raise image.ImageError(f"{what} has an invalid uuid")
     vgpu = rec.get("vgpu_bytes", 0)
