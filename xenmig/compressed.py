@@ -124,15 +124,20 @@ class CompressedPages:
 
 
 # Parse ----------------------------------------------------------------------
+def check_count_and_algorithm(record: str, count: int, algorithm: int, known: int) -> None:
+    """The first two header fields of an in-band page record (this one, DELTA_PAGE_DATA)."""
+    if not 0 < count <= libxc.PAGE_DATA_MAX_PFNS:
+        raise libxc.StreamError(f"{record} with {count} pfns (1..{libxc.PAGE_DATA_MAX_PFNS})")
+    if algorithm != known:
+        raise libxc.StreamError(f"{record} algorithm {algorithm} is unknown")
+
+
 def parse(body: memoryview, npages: int) -> tuple[np.ndarray, np.ndarray, memoryview]:
     """Validate the record; returns (data pfns, zero mask over them, payload)."""
     if len(body) < HEADER_SIZE:
         raise libxc.StreamError(f"COMPRESSED_PAGE_DATA record too short ({len(body)} bytes)")
     count, algorithm, reserved, zero_count, payload_length = struct.unpack_from(HEADER_FORMAT, body)
-    if not 0 < count <= libxc.PAGE_DATA_MAX_PFNS:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA with {count} pfns (1..{libxc.PAGE_DATA_MAX_PFNS})")
-    if algorithm != ALGORITHM_ZSTD:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA algorithm {algorithm} is unknown")
+    check_count_and_algorithm("COMPRESSED_PAGE_DATA", count, algorithm, ALGORITHM_ZSTD)
     if reserved:
         raise libxc.StreamError("COMPRESSED_PAGE_DATA reserved field is not zero")
     meta_length = HEADER_SIZE + 8 * count + bitmap_size(count)

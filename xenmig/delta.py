@@ -89,10 +89,7 @@ def parse(body: memoryview, npages: int) -> DeltaRecord:
     if len(body) < HEADER_SIZE:
         raise libxc.StreamError(f"{NAME} record too short ({len(body)} bytes)")
     count, algorithm, reserved, payload_length, reserved2 = struct.unpack_from(HEADER_FORMAT, body)
-    if not 0 < count <= libxc.PAGE_DATA_MAX_PFNS:
-        raise libxc.StreamError(f"{NAME} with {count} pfns (1..{libxc.PAGE_DATA_MAX_PFNS})")
-    if algorithm != ALGORITHM_XOR_ZSTD:
-        raise libxc.StreamError(f"{NAME} algorithm {algorithm} is unknown")
+    compressed.check_count_and_algorithm(NAME, count, algorithm, ALGORITHM_XOR_ZSTD)
     if reserved or reserved2:
         raise libxc.StreamError(f"{NAME} reserved field is not zero")
     meta = meta_size(count)
