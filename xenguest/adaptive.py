@@ -286,9 +286,11 @@ class AdaptivePages:
 
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
         cache = self.cache
-        if cache is None or not cache.enabled:
+        if cache is None:
             return self._encode(pfns, pages)
-        if self.mode == MODE_OFF:                 # plain, from guest memory: the cache never sees the bytes
+        if self.mode == MODE_OFF or not cache.useful(pfns):
+            # from guest memory as without a cache (plain: read once, by writev): the cache never
+            # sees the bytes, and no longer claims the pfns
             encoded = self._encode(pfns, pages)
             cache.forget(pfns)
             return encoded
@@ -298,15 +300,19 @@ class AdaptivePages:
         zero = compressed.zero_pages(sent)
         buffers: list = []
         zero_sent = 0
-        rest = np.ones(len(pfns), dtype=bool)
+        use = None
         if self._iteration > 0:
             hit, bases = cache.lookup(pfns)
             use = hit & ~zero                    # a zero page goes cheaper as a bit
             if use.any():
-                buffers = self._delta(pfns[use], sent[use], bases[use], int(pfns[0]) // REGION_PFNS)
-                if buffers:
-                    rest = ~use
-        if rest.any():
+                buffers = self._delta(pfns[use], sent[use], bases[~zero[hit]], int(pfns[0]) // REGION_PFNS)
+            if not buffers:
+                use = None
+        if use is None:
+            encoded = self._encode(pfns, sent, zero)
+            buffers, zero_sent = encoded.buffers, encoded.zero_pages
+        elif not use.all():
+            rest = ~use
             encoded = self._encode(pfns[rest], sent[rest], zero[rest])
             buffers, zero_sent = buffers + encoded.buffers, encoded.zero_pages
         cache.store(pfns, sent, zero)

@@ -76,17 +76,37 @@ class DeltaCache:
             return {"cache_hits": self.hits, "cache_misses": self.misses,
                     "cache_bytes": self.held(), "cache_peak_bytes": self.peak}
 
+    def useful(self, pfns: np.ndarray) -> bool:
+        """Whether the batch can gain from the cache: a base for a delta (after iteration 0), or a
+        slot to take (free, or a victim for a re-sent page). If not, the saver sends it without
+        copying it out of guest memory, and `forget`s its pfns (its re-sent pages count as misses)."""
+        with self._lock:
+            if not self.enabled:
+                return False
+            if self.nfree:
+                return True
+            if self.iteration == 0:
+                return False
+            idx = self.index[pfns]
+            if ((idx >= 0) | (idx == ZERO)).any():
+                return True
+            resent = int((idx != NEVER).sum())
+            if resent and (self.stamp < self.iteration - 1).any():
+                return True
+            self.misses += resent
+            return False
+
     def lookup(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(hit mask, bases): which of the batch's pfns have a base the receiver holds, and a copy
-        of it (zeros for zero-page bases). Pages sent before without a base held are misses."""
+        of each, in order (zeros for zero-page bases). Pages sent before without a base held are misses."""
         with self._lock:
             if not self.enabled:
                 return np.zeros(len(pfns), dtype=bool), np.empty((0, PAGE_SIZE), dtype=np.uint8)
             idx = self.index[pfns]
             slotted = idx >= 0
             hit = slotted | (idx == ZERO)
-            bases = np.zeros((len(pfns), PAGE_SIZE), dtype=np.uint8)
-            bases[slotted] = self.slots[idx[slotted]]
+            bases = np.zeros((int(hit.sum()), PAGE_SIZE), dtype=np.uint8)
+            bases[slotted[hit]] = self.slots[idx[slotted]]
             self.stamp[idx[slotted]] = self.iteration        # re-sent: protected this pass
             self.hits += int(hit.sum())
             self.misses += int((idx == UNCACHED).sum())
