@@ -119,17 +119,17 @@ def peak_rss(host: HostDir, domid: int, out: Path, cache: int) -> tuple[int, lis
 def test_tiny_cache_stays_within_its_bound(hosts, tmp_path):
     """1 MiB for a 64 MiB guest: the figures never above it, the process no bigger than without a
     cache but for a batch's copies; a cache that holds the guest shows in the RSS, so the RSS sees it."""
-    a = hosts("A")
-    rss, figures = {}, {}
+    a, b = hosts("A"), hosts("B")
+    rss, figures, domids = {}, {}, {}
     for cache in (0, MIB, 80 * MIB):
-        src = a.create(f"vm{cache}", "64M", image="mixed", workload="increment:100MB/s")
+        domids[cache] = src = a.create(f"vm{cache}", "64M", image="mixed", workload="increment:100MB/s")
         rss[cache], figures[cache] = peak_rss(a, src, tmp_path / f"{cache}.xc", cache)
+    # a cache that evicts all along still equals what the receiver holds
+    assert restored(b, tmp_path / f"{MIB}.xc", "64M") == a.page_digests(domids[MIB])
     print(f"\npeak RSS by cache bound: { {k: v // MIB for k, v in rss.items()} } MiB")
     tiny = figures[MIB]
     assert all(p["cache_bytes"] <= p["cache_peak_bytes"] <= MIB for p in tiny), tiny
     assert tiny[-1]["cache_peak_bytes"] > MIB // 2, tiny                 # it did fill its slots
-    assert sum(p["cache_hits"] for p in tiny[1:]) > 0, tiny
-    assert sum(p["delta_pages"] for p in tiny) > 0, tiny
     assert rss[MIB] - rss[0] < 24 * MIB, rss                            # a batch's snapshots, not a cache
     assert rss[80 * MIB] - rss[MIB] > 48 * MIB, rss                      # a full cache is real memory
     assert figures[80 * MIB][0]["cache_peak_bytes"] > 64 * MIB

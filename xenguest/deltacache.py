@@ -155,10 +155,13 @@ class DeltaCache:
         take = min(self.nfree, pfns.size)
         slots = self.free[self.nfree - take:self.nfree][::-1].copy()
         self.nfree -= take
+        self.slot_pfn[slots] = pfns[:take]           # taken: no longer free, never a victim below
         rest = np.flatnonzero(resent[take:]) + take
         if rest.size and len(self.slots):
             order = (np.arange(len(self.slots)) + self.hand) % len(self.slots)
-            victims = order[self.stamp[order] < self.iteration - 1][:rest.size]
+            evictable = (self.stamp[order] < self.iteration - 1) & (self.slot_pfn[order] >= 0)
+            evictable[np.isin(order, slots)] = False
+            victims = order[evictable][:rest.size]
             if victims.size:
                 self.hand = int(victims[-1] + 1) % len(self.slots)
                 self.index[self.slot_pfn[victims]] = UNCACHED
