@@ -30,13 +30,17 @@ def page_data(entries: np.ndarray, frames: np.ndarray) -> list[Buffer | np.ndarr
     return [libxc.record_header(libxc.REC_TYPE_PAGE_DATA, length), libxc.page_data_header(entries), frames]
 
 
+ZERO_ROW = -1       # a pfn last sent as a zero page: no bytes kept
+
+
 class PageStore:
     """The last page the stream sent for each pfn it sent (rows of one array that doubles as
-    it fills), and the base image for the others, if given."""
+    it fills; zero pages only marked), and the base image for the others, if given."""
 
     def __init__(self, base: str | None) -> None:
         self.rows: dict[int, int] = {}
         self.pages = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+        self.used = 0
         self.base_fd = os.open(base, os.O_RDONLY) if base is not None else None
 
     def close(self) -> None:
@@ -44,10 +48,18 @@ class PageStore:
             os.close(self.base_fd)
 
     def put(self, pfns: np.ndarray, frames: np.ndarray) -> None:
-        for pfn, frame in zip(pfns.tolist(), frames):
-            row = self.rows.get(pfn)
-            if row is None:
-                row = self.rows[pfn] = len(self.rows)
+        zero = np.bitwise_or.reduce(frames.view("<u8"), axis=1) == 0
+        for pfn, frame, is_zero in zip(pfns.tolist(), frames, zero.tolist()):
+            row = self.rows.get(pfn, ZERO_ROW)
+            if is_zero:
+                if row == ZERO_ROW:
+                    self.rows[pfn] = ZERO_ROW
+                else:
+                    self.pages[row] = 0         # its row stays its own
+                continue
+            if row == ZERO_ROW:
+                row = self.rows[pfn] = self.used
+                self.used += 1
                 if row == len(self.pages):
                     grown = np.empty((max(64, 2 * len(self.pages)), PAGE_SIZE), dtype=np.uint8)
                     grown[:len(self.pages)] = self.pages
@@ -59,7 +71,7 @@ class PageStore:
         for i, pfn in enumerate(pfns.tolist()):
             row = self.rows.get(pfn)
             if row is not None:
-                bases[i] = self.pages[row]
+                bases[i] = 0 if row == ZERO_ROW else self.pages[row]
                 continue
             if self.base_fd is None:
                 raise libxc.StreamError(f"delta for pfn {pfn} needs its base: give -base")

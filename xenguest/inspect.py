@@ -6,7 +6,8 @@ zstd-compressed as a whole by the legacy `stream` method), validates every
 record with the restorer's walk (xenmig.libxcwalk; a pfn bound of 2^52 stands
 in for the domain)
 and yields the input's parts in order with their exact bytes. It holds one
-record at a time, so memory stays bounded whatever the stream's size.
+record at a time, so memory stays bounded whatever the stream's size (inspect's
+report adds a crc32 per pfn, BaseCrcs).
 """
 from __future__ import annotations
 
@@ -201,30 +202,51 @@ _PAGE_RECORDS: dict[int, Callable[[memoryview], Pages]] = {
 
 
 class BaseCrcs:
-    """The crc32 of the page the stream last sent for each pfn: what a delta's base crcs are
-    checked against without holding the pages (a dict: the stream's own pfns only)."""
+    """The crc32 of the page the stream last sent for each pfn below TRACKED_PFNS (64 GiB of guest
+    memory: at most 80 MiB of arrays, whatever a stream claims): what a delta's base crcs are
+    checked against without holding the pages."""
+
+    TRACKED_PFNS = 1 << 24
 
     def __init__(self) -> None:
-        self.crcs: dict[int, int] = {}
+        self.crcs = np.zeros(0, dtype=np.uint32)
+        self.known = np.zeros(0, dtype=bool)
+
+    def _tracked(self, pfns: np.ndarray) -> np.ndarray:
+        """The mask of `pfns` tracked, the arrays grown (doubling) to hold them."""
+        tracked = pfns < self.TRACKED_PFNS
+        top = int(pfns[tracked].max()) + 1 if tracked.any() else 0
+        if top > len(self.crcs):
+            size = min(self.TRACKED_PFNS, max(top, 2 * len(self.crcs)))
+            self.crcs = np.concatenate([self.crcs, np.zeros(size - len(self.crcs), dtype=np.uint32)])
+            self.known = np.concatenate([self.known, np.zeros(size - len(self.known), dtype=bool)])
+        return tracked
 
     def check(self, rec: Record) -> str:
         """Follow one page record; for a delta record, what its base check found (for its line)."""
         p = rec.pages
         if p is None or p.pfns is None:
             return ""
+        tracked = self._tracked(p.pfns)
+        pfns = p.pfns[tracked].astype(np.int64)
         if p.delta is None:
-            self.crcs.update(zip(p.pfns.tolist(), delta.crc32s(p.frames()).tolist()))
+            self.crcs[pfns] = delta.crc32s(p.frames())[tracked]
+            self.known[pfns] = True
             return ""
-        missing = 0
-        for pfn, base, result in zip(p.pfns.tolist(), p.delta.base_crcs.tolist(), p.delta.result_crcs.tolist()):
-            held = self.crcs.get(pfn)
-            if held is None:
-                missing += 1
-            elif held != base:
-                raise libxc.StreamError(f"{delta.NAME} at offset {rec.offset}: base of pfn 0x{pfn:x} has crc32 "
-                                        f"{base:08x}, the stream last sent it with {held:08x}")
-            self.crcs[pfn] = result
-        return ", base crcs ok" if not missing else f", bases of {missing} pfns not in this stream"
+        held = self.known[pfns]
+        wrong = np.flatnonzero(held & (self.crcs[pfns] != p.delta.base_crcs[tracked]))
+        if wrong.size:
+            i = int(wrong[0])
+            raise libxc.StreamError(f"{delta.NAME} at offset {rec.offset}: base of pfn 0x{int(pfns[i]):x} has crc32 "
+                                    f"{int(p.delta.base_crcs[tracked][i]):08x}, the stream last sent it with "
+                                    f"{int(self.crcs[pfns[i]]):08x}")
+        self.crcs[pfns] = p.delta.result_crcs[tracked]
+        self.known[pfns] = True
+        missing, unchecked = int((~held).sum()), int((~tracked).sum())
+        if not missing and not unchecked:
+            return ", base crcs ok"
+        return (f", bases of {missing} pfns not in this stream" if missing else "") + \
+               (f", {unchecked} pfns beyond {self.TRACKED_PFNS} not checked" if unchecked else "")
 
 
 # The report -------------------------------------------------------------------
