@@ -8,6 +8,7 @@ the zstd payloads a reader must refuse or bound: bombs, lying size fields, slow 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import random
@@ -17,12 +18,15 @@ from dataclasses import dataclass, field
 import zstandard
 
 from xenemu.memory import PAGE_SIZE
-from xenmig import compressed, image, imagewalk, libxc, libxcwalk
+import numpy as np
+
+from xenmig import compressed, delta, image, imagewalk, libxc, libxcwalk
 from xenopsd_shim import zstdframe
 
 MEMORY = 8 << 20                   # the seeds' VMs
 NPAGES = MEMORY // PAGE_SIZE
-KINDS = ("plain", "inband", "stream")
+KINDS = ("plain", "inband", "stream", "delta")
+DELTA_PAGES = 64                   # the delta seed re-sends this many pages, changed, then back
 MIB = 1 << 20
 
 
@@ -158,6 +162,26 @@ def records_of(img: Image, types: tuple[int, ...] | None = None) -> list[Rec]:
 def part(img: Image, htype: int) -> Part:
     """The first suspend-image part of type `htype`."""
     return next(p for p in img.parts if p.htype == htype)
+
+
+def with_deltas(inband: Image) -> Image:
+    """The inband seed with DELTA_PAGE_DATA records after its page records: the first DELTA_PAGES
+    pages of its first compressed record re-sent with byte 0 incremented, then re-sent as they
+    were (so the seed restores to the same pages, and every delta has a base and both crcs)."""
+    img = copy.deepcopy(inband)
+    img.kind = "delta"
+    records = img.libxc().records
+    first = next(r for r in records if r.rtype == compressed.REC_TYPE)
+    pfns, frames = compressed.decode_frames(first.body, NPAGES)
+    pfns, bases = pfns[:DELTA_PAGES], frames[:DELTA_PAGES]
+    changed = bases.copy()
+    changed[:, 0] += 1
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress
+    deltas = [Rec(delta.REC_TYPE, b"".join(bytes(b) for b in delta.build(pfns, new, old, frame)[0][1:3]))
+              for new, old in ((changed, bases), (bases, changed))]
+    last = max(i for i, r in enumerate(records) if r.rtype in libxcwalk.PAGE_RECORDS)
+    records[last + 1:last + 1] = deltas
+    return img
 
 
 @dataclass

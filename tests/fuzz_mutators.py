@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from fuzz_model import (KINDS, MEMORY, MIB, NPAGES, Image, Part, Rec, Seeds, bomb, expected_inflated, frame_of,
                         meta_length, page_fields, part, records_of, set_payload, slow_frame, vm_of, with_content_size,
                         with_vm)
-from xenmig import compressed, image, libxc
+from xenemu.memory import PAGE_SIZE
+from xenmig import compressed, delta, image, libxc
 from xenopsd_shim import zstdframe
 
 
@@ -365,6 +366,58 @@ def m_payload(img: Image, data) -> str:
     return f"compressed record payload: {how} ({len(payload)} bytes, expected {expected}, consistent {consistent})"
 
 
+def m_delta(img: Image, data) -> str:
+    """A DELTA_PAGE_DATA field: its header, a pfn, a base or result crc, the crc padding, or its frame."""
+    r = pick(data, records_of(img, (delta.REC_TYPE,)), "delta record")
+    if r is None:
+        return "no delta records"
+    body = bytearray(r.body)
+    n = min(struct.unpack_from("<I", body)[0], max(0, (len(body) - delta.HEADER_SIZE) // 16))
+    how = data.draw(st.sampled_from(["header", "pfn", "base-crc", "result-crc", "frame", "frame", "swap-records"]))
+    if how == "header" or n == 0:
+        fields = list(struct.unpack_from(delta.HEADER_FORMAT, body))
+        i = data.draw(st.integers(0, len(fields) - 1))
+        width = field_widths(delta.HEADER_FORMAT)[i]
+        fields[i] = data.draw(st.one_of(st.sampled_from([0, 1, 2, n - 1, n + 1, 1024, 1025]).filter(
+            lambda x: 0 <= x < 2**width), u(width)))
+        struct.pack_into(delta.HEADER_FORMAT, body, 0, *fields)
+        what = f"header field {i} = {fields[i]}"
+    elif how == "pfn":
+        i = data.draw(st.integers(0, n - 1))
+        at = delta.HEADER_SIZE + 8 * i
+        old = struct.unpack_from("<Q", body, at)[0]
+        new = data.draw(pfn_values(old))
+        struct.pack_into("<Q", body, at, new)
+        what = f"entry {i} {old:#x} -> {new:#x}"
+    elif how in ("base-crc", "result-crc"):
+        i = data.draw(st.integers(0, n - 1))
+        at = delta.HEADER_SIZE + 8 * n + 4 * i + (4 * n if how == "result-crc" else 0)
+        struct.pack_into("<I", body, at, data.draw(u(32)))
+        what = f"{how} {i}"
+    elif how == "frame":
+        meta = delta.meta_size(n)
+        seed = data.draw(st.integers(0, 2**32))
+        rng = random.Random(seed)
+        kind = data.draw(st.sampled_from(["truncate", "short", "long", "other-data", "garbage", "no-checksum"]))
+        expected = PAGE_SIZE * n
+        payload = {"truncate": lambda: bytes(body[meta:meta + rng.randrange(max(1, len(body) - meta))]),
+                   "short": lambda: frame_of(bytes(expected - PAGE_SIZE)),
+                   "long": lambda: frame_of(bytes(expected + PAGE_SIZE)),
+                   "other-data": lambda: frame_of(rng.randbytes(64) * (expected // 64)),
+                   "garbage": lambda: rng.randbytes(64),
+                   "no-checksum": lambda: frame_of(bytes(expected), write_checksum=False)}[kind]()
+        body = body[:meta] + payload
+        struct.pack_into("<I", body, 8, len(payload))
+        what = f"frame {kind} ({len(payload)} bytes)"
+    else:                              # the second delta before the first: its bases are not what it says
+        records = img.libxc().records
+        i, j = [k for k, rec in enumerate(records) if rec.rtype == delta.REC_TYPE][:2]
+        records[i], records[j] = records[j], records[i]
+        return "delta records swapped"
+    r.body = bytes(body)
+    return f"DELTA_PAGE_DATA {what}"
+
+
 def m_big_record(img: Image, data) -> str:
     """A record of the largest length a reader accepts, or just over it, in place of one."""
     s = img.libxc()
@@ -447,7 +500,7 @@ def m_zstd_file(img: Image, data) -> str:
 MUTATORS = [m_header_type, m_header_length, m_xenops, m_xenops, m_parts, m_signature, m_tail,
             m_libxc_headers, m_rec_type, m_rec_type, m_rec_length, m_rec_length, m_rec_resize, m_rec_padding,
             m_rec_order, m_page_record, m_page_record, m_page_record, m_bitmap, m_payload, m_payload, m_payload,
-            m_big_record, m_truncate, m_truncate, m_flip, m_flip, m_splice, m_zstd_file]
+            m_delta, m_delta, m_big_record, m_truncate, m_truncate, m_flip, m_flip, m_splice, m_zstd_file]
 BYTE_MUTATORS = (m_truncate, m_flip, m_splice, m_zstd_file)
 
 
@@ -490,6 +543,17 @@ def every_payload(img: Image, make) -> str:
     return "every compressed record"
 
 
+def every_delta_payload(img: Image, make) -> str:
+    """Each DELTA_PAGE_DATA frame replaced by make(the bytes it must inflate to), its length in step."""
+    for r in records_of(img, (delta.REC_TYPE,)):
+        n = struct.unpack_from("<I", r.body)[0]
+        payload = make(PAGE_SIZE * n)
+        body = bytearray(r.body[:delta.meta_size(n)] + payload)
+        struct.pack_into("<I", body, 8, len(payload))
+        r.body = bytes(body)
+    return "every delta frame replaced"
+
+
 def set_field(img: Image, rtype: int, offset: int, fmt: str, value: int) -> str:
     r = records_of(img, (rtype,))[0]
     body = bytearray(r.body)
@@ -525,6 +589,10 @@ WORST = {
     "zstd-bomb-size-unknown": ("inband", lambda img: every_payload(img, lambda n: bomb(declared=False)), {}),
     "zstd-bomb-size-declared": ("inband", lambda img: every_payload(img, lambda n: bomb(declared=True)), {}),
     "zstd-bomb-size-lies": ("inband", lambda img: every_payload(
+        img, lambda n: with_content_size(bomb(declared=True), n)), {}),
+    "delta-zstd-bomb-size-unknown": ("delta", lambda img: every_delta_payload(img, lambda n: bomb(declared=False)),
+                                     {}),
+    "delta-zstd-bomb-size-lies": ("delta", lambda img: every_delta_payload(
         img, lambda n: with_content_size(bomb(declared=True), n)), {}),
     "stream-bomb": ("stream", lambda img: img.byte_ops.extend([("truncate", 0), ("append", bomb(declared=False))])
                     or setattr(img, "ops_on_wire", True), {}),

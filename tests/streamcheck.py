@@ -9,6 +9,11 @@ purpose: a misreading of the format shared by writer and reader cannot hide
 from a checker that was written separately.
 
 Only uncompressed, little-endian streams are accepted, as Xen's own tools do.
+With ``inband`` it also reads this project's two mandatory extensions, from
+their documents (docs/compressed-page-data.md, docs/delta-page-data.md), not
+its code: COMPRESSED_PAGE_DATA (0x13) and DELTA_PAGE_DATA (0x14). It then
+holds every page the stream sends, so that each delta's base and result crcs
+are checked against the page a receiver would hold.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ import mmap
 import re
 import struct
 import sys
+import zlib
 from collections import Counter
 from typing import Any, Union
+
+import zstandard
 
 Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
 
@@ -69,12 +77,19 @@ REC_NAMES = {
  TSC, HVM_CONTEXT, HVM_PARAMS, TOOLSTACK, PV_MSRS, VERIFY, CHECKPOINT,
  DIRTY_PFN_LIST, STATIC_DATA_END, CPUID_POLICY, MSR_POLICY) = range(0x13)
 
+# This project's extensions (read only with `inband`).
+COMPRESSED_PAGE_DATA, DELTA_PAGE_DATA = 0x13, 0x14
+INBAND_NAMES = {COMPRESSED_PAGE_DATA: "COMPRESSED_PAGE_DATA", DELTA_PAGE_DATA: "DELTA_PAGE_DATA"}
+INBAND_HEADER = struct.Struct("<IHHII")  # both: count, algorithm, reserved, then two u32
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_WINDOW = 4 << 20
+
 PV_ONLY = {PV_INFO, PV_P2M, PV_BASIC, PV_EXT, PV_XSAVE, SHARED_INFO, PV_MSRS}
 HVM_ONLY = {HVM_CONTEXT, HVM_PARAMS}
 V3_ONLY = {STATIC_DATA_END, CPUID_POLICY, MSR_POLICY}
 ZERO_LENGTH = {END, VERIFY, CHECKPOINT, STATIC_DATA_END}
 # The restorer needs STATIC_DATA_END (sent or, in v2, inferred) before these.
-NEEDS_STATIC_END = {PAGE_DATA, PV_P2M}
+NEEDS_STATIC_END = {PAGE_DATA, PV_P2M, COMPRESSED_PAGE_DATA, DELTA_PAGE_DATA}
 
 # PAGE_DATA pfn word: bits 63-60 type, 59-52 reserved, 51-0 pfn.
 PFN_TYPE_SHIFT = 60
@@ -108,7 +123,7 @@ class _Checker:
     """One pass over a stream; keeps the ordering state between records."""
 
     def __init__(self, data: Buffer, start: int, hvm_expected: bool,
-                 allow_optional: bool, allow_trailing: bool) -> None:
+                 allow_optional: bool, allow_trailing: bool, inband: bool = False) -> None:
         self.data = data
         self.start = start
         self.end = len(data)
@@ -124,6 +139,9 @@ class _Checker:
         self.seen_static_end = False
         self.seen_hvm_context = False
         self.context_in_checkpoint = False  # HVM_CONTEXT since last CHECKPOINT
+        self.names = {**REC_NAMES, **INBAND_NAMES} if inband else REC_NAMES
+        self.held: dict[int, bytes] | None = {} if inband else None  # pfn -> the page last sent
+        self.delta_records = 0
 
     # -- helpers ---------------------------------------------------------
     def need(self, off: int, size: int, what: str) -> None:
@@ -186,8 +204,8 @@ class _Checker:
                                             f"{len(self.records)} records")
             self.need(off, RHDR.size, "record header")
             rtype, length = RHDR.unpack_from(self.data, off)
-            name = record_name(rtype)
-            if rtype not in REC_NAMES:
+            name = self.names.get(rtype) or record_name(rtype)
+            if rtype not in self.names:
                 if not rtype & REC_OPTIONAL:
                     raise StreamCheckError(off, f"unknown mandatory record type "
                                                 f"0x{rtype:08x}")
@@ -207,7 +225,9 @@ class _Checker:
                                                       f"body: {padding.hex()} (record "
                                                       "not padded to 8 bytes?)")
             self.order(off, rtype, name)
-            if rtype in REC_NAMES:
+            if rtype in INBAND_NAMES and self.held is not None:
+                self.inband(body, rtype, name, length)
+            elif rtype in REC_NAMES:
                 self.body(body, rtype, name, length)
             self.records.append((name, length))
             off = body + padded
@@ -347,6 +367,94 @@ class _Checker:
                                             f"{PAGE_SIZE}*{with_data} pages)")
         self.pages += with_data
         self.page_records += 1
+        if self.held is not None:
+            at = base + 8 * count
+            for word in struct.unpack_from(f"<{count}Q", self.data, base):
+                if word >> PFN_TYPE_SHIFT not in PFN_TYPES_NO_DATA:
+                    self.held[word & ((1 << 52) - 1)] = bytes(self.data[at:at + PAGE_SIZE])
+                    at += PAGE_SIZE
+
+    # -- this project's records (docs/compressed-page-data.md, docs/delta-page-data.md) --------
+    def pfn_words(self, off: int, name: str, count: int) -> list[int]:
+        words = list(struct.unpack_from(f"<{count}Q", self.data, off))
+        for i, word in enumerate(words):
+            if word & PFN_RESERVED_MASK or word >> PFN_TYPE_SHIFT in PFN_TYPES_INVALID:
+                raise StreamCheckError(off + 8 * i, f"{name} pfn[{i}] 0x{word:016x} is invalid")
+        return words
+
+    def frame(self, off: int, name: str, payload: bytes, size: int) -> bytes:
+        """The payload: one zstd frame declaring `size` bytes and a checksum, no dictionary,
+        a window of at most 4 MiB, nothing after it."""
+        try:
+            params = zstandard.get_frame_parameters(payload)
+            if payload[:4] != ZSTD_MAGIC or params.content_size != size or not params.has_checksum \
+                    or params.dict_id or params.window_size > MAX_WINDOW:
+                raise StreamCheckError(off, f"{name} frame breaks the frame rules (size "
+                                            f"{params.content_size}, expected {size})")
+            out = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompress(
+                payload, max_output_size=size, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise StreamCheckError(off, f"{name} frame does not inflate: {exc}") from None
+        if len(out) != size:
+            raise StreamCheckError(off, f"{name} frame inflates to {len(out)} bytes, expected {size}")
+        return out
+
+    def inband(self, off: int, rtype: int, name: str, length: int) -> None:
+        assert self.held is not None
+        if length < INBAND_HEADER.size:
+            raise StreamCheckError(off - 4, f"{name} body_length {length} too short")
+        count, algorithm, reserved, third, fourth = INBAND_HEADER.unpack_from(self.data, off)
+        if not 0 < count <= MAX_BATCH_PFNS:
+            raise StreamCheckError(off, f"{name} count {count} outside 1..{MAX_BATCH_PFNS}")
+        if algorithm != 1:
+            raise StreamCheckError(off + 4, f"{name} algorithm {algorithm} is not 1")
+        words = self.pfn_words(off + 16, name, count)
+        pfns = [w & ((1 << 52) - 1) for w in words]
+        data_entries = [i for i, w in enumerate(words) if w >> PFN_TYPE_SHIFT not in PFN_TYPES_NO_DATA]
+        if rtype == COMPRESSED_PAGE_DATA:
+            zero_count, payload_length = third, fourth
+            bitmap = ((count + 7) // 8 + 7) & ~7
+            meta = 16 + 8 * count + bitmap
+            if reserved or length != meta + payload_length:
+                raise StreamCheckError(off - 4, f"{name} length {length} or reserved field wrong")
+            bits = int.from_bytes(bytes(self.data[off + 16 + 8 * count:off + meta]), "little")
+            zero = [bool(bits >> i & 1) for i in range(count)]
+            if bits >> count or sum(zero) != zero_count or any(zero[i] for i in set(range(count)) - set(data_entries)):
+                raise StreamCheckError(off + 16 + 8 * count, f"{name} zero-page bitmap is inconsistent")
+            with_data = [i for i in data_entries if not zero[i]]
+            payload = bytes(self.data[off + meta:off + length])
+            pages = self.frame(off + meta, name, payload, PAGE_SIZE * len(with_data)) if with_data else b""
+            if not with_data and payload:
+                raise StreamCheckError(off + meta, f"{name} has a payload but no pages")
+            for i in data_entries:
+                self.held[pfns[i]] = bytes(PAGE_SIZE)
+            for n, i in enumerate(with_data):
+                self.held[pfns[i]] = pages[PAGE_SIZE * n:PAGE_SIZE * (n + 1)]
+            self.pages += len(data_entries)
+            self.page_records += 1
+            return
+        payload_length, reserved2 = third, fourth
+        meta = 16 + 8 * count + ((8 * count + 7) & ~7)
+        if reserved or reserved2 or length != meta + payload_length or any(self.data[off + 16 + 16 * count:off + meta]):
+            raise StreamCheckError(off - 4, f"{name} length {length}, reserved field or padding wrong")
+        if len(data_entries) != count or len(set(pfns)) != count:
+            raise StreamCheckError(off + 16, f"{name} has an entry without data, or a pfn twice")
+        crcs = struct.unpack_from(f"<{2 * count}I", self.data, off + 16 + 8 * count)
+        deltas = self.frame(off + meta, name, bytes(self.data[off + meta:off + length]), PAGE_SIZE * count)
+        for i, pfn in enumerate(pfns):
+            base = self.held.get(pfn)
+            if base is None:
+                raise StreamCheckError(off + 16 + 8 * i, f"{name} pfn 0x{pfn:x} has no base in the stream")
+            if zlib.crc32(base) != crcs[i]:
+                raise StreamCheckError(off + 16 + 8 * count + 4 * i, f"{name} pfn 0x{pfn:x}: base crc32 mismatch")
+            delta = int.from_bytes(deltas[PAGE_SIZE * i:PAGE_SIZE * (i + 1)], "little")
+            result = (int.from_bytes(base, "little") ^ delta).to_bytes(PAGE_SIZE, "little")
+            if zlib.crc32(result) != crcs[count + i]:
+                raise StreamCheckError(off + 16 + 12 * count + 4 * i, f"{name} pfn 0x{pfn:x}: result crc32 mismatch")
+            self.held[pfn] = result
+        self.pages += count
+        self.page_records += 1
+        self.delta_records += 1
 
     def run(self) -> dict[str, Any]:
         """Check headers, records and what follows END; return the summary."""
@@ -368,21 +476,23 @@ class _Checker:
             "page_records": self.page_records,
             "end_seen": True,
             "length": stop - self.start,
+            "delta_records": self.delta_records,
         }
 
 
 def check_stream(data: Buffer, *, hvm_expected: bool = True,
                  allow_optional: bool = False, allow_trailing: bool = False,
-                 offset: int = 0) -> dict[str, Any]:
+                 offset: int = 0, inband: bool = False) -> dict[str, Any]:
     """Check a complete libxc stream held in memory, starting at ``offset``.
 
     Raises StreamCheckError on the first violation.  ``hvm_expected`` demands
     an x86 HVM domain; otherwise x86 PV is accepted too.  Optional records
     (type bit 31) are refused by default because verify-stream-v2 refuses
-    them; bytes after END are refused unless ``allow_trailing``.
+    them; bytes after END are refused unless ``allow_trailing``; ``inband``
+    reads this project's COMPRESSED_PAGE_DATA and DELTA_PAGE_DATA records.
     """
     return _Checker(data, offset, hvm_expected, allow_optional,
-                    allow_trailing).run()
+                    allow_trailing, inband).run()
 
 
 def check_file(path: str, offset: int = 0, **kwargs: Any) -> dict[str, Any]:
@@ -536,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip optional (bit 31) records")
     parser.add_argument("--allow-trailing", action="store_true",
                         help="accept bytes after the END record")
+    parser.add_argument("--inband", action="store_true",
+                        help="read this project's COMPRESSED_PAGE_DATA and DELTA_PAGE_DATA records")
     parser.add_argument("--image", action="store_true",
                         help="FILE is a suspend image (xenopsd's framing around the stream)")
     args = parser.parse_args(argv)
@@ -543,13 +655,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.image:
             with open(args.file, "rb") as f:
                 image = check_image(f.read(), hvm_expected=not args.any_domain,
-                                    allow_optional=args.allow_optional)
+                                    allow_optional=args.allow_optional, inband=args.inband)
             summary = image["libxc"]
         else:
             summary = check_file(args.file, args.offset,
                                  hvm_expected=not args.any_domain,
                                  allow_optional=args.allow_optional,
-                                 allow_trailing=args.allow_trailing)
+                                 allow_trailing=args.allow_trailing, inband=args.inband)
     except (StreamCheckError, OSError) as exc:
         print(f"{args.file}: INVALID: {exc}", file=sys.stderr)
         return 1

@@ -254,12 +254,16 @@ def test_compressed_frame_that_is_not_what_the_sender_meant_fails_restore(hosts,
     change, words = FRAMES[kind]
     bad = tmp_path / "bad.xc"
     bad.write_bytes(with_frame(small_packed, change))
-    b = hosts("B")
-    dst = b.empty("vm", "16M")
-    proc = restore(b, dst, bad, check=False)
+    restore_refused(hosts("B"), bad, words)
+
+
+def restore_refused(host: HostDir, stream: Path, words: str, memory: str = "16M") -> None:
+    """Restoring `stream` fails with one line that says `words`, and leaves no domain behind."""
+    dst = host.empty("vm", memory)
+    proc = restore(host, dst, stream, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
-    assert b.domains() == []
+    assert "invalid stream" in lines[0] and host.domains() == [], proc.stderr
 
 
 def test_the_frame_rules_accept_what_the_sender_writes(hosts, tmp_path, small_packed):

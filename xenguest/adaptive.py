@@ -15,6 +15,15 @@ in `auto`, by `compress_wins` from what this save measures as it goes:
 A batch is compressed when that moves guest memory faster: compressed, a
 guest byte costs the slower of compressing it (on every thread) and sending
 what is left of it; plain, sending it whole.
+
+With a delta cache (`-delta-cache BYTES`, mode on or auto), the pages of a
+batch re-sent after iteration 0 whose base the cache holds go as one
+DELTA_PAGE_DATA record, the rest as above. In `auto`, per region: the first
+visit and every DELTA_REPROBE_EVERY-th after are probes, which encode the
+delta pages both ways and send the shorter; a region whose deltas were not
+shorter than DELTA_PAYS x the compressed record sends those pages compressed
+or plain (as above) until its next probe. Deltas cost little CPU (an XOR, and
+zstd over mostly zero bytes), so wire bytes decide.
 """
 from __future__ import annotations
 
@@ -26,10 +35,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from xenmig import compressed, emp, libxc
+from xenmig import compressed, delta, emp, libxc
 from xenmig.compressed import LEVEL_FIGURES, CompressedPages, choose_level
 from xenmig.emp import MODE_OFF, MODE_ON
 from xenmig.libxc import Encoded, PlainPages
+
+from .deltacache import DeltaCache
 
 REGION_PFNS = 1024          # a region: one block of pfns as iteration 0's batches cut them (locality)
 SKIP_RATIO = 1.1            # a region that shrank less than this is sent plain ...
@@ -48,6 +59,10 @@ PLAIN_RATE = 1e9
 # pages go as bits, and only the rest costs zstd.
 ZERO_WORTH = 0.5
 MB = 1e6                    # the per-iteration report's rates are in MB/s
+DELTA_PAYS = 0.9            # a region keeps deltas while they are below 0.9x the compressed record ...
+DELTA_REPROBE_EVERY = 8     # ... measured at its first visit and every 8th since
+PLAIN_PAGE_BYTES = compressed.PAGE_SIZE + 8     # a page and its pfn entry in PAGE_DATA
+CACHE_FIELDS = ("cache_hits", "cache_misses", "cache_bytes", "cache_peak_bytes")
 
 
 @dataclass(frozen=True)
@@ -143,10 +158,13 @@ class PassFigures:
     write_seconds: float = 0.0      # seconds blocked writing them
     write_start: float | None = None
     write_end: float = 0.0
+    delta_pages: int = 0
+    delta_saved: float = 0.0        # estimated wire bytes saved against the compressed records (delta_saved_estimate)
 
     def report(self) -> dict:
         link = drain_rate(self.write_bytes, self.write_seconds, self.write_end - (self.write_start or 0.0))
         return {"compressed_batches": self.compressed_batches, "plain_batches": self.plain_batches,
+                "delta_pages": self.delta_pages, "delta_saved_bytes": max(0, round(self.delta_saved)),
                 "levels": sorted(self.levels or ()), "link_mbps": None if link is None else round(link / MB, 1),
                 "compress_mbps": round(self.compress_bytes / self.compress_seconds / MB, 1)
                 if self.compress_seconds > 0 else None}
@@ -158,6 +176,34 @@ class Region:
     skips: int = 0
 
 
+@dataclass
+class DeltaRegion:
+    """What the last probe of a region measured: whether its deltas paid, and what its delta
+    pages cost compressed, per page (the estimate of delta_saved_bytes until the next probe)."""
+    pays: bool
+    compressed_per_page: float
+    visits: int = 0
+
+
+def delta_saved_estimate(pages: int, delta_bytes: int, compressed_per_page: float | None,
+                         ratio: float | None) -> float:
+    """Wire bytes a delta record of `pages` saved against the same pages compressed: measured on
+    probes; otherwise the pages at the region's last probed compressed cost, or the running
+    ratio of compressed batches, or (nothing compressed yet) plain PAGE_DATA's."""
+    if compressed_per_page is not None:
+        per_page = compressed_per_page
+    elif ratio is not None:
+        per_page = compressed.PAGE_SIZE / ratio + 8
+    else:
+        per_page = PLAIN_PAGE_BYTES
+    return pages * per_page - delta_bytes
+
+
+def _record_bytes(buffers: list) -> int:
+    """The wire bytes of encoded record buffers."""
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
 def _running(old: float | None, new: float) -> float:
     return new if old is None else old + RATE_WEIGHT * (new - old)
 
@@ -167,8 +213,15 @@ class AdaptivePages:
     from another thread (`switch`). Plain batches go as PlainPages (guest memory read once, by
     writev); compressed ones through CompressedPages, whose snapshot rule stands."""
 
-    def __init__(self, mode: str, level: int | None = None, threads: int | None = None) -> None:
+    def __init__(self, mode: str, level: int | None = None, threads: int | None = None,
+                 delta_cache: int = 0) -> None:
+        """`delta_cache`: the bound in bytes of the cache of sent pages (0: no deltas); the cache
+        is made at the save's first pass, when the domain's size is known."""
         self.codec = CompressedPages(level, threads)
+        self.delta_cache = delta_cache
+        self.cache: DeltaCache | None = None
+        self._iteration = 0
+        self._delta_regions: dict[int, DeltaRegion] = {}
         self.threads = self.codec.threads
         self.mode, self._pinned = mode, level     # a level given pins auto's choice (until the next switch)
         self.link = LinkMeter()
@@ -223,10 +276,82 @@ class AdaptivePages:
             probe = self._batches % PROBE_EVERY == 1
             return self.codec.level if self._compressing or probe else None
 
+    def start_pass(self, iteration: int, npages: int) -> None:
+        """A pass of the save starts (deltas only from iteration 1: pages re-sent)."""
+        self._iteration = iteration
+        if self.delta_cache and self.cache is None:
+            self.cache = DeltaCache(self.delta_cache, npages)
+        if self.cache is not None:
+            self.cache.start_pass(iteration)
+
     def encode(self, pfns: np.ndarray, pages: np.ndarray) -> Encoded:
+        cache = self.cache
+        if cache is None:
+            return self._encode(pfns, pages)
+        if self.mode == MODE_OFF or not cache.useful(pfns):
+            # from guest memory as without a cache (plain: read once, by writev): the cache never
+            # sees the bytes, and no longer claims the pfns
+            encoded = self._encode(pfns, pages)
+            cache.forget(pfns)
+            return encoded
+        # The snapshot rule with a cache: guest memory is read once, into `sent`; every record of
+        # the batch is encoded from it, and it is what the cache keeps (what the receiver holds).
+        sent = np.array(pages)
+        zero = compressed.zero_pages(sent)
+        buffers: list = []
+        zero_sent = 0
+        use = None
+        if self._iteration > 0:
+            hit, bases = cache.lookup(pfns)
+            use = hit & ~zero                    # a zero page goes cheaper as a bit
+            if use.any():
+                buffers = self._delta(pfns[use], sent[use], bases[~zero[hit]], int(pfns[0]) // REGION_PFNS)
+            if not buffers:
+                use = None
+        if use is None:
+            encoded = self._encode(pfns, sent, zero)
+            buffers, zero_sent = encoded.buffers, encoded.zero_pages
+        elif not use.all():
+            rest = ~use
+            encoded = self._encode(pfns[rest], sent[rest], zero[rest])
+            buffers, zero_sent = buffers + encoded.buffers, encoded.zero_pages
+        cache.store(pfns, sent, zero)
+        return Encoded(buffers, zero_sent)
+
+    def _delta(self, pfns: np.ndarray, news: np.ndarray, bases: np.ndarray, region: int) -> list:
+        """The buffers for the pages that have a base: a DELTA_PAGE_DATA record, or on a probe
+        whichever of it and the compressed record is shorter; [] when auto's region says no."""
+        with self._lock:
+            mode = self.mode
+            known = self._delta_regions.get(region)
+            if known is not None:
+                known.visits += 1
+            probe = mode != MODE_ON and (known is None or known.visits % DELTA_REPROBE_EVERY == 0)
+            if mode != MODE_ON and not probe and known is not None and not known.pays:
+                return []
+            level, ratio = self.codec.level, self._ratio
+        record, _ = delta.build(pfns, news, bases, lambda data: self.codec._compress(data, level))
+        delta_bytes = _record_bytes(record)
+        per_page = None if known is None else known.compressed_per_page
+        if probe:
+            packed = self.codec.encode(pfns, news, level).buffers
+            packed_bytes = _record_bytes(packed)
+            pays = delta_bytes < DELTA_PAYS * packed_bytes
+            with self._lock:
+                self._delta_regions[region] = DeltaRegion(pays, packed_bytes / len(pfns))
+            if packed_bytes <= delta_bytes:
+                return packed
+            per_page = packed_bytes / len(pfns)
+        with self._lock:
+            self._pass.delta_pages += len(pfns)
+            self._pass.delta_saved += delta_saved_estimate(len(pfns), delta_bytes, per_page, ratio)
+        return record
+
+    def _encode(self, pfns: np.ndarray, pages: np.ndarray, zero: np.ndarray | None = None) -> Encoded:
         # The zero test is the first of the compressor's reads (its snapshot rule), done here so
         # that auto can weigh the batch's zero pages; plain batches under `off` skip it.
-        zero = compressed.zero_pages(pages) if self.mode != MODE_OFF else None
+        if zero is None and self.mode != MODE_OFF:
+            zero = compressed.zero_pages(pages)
         nonzero = len(pfns) if zero is None else int(len(pfns) - zero.sum())
         level = self._choose(int(pfns[0]) // REGION_PFNS, 1 - nonzero / len(pfns))
         if level is None:
@@ -273,7 +398,8 @@ class AdaptivePages:
         """The finished pass's figures (XENMIG_ITERATION's fields but the pass's own); a new pass starts."""
         with self._lock:
             figures, self._pass = self._pass, PassFigures()
-            return {**figures.report(), "mode": self.mode}
+            cache = self.cache.counters() if self.cache is not None else dict.fromkeys(CACHE_FIELDS, 0)
+            return {**figures.report(), **cache, "mode": self.mode}
 
 
 def mode_from_environment(compress: bool) -> str:

@@ -1,10 +1,16 @@
 """`xenguest`: the real option shape, for emu-manager (`-mode listen`) and for people.
 
-    xenguest -debug -domid D -controloutfd 2 -controlinfd 0 -mode listen [-compress true]
-    xenguest -mode save -domid D -fd N [-live] [-compress true]
+    xenguest -debug -domid D -controloutfd 2 -controlinfd 0 -mode listen [-compress true] [-delta-cache BYTES]
+    xenguest -mode save -domid D -fd N [-live] [-compress true] [-delta-cache BYTES]
     xenguest -mode restore -domid D -fd N
     xenguest -mode inspect -fd N                 (a stream or suspend image, described on stdout)
-    xenguest -mode convert -fd IN -outfd OUT     (compressed records rewritten as upstream PAGE_DATA)
+    xenguest -mode convert -fd IN -outfd OUT [-base FILE]
+                                                 (compressed and delta records rewritten as upstream
+                                                 PAGE_DATA; -base: a raw memory image for deltas whose
+                                                 base the stream does not hold)
+
+-delta-cache BYTES (ours): re-sent pages go as DELTA_PAGE_DATA against a cache of what was sent,
+of at most BYTES (0, the default: no deltas), when the in-band encoder's mode is on or auto.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ OPTIONS = [
     Opt("mode", required=True), Opt("domid", "int"), Opt("fd", "int"), Opt("outfd", "int"),
     Opt("live", "flag"), Opt("debug", "flag"), Opt("controlinfd", "int"), Opt("controloutfd", "int"),
     Opt("compress", "bool"), Opt("store_port", "int"), Opt("console_port", "int"), Opt("fork", "flag"),
-    Opt("mem_pnode", "int"),
+    Opt("mem_pnode", "int"), Opt("delta-cache", "int"), Opt("base"),
 ]
 DOMAIN_MODES = ("listen", "save", "hvm_save", "restore", "hvm_restore")
 MODES = (*DOMAIN_MODES, "inspect", "convert")
@@ -44,7 +50,8 @@ def _save(host: Host, args: dict, log: Log) -> int:
     if domain.state not in ("running", "paused"):
         raise DomainError(f"domain {domain.domid} is {domain.state}; nothing to save")
     saver = Saver(domain, args["fd"], live=bool(args["live"]), policy=simple_precopy_policy(),
-                  suspend=domain.pause, encoder=AdaptivePages(mode_from_environment(bool(args["compress"]))),
+                  suspend=domain.pause, encoder=AdaptivePages(mode_from_environment(bool(args["compress"])),
+                                                              delta_cache=args["delta-cache"] or 0),
                   on_iteration=lambda figures: log.debug(f"pass {json.dumps(figures)}"))
     p = saver.run()
     log.info(f"saved domain {domain.domid}: iterations {len(p.history)}, pages {p.sent}, "
@@ -80,6 +87,10 @@ def run(argv: list[str]) -> int:
             raise UsageError(f"{PROG}: -mode {args['mode']} needs -fd")
         if args["mode"] == "convert" and args["outfd"] is None:
             raise UsageError(f"{PROG}: -mode convert needs -outfd")
+        if args["delta-cache"] is not None and args["delta-cache"] < 0:
+            raise UsageError(f"{PROG}: -delta-cache must be a size in bytes, 0 or more (not {args['delta-cache']})")
+        if args["base"] is not None and args["mode"] != "convert":
+            raise UsageError(f"{PROG}: -base is for -mode convert")
     except UsageError as e:
         print(e, file=sys.stderr)
         return 1
@@ -91,10 +102,11 @@ def run(argv: list[str]) -> int:
             return inspect.run(args["fd"])
         if args["mode"] == "convert":
             from . import convert
-            return convert.run(args["fd"], args["outfd"])
+            return convert.run(args["fd"], args["outfd"], args["base"])
         host = Host()
         if args["mode"] == "listen":
-            return Server(host, args["domid"], compress=bool(args["compress"]), log=log).run()
+            return Server(host, args["domid"], compress=bool(args["compress"]), delta_cache=args["delta-cache"] or 0,
+                          log=log).run()
         if args["mode"] in ("save", "hvm_save"):
             return _save(host, args, log)
         return _restore(host, args, log)

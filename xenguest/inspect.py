@@ -6,7 +6,8 @@ zstd-compressed as a whole by the legacy `stream` method), validates every
 record with the restorer's walk (xenmig.libxcwalk; a pfn bound of 2^52 stands
 in for the domain)
 and yields the input's parts in order with their exact bytes. It holds one
-record at a time, so memory stays bounded whatever the stream's size.
+record at a time, so memory stays bounded whatever the stream's size (inspect's
+report adds a crc32 per pfn, BaseCrcs).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import zstandard
 
 from xenemu.memory import PAGE_SIZE
-from xenmig import compressed, image, imagewalk, libxc, libxcwalk, sexp
+from xenmig import compressed, delta, image, imagewalk, libxc, libxcwalk, sexp
 from xenmig.fdio import Truncated
 from xenmig.libxcwalk import Headers, Source, SourceReader as Input
 
@@ -104,7 +105,19 @@ class Pages:
     data: int                   # entries that carry a page
     zero: np.ndarray            # over those pages: sent as a bitmap bit (compressed records only)
     wire: int                   # page bytes on the wire: the pages, or the zstd frame
-    inflated: bytes = b""       # compressed: the frame inflated (the non-zero pages, in order)
+    inflated: bytes = b""       # compressed: the frame inflated (the non-zero pages, in order);
+                                # delta: the XOR deltas, in entry order
+    pfns: np.ndarray | None = None          # the data-carrying entries' pfns, in order
+    plain: np.ndarray | None = None         # PAGE_DATA: its frames (views of the body)
+    delta: delta.DeltaRecord | None = None  # DELTA_PAGE_DATA: its parsed fields (pages need bases)
+
+    def frames(self) -> np.ndarray:
+        """The data pages of a PAGE_DATA or COMPRESSED_PAGE_DATA record, in order (zero pages as zeros)."""
+        if self.plain is not None:
+            return self.plain
+        frames = np.zeros((self.data, PAGE_SIZE), dtype=np.uint8)
+        frames[~self.zero] = np.frombuffer(self.inflated, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        return frames
 
 
 @dataclass
@@ -159,7 +172,9 @@ def _plain_pages(body: memoryview) -> Pages:
     pd = libxc.parse_page_data(body, NPAGES)
     count = struct.unpack_from(libxc.PAGE_DATA_FORMAT, body)[0]
     entries = np.frombuffer(body, dtype="<u8", count=count, offset=libxc.PAGE_DATA_SIZE)
-    return Pages(entries, pd.pfns.size, np.zeros(pd.pfns.size, dtype=bool), PAGE_SIZE * pd.pfns.size)
+    frames = np.frombuffer(body, dtype=np.uint8, offset=pd.data_offset).reshape(-1, PAGE_SIZE)
+    return Pages(entries, pd.pfns.size, np.zeros(pd.pfns.size, dtype=bool), PAGE_SIZE * pd.pfns.size,
+                 pfns=pd.pfns, plain=frames)
 
 
 def _compressed_pages(body: memoryview) -> Pages:
@@ -169,11 +184,69 @@ def _compressed_pages(body: memoryview) -> Pages:
     entries = np.frombuffer(body, dtype="<u8", count=count, offset=compressed.HEADER_SIZE)
     nonzero = int((~zero).sum())
     inflated = compressed.inflate(payload, PAGE_SIZE * nonzero) if nonzero else b""
-    return Pages(entries, pfns.size, zero, len(payload), inflated)
+    return Pages(entries, pfns.size, zero, len(payload), inflated, pfns=pfns)
+
+
+def _delta_pages(body: memoryview) -> Pages:
+    """Inflated here, as the restorer does; its crcs need the bases (BaseCrcs, convert's PageStore)."""
+    record = delta.parse(body, NPAGES)
+    count = record.pfns.size
+    entries = np.frombuffer(body, dtype="<u8", count=count, offset=delta.HEADER_SIZE)
+    inflated = compressed.inflate(record.payload, PAGE_SIZE * count, delta.NAME)
+    return Pages(entries, count, np.zeros(count, dtype=bool), len(record.payload), inflated,
+                 pfns=record.pfns, delta=record)
 
 
 _PAGE_RECORDS: dict[int, Callable[[memoryview], Pages]] = {
-    libxc.REC_TYPE_PAGE_DATA: _plain_pages, compressed.REC_TYPE: _compressed_pages}
+    libxc.REC_TYPE_PAGE_DATA: _plain_pages, compressed.REC_TYPE: _compressed_pages, delta.REC_TYPE: _delta_pages}
+
+
+class BaseCrcs:
+    """The crc32 of the page the stream last sent for each pfn below TRACKED_PFNS (64 GiB of guest
+    memory: at most 80 MiB of arrays, whatever a stream claims): what a delta's base crcs are
+    checked against without holding the pages."""
+
+    TRACKED_PFNS = 1 << 24
+
+    def __init__(self) -> None:
+        self.crcs = np.zeros(0, dtype=np.uint32)
+        self.known = np.zeros(0, dtype=bool)
+
+    def _tracked(self, pfns: np.ndarray) -> np.ndarray:
+        """The mask of `pfns` tracked, the arrays grown (doubling) to hold them."""
+        tracked = pfns < self.TRACKED_PFNS
+        top = int(pfns[tracked].max()) + 1 if tracked.any() else 0
+        if top > len(self.crcs):
+            size = min(self.TRACKED_PFNS, max(top, 2 * len(self.crcs)))
+            self.crcs = np.concatenate([self.crcs, np.zeros(size - len(self.crcs), dtype=np.uint32)])
+            self.known = np.concatenate([self.known, np.zeros(size - len(self.known), dtype=bool)])
+        return tracked
+
+    def check(self, rec: Record) -> str:
+        """Follow one page record; for a delta record, what its base check found (for its line)."""
+        p = rec.pages
+        if p is None or p.pfns is None:
+            return ""
+        tracked = self._tracked(p.pfns)
+        pfns = p.pfns[tracked].astype(np.int64)
+        if p.delta is None:
+            self.crcs[pfns] = delta.crc32s(p.frames())[tracked]
+            self.known[pfns] = True
+            return ""
+        held = self.known[pfns]
+        wrong = np.flatnonzero(held & (self.crcs[pfns] != p.delta.base_crcs[tracked]))
+        if wrong.size:
+            i = int(wrong[0])
+            raise libxc.StreamError(f"{delta.NAME} at offset {rec.offset}: base of pfn 0x{int(pfns[i]):x} has crc32 "
+                                    f"{int(p.delta.base_crcs[tracked][i]):08x}, the stream last sent it with "
+                                    f"{int(self.crcs[pfns[i]]):08x}")
+        self.crcs[pfns] = p.delta.result_crcs[tracked]
+        self.known[pfns] = True
+        missing, unchecked = int((~held).sum()), int((~tracked).sum())
+        if not missing and not unchecked:
+            return ", base crcs ok"
+        return (f", bases of {missing} pfns not in this stream" if missing else "") + \
+               (f", {unchecked} pfns beyond {self.TRACKED_PFNS} not checked" if unchecked else "")
 
 
 # The report -------------------------------------------------------------------
@@ -247,16 +320,21 @@ def describe(part: Part) -> str:
     if part.rtype == compressed.REC_TYPE:
         line += (f", zero {int(p.zero.sum())}, payload {p.wire}, inflated {PAGE_SIZE * p.data}, "
                  f"ratio {_ratio(PAGE_SIZE * p.data, p.wire)}")
+    if part.rtype == delta.REC_TYPE:
+        line += f", deltas, payload {p.wire}, inflated {PAGE_SIZE * p.data}, ratio {_ratio(PAGE_SIZE * p.data, p.wire)}"
     return line
 
 
 def run(fd: int, out: TextIO = sys.stdout) -> int:
     """Print every part of the input, then the totals; `inflated` counts zero pages as 4096 bytes."""
     totals = Totals()
+    bases = BaseCrcs()
     for part in walk(fd):
-        print(describe(part), file=out)
         if isinstance(part, Record):
+            print(describe(part) + bases.check(part), file=out)
             totals.add(part)
+        else:
+            print(describe(part), file=out)
     inflated = PAGE_SIZE * totals.pages
     print(f"totals: records {totals.records}, pages {totals.pages}, zero pages {totals.zero}, "
           f"page data on the wire {totals.wire} bytes, inflated {inflated} bytes, "

@@ -24,15 +24,16 @@ class Server(EmpServer):
     # xenguest's setable_args (do_cmd_set_args); a restore needs both ports (do_cmd_restore).
     SET_ARGS = {"store_port": SET_ARG_INT, "console_port": SET_ARG_INT, "pv": SET_ARG_BOOL, "vgpu": SET_ARG_BOOL}
 
-    def __init__(self, host: Host, domid: int, *, compress: bool, log: Log) -> None:
+    def __init__(self, host: Host, domid: int, *, compress: bool, delta_cache: int = 0, log: Log) -> None:
         super().__init__(host, domid, host.xenguest_socket(domid), log=log)
         self.start_mode = emp.MODE_ON if compress else emp.MODE_OFF
+        self.delta_cache = delta_cache          # bytes (-delta-cache); a save's encoder makes the cache
         self.encoder: AdaptivePages | None = None       # made when first needed (it loads numpy)
 
     def _encoder(self) -> AdaptivePages:
         if self.encoder is None:
             from .adaptive import AdaptivePages
-            self.encoder = AdaptivePages(self.start_mode)
+            self.encoder = AdaptivePages(self.start_mode, delta_cache=self.delta_cache)
         return self.encoder
 
     def compress(self, mode: str, level: int | None) -> int:

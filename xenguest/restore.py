@@ -19,7 +19,7 @@ from xenemu import Domain
 from xenemu.context import HVM_PARAM_CONSOLE_PFN, HVM_PARAM_STORE_PFN, hvm_param
 from xenemu.memory import PAGE_SIZE
 
-from xenmig import compressed, libxc, libxcwalk
+from xenmig import compressed, delta, libxc, libxcwalk
 from xenmig.fdio import Reader, Truncated
 
 
@@ -41,6 +41,9 @@ SCRATCH_BYTES = PAGE_SIZE * libxc.PAGE_DATA_MAX_PFNS
 POOLED_BUFFER_BYTES = libxc.RH_SIZE + libxc.PAGE_DATA_SIZE + (8 + PAGE_SIZE) * libxc.PAGE_DATA_MAX_PFNS + 8
 
 _scratch = threading.local()
+# Set in the environment, these record types are refused as a xenguest from before them refuses them
+# (one that refuses COMPRESSED_PAGE_DATA is older than DELTA_PAGE_DATA too).
+REFUSED_BY = {compressed.REC_TYPE: (compressed.REFUSE_ENV,), delta.REC_TYPE: (compressed.REFUSE_ENV, delta.REFUSE_ENV)}
 
 
 class ReadBuffers:
@@ -88,6 +91,8 @@ class Restorer:
         self._nonzero = np.zeros(self.mem.npages, dtype=bool)
         # pfns a queued record will write: a record touching one waits for them (stream order wins).
         self._queued = np.zeros(self.mem.npages, dtype=bool)
+        # pfns this stream has sent: a delta's base is only what the stream sent before.
+        self._sent = np.zeros(self.mem.npages, dtype=bool)
 
     def _to_zero(self, zero_pfns: np.ndarray) -> np.ndarray:
         """Of pages that arrive as zeros, those that must be written (given data earlier)."""
@@ -139,6 +144,9 @@ class Restorer:
         """Page records are applied in stream order where they overlap: a record that touches a
         pfn a queued one will write waits for it, so a later copy of a pfn always wins. Compressed
         records inflate on a thread pool (zstd releases the GIL), straight into guest memory."""
+        if rtype == delta.REC_TYPE:
+            self._delta_record(body)
+            return
         try:
             if rtype == libxc.REC_TYPE_PAGE_DATA:
                 pfns, frames = plain_frames(body, self.mem.npages)
@@ -147,6 +155,7 @@ class Restorer:
         except libxc.StreamError:
             self._drain(0)          # an earlier record's error comes first
             raise
+        self._sent[pfns] = True
         if self._queued[pfns].any():
             self._drain(0)
         if rtype == libxc.REC_TYPE_PAGE_DATA:
@@ -170,6 +179,25 @@ class Restorer:
         self._pending.append((self._pool.submit(self._inflate, payload, data_pfns, zero_pfns), cost, pfns, buf))
         self._inflight += cost
         self._drain(2 * self.threads)
+
+    def _delta_record(self, body: memoryview) -> None:
+        """A delta applies to the page the domain holds (what the stream sent for it last), once
+        the queued records that write those pfns are done; inline (zstd over mostly zeros is quick)."""
+        try:
+            record = delta.parse(body, self.mem.npages)
+            if self._queued[record.pfns].any():
+                self._drain(0)
+            never = np.flatnonzero(~self._sent[record.pfns])
+            if never.size:
+                raise libxc.StreamError(f"DELTA_PAGE_DATA for pfn 0x{int(record.pfns[never[0]]):x}, "
+                                        f"which this stream never sent (no base)")
+            results = delta.apply(record, self.mem.pages[record.pfns])
+        except libxc.StreamError:
+            self._drain(0)          # an earlier record's error comes first
+            raise
+        self._nonzero[record.pfns] = True
+        self._write_runs(record.pfns, results, np.arange(record.pfns.size))
+        self._count(record.pfns.size)
 
     def _drain(self, keep: int) -> None:
         while len(self._pending) > keep or self._inflight > MAX_INFLIGHT_BYTES:
@@ -200,7 +228,7 @@ class Restorer:
             if not isinstance(part, libxcwalk.Record):
                 continue
             records += 1
-            if part.rtype == compressed.REC_TYPE and os.environ.get(compressed.REFUSE_ENV):   # an older xenguest
+            if any(os.environ.get(env) for env in REFUSED_BY.get(part.rtype, ())):   # an older xenguest
                 raise libxc.StreamError(f"unknown mandatory record type 0x{part.rtype:08x} at offset {part.offset}")
             if part.rtype in libxcwalk.PAGE_RECORDS:
                 self._page_record(part.rtype, part.body)

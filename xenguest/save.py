@@ -154,6 +154,7 @@ class Saver:
         self._pass_start, self._pass_total = self.progress.sent, len(pfns)
         wire_start = self.progress.wire_bytes
         self.encoder.end_pass()             # the records before the first pass are not its figures
+        self.encoder.start_pass(len(self.progress.history), self.mem.npages)
         self.on_pass_progress(0, len(pfns))
         self.send_pages(pfns)
         self.on_iteration({"iteration": len(self.progress.history), "pages": len(pfns),

@@ -124,15 +124,20 @@ class CompressedPages:
 
 
 # Parse ----------------------------------------------------------------------
+def check_count_and_algorithm(record: str, count: int, algorithm: int, known: int) -> None:
+    """The first two header fields of an in-band page record (this one, DELTA_PAGE_DATA)."""
+    if not 0 < count <= libxc.PAGE_DATA_MAX_PFNS:
+        raise libxc.StreamError(f"{record} with {count} pfns (1..{libxc.PAGE_DATA_MAX_PFNS})")
+    if algorithm != known:
+        raise libxc.StreamError(f"{record} algorithm {algorithm} is unknown")
+
+
 def parse(body: memoryview, npages: int) -> tuple[np.ndarray, np.ndarray, memoryview]:
     """Validate the record; returns (data pfns, zero mask over them, payload)."""
     if len(body) < HEADER_SIZE:
         raise libxc.StreamError(f"COMPRESSED_PAGE_DATA record too short ({len(body)} bytes)")
     count, algorithm, reserved, zero_count, payload_length = struct.unpack_from(HEADER_FORMAT, body)
-    if not 0 < count <= libxc.PAGE_DATA_MAX_PFNS:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA with {count} pfns (1..{libxc.PAGE_DATA_MAX_PFNS})")
-    if algorithm != ALGORITHM_ZSTD:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA algorithm {algorithm} is unknown")
+    check_count_and_algorithm("COMPRESSED_PAGE_DATA", count, algorithm, ALGORITHM_ZSTD)
     if reserved:
         raise libxc.StreamError("COMPRESSED_PAGE_DATA reserved field is not zero")
     meta_length = HEADER_SIZE + 8 * count + bitmap_size(count)
@@ -174,27 +179,28 @@ ZSTD_BLOCK_HEADER_SIZE = 3
 MAX_WALKED_BLOCKS = 256
 
 
-def check_frame(payload: memoryview, expected: int) -> None:
+def check_frame(payload: memoryview, expected: int, record: str = "COMPRESSED_PAGE_DATA") -> None:
     """The rules a frame meets before anything inflates: it must declare its size, carry a
     content checksum (so a record that is not what the sender compressed fails the restore
-    instead of writing wrong pages) and need no dictionary and no window beyond MAX_WINDOW."""
+    instead of writing wrong pages) and need no dictionary and no window beyond MAX_WINDOW.
+    `record` names the record in the errors (DELTA_PAGE_DATA's frames follow the same rules)."""
     if bytes(payload[:4]) != ZSTD_MAGIC:
-        raise libxc.StreamError("COMPRESSED_PAGE_DATA payload is not a zstd frame (skippable frames are refused)")
+        raise libxc.StreamError(f"{record} payload is not a zstd frame (skippable frames are refused)")
     try:
         params = zstandard.get_frame_parameters(payload)
     except zstandard.ZstdError as e:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA payload is not a zstd frame: {e}") from None
+        raise libxc.StreamError(f"{record} payload is not a zstd frame: {e}") from None
     if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
-        raise libxc.StreamError("COMPRESSED_PAGE_DATA frame does not declare its content size")
+        raise libxc.StreamError(f"{record} frame does not declare its content size")
     if params.content_size != expected:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA frame claims {params.content_size} bytes, "
+        raise libxc.StreamError(f"{record} frame claims {params.content_size} bytes, "
                                 f"its pfns need {expected}")
     if not params.has_checksum:
-        raise libxc.StreamError("COMPRESSED_PAGE_DATA frame has no content checksum")
+        raise libxc.StreamError(f"{record} frame has no content checksum")
     if params.dict_id:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA frame needs dictionary {params.dict_id}")
+        raise libxc.StreamError(f"{record} frame needs dictionary {params.dict_id}")
     if params.window_size > MAX_WINDOW:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA frame window {params.window_size} bytes "
+        raise libxc.StreamError(f"{record} frame window {params.window_size} bytes "
                                 f"exceeds {MAX_WINDOW}")
 
 
@@ -224,22 +230,22 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def _inflate_error(e: zstandard.ZstdError) -> libxc.StreamError:
+def _inflate_error(e: zstandard.ZstdError, record: str = "COMPRESSED_PAGE_DATA") -> libxc.StreamError:
     if "checksum" in str(e):
-        return libxc.StreamError("COMPRESSED_PAGE_DATA checksum mismatch: the record's pages are not "
+        return libxc.StreamError(f"{record} checksum mismatch: the record's pages are not "
                                  "what its sender compressed")
-    return libxc.StreamError(f"COMPRESSED_PAGE_DATA payload does not inflate: {e}")
+    return libxc.StreamError(f"{record} payload does not inflate: {e}")
 
 
-def inflate(payload: memoryview, expected: int) -> bytes:
+def inflate(payload: memoryview, expected: int, record: str = "COMPRESSED_PAGE_DATA") -> bytes:
     """Decompress one frame to exactly `expected` bytes, never allocating more (check_frame's rules)."""
-    check_frame(payload, expected)
+    check_frame(payload, expected, record)
     try:
         out = _decompressor().decompress(payload, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
-        raise _inflate_error(e) from None
+        raise _inflate_error(e, record) from None
     if len(out) != expected:
-        raise libxc.StreamError(f"COMPRESSED_PAGE_DATA inflates to {len(out)} bytes, its pfns need {expected}")
+        raise libxc.StreamError(f"{record} inflates to {len(out)} bytes, its pfns need {expected}")
     return out
 
 

@@ -54,7 +54,13 @@ SAVE_STATS_FIELDS = ("iterations", "pages", "zero_pages", "bytes")
 EVENT_ITERATION = "XENMIG_ITERATION"
 # `dirty`: the pages the guest dirtied while the pass was sent (what the next pass must send):
 # the toolstack judges pre-copy's convergence from it before emu-manager's rule ends pre-copy.
-ITERATION_COUNTS = ("iteration", "pages", "dirty", "wire_bytes", "compressed_batches", "plain_batches")
+# The delta cache's (0 without one): pages sent as DELTA_PAGE_DATA, re-sent pages whose base the
+# cache held or not, the bytes it holds at the pass's end and at most so far, and the wire bytes the
+# deltas saved against the same pages compressed (an estimate: docs/delta-page-data.md).
+ITERATION_DELTA = ("delta_pages", "cache_hits", "cache_misses", "cache_bytes", "cache_peak_bytes",
+                   "delta_saved_bytes")
+ITERATION_COUNTS = ("iteration", "pages", "dirty", "wire_bytes", "compressed_batches", "plain_batches",
+                    *ITERATION_DELTA)
 ITERATION_RATES = ("link_mbps", "compress_mbps")        # MB/s, or null when not measured
 ITERATION_FIELDS = (*ITERATION_COUNTS, "levels", "mode", *ITERATION_RATES)
 # The in-band encoder's modes (xenguest `-compress true` starts in on, otherwise off; xenmig_compress

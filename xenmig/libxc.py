@@ -59,6 +59,7 @@ REC_TYPE_X86_CPUID_POLICY = 0x00000011
 REC_TYPE_X86_MSR_POLICY = 0x00000012
 # This project's in-band compressed page data: see docs/compressed-page-data.md.
 REC_TYPE_COMPRESSED_PAGE_DATA = 0x00000013
+# Ours too: re-sent pages as XOR deltas against what the stream sent before (docs/delta-page-data.md).
 REC_TYPE_DELTA_PAGE_DATA = 0x00000014
 REC_TYPE_OPTIONAL = 0x80000000
 
@@ -71,7 +72,7 @@ RECORD_NAMES = {
     REC_TYPE_X86_PV_VCPU_MSRS: "x86 PV vcpu msrs", REC_TYPE_VERIFY: "Verify", REC_TYPE_CHECKPOINT: "Checkpoint",
     REC_TYPE_CHECKPOINT_DIRTY_PFN_LIST: "Checkpoint dirty pfn list", REC_TYPE_STATIC_DATA_END: "Static data end",
     REC_TYPE_X86_CPUID_POLICY: "x86 CPUID policy", REC_TYPE_X86_MSR_POLICY: "x86 MSR policy",
-    REC_TYPE_COMPRESSED_PAGE_DATA: "Compressed page data",
+    REC_TYPE_COMPRESSED_PAGE_DATA: "Compressed page data", REC_TYPE_DELTA_PAGE_DATA: "Delta page data",
 }
 
 # PAGE_DATA ----------------------------------------------------------------

@@ -29,6 +29,7 @@ from enum import Enum
 from typing import Callable, Iterator
 
 from .compressed import REC_TYPE as REC_TYPE_COMPRESSED_PAGE_DATA
+from .delta import REC_TYPE as REC_TYPE_DELTA_PAGE_DATA
 from .fdio import Reader, Truncated
 from . import libxc
 
@@ -61,6 +62,7 @@ RULES: dict[int, RecordRule] = {rule.rtype: rule for rule in (
     RecordRule(libxc.REC_TYPE_STATIC_DATA_END, "STATIC_DATA_END", Body.EMPTY),
     RecordRule(libxc.REC_TYPE_PAGE_DATA, "PAGE_DATA", after_static=True),
     RecordRule(REC_TYPE_COMPRESSED_PAGE_DATA, "COMPRESSED_PAGE_DATA", after_static=True),
+    RecordRule(REC_TYPE_DELTA_PAGE_DATA, "DELTA_PAGE_DATA", after_static=True),
     RecordRule(libxc.REC_TYPE_X86_CPUID_POLICY, "X86_CPUID_POLICY", context="cpuid_policy",
                check=lambda b: libxc.check_array("X86_CPUID_POLICY", bytes(b), libxc.X86_CPUID_POLICY_ENTRY_SIZE)),
     RecordRule(libxc.REC_TYPE_X86_MSR_POLICY, "X86_MSR_POLICY", context="msr_policy",
