@@ -77,7 +77,9 @@ def test_a_destination_that_accepts_in_band_gets_it(hosts, receiver):
     assert out.stderr == ""
     assert summary["mode"] == summary["method"] == summary["method_requested"] == "xenguest"
     assert summary["method_reason"] == f"destination {r.address} (version 0.1.0) accepts in-band compressed records"
-    assert summary["emu_manager_argv"][-2:] == ["-compress", "true"]
+    # It also takes delta records: the cache's bound is the VM's memory (under the 64M default).
+    assert summary["emu_manager_argv"][-4:] == ["-compress", "true", "-delta-cache", str(32 << 20)]
+    assert summary["delta"]["cache_bound_bytes"] == 32 << 20
     assert pages(b, "vm1") == before and a.vms() == []
     assert "asked for the features this host accepts" in r.log
     assert f"migrating VM vm1 with xenguest: {summary['method_reason']}" in (a.root / "xenopsd.log").read_text()

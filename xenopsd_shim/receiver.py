@@ -20,12 +20,14 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from xenemu import Domain, DomainError, Host
 from xenemu.memory import memory_digest
-from xenmig import compressed, image
+from xenmig import compressed, delta, image
 
 from . import codecs, features, tlstunnel, transport
 from .accounting import CpuAccounting
@@ -76,6 +78,8 @@ class Receiver:
         self.features = features.to_json(features.published(accept_in_band, accept_delta))
         if not accept_in_band:
             os.environ[compressed.REFUSE_ENV] = "1"
+        if not accept_delta:
+            os.environ[delta.REFUSE_ENV] = "1"
         self.timeouts = timeouts
         self.tls = tls
         self.log = log
@@ -199,9 +203,13 @@ class Parked:
 class ParkedStreams:
     """mem and vGPU connections, parked until the vm connection of the same VM takes them.
 
-    One per VM and kind, at most `limit` at once, each for at most the vGPU timeout and only
-    while its peer stays connected: an unmatched one holds a thread and an fd, so it must not
-    hold them for long or in numbers. Once taken, the vm connection's thread owns it."""
+    One per VM and kind, at most `limit` unmatched at once, each for at most the vGPU timeout and
+    only while its peer stays connected: an unmatched one holds a thread and an fd, so it must not
+    hold them for long or in numbers. One that a migration in progress expects is matched, so a
+    flood of unmatched ones cannot refuse it: a mem connection, expected from point 1 on; a vGPU
+    one, from when its vm request has been read (its source opens it right after sending that
+    request, so under a flood it may still lose that race: the migration then fails cleanly).
+    Once taken, the vm connection's thread owns it."""
 
     def __init__(self, timeouts: Timeouts, stopping: threading.Event, limit: int) -> None:
         self.timeouts = timeouts
@@ -209,6 +217,7 @@ class ParkedStreams:
         self.limit = limit
         self._cond = threading.Condition()
         self._waiting: dict[tuple[str, str], Parked] = {}
+        self._expected: Counter[tuple[str, str]] = Counter()     # keys a migration will take
 
     def park(self, kind: str, vm_id: str, conn: socket.socket, cookies: dict[str, str], log: Logger) -> bool:
         """Called on the connection's own thread, which answers it here (Success: point 1-mem or
@@ -218,7 +227,7 @@ class ParkedStreams:
         with self._cond:
             if key in self._waiting:
                 raise StreamRefused(f"a {kind} connection for VM {vm_id} is already waiting")
-            if len(self._waiting) >= self.limit:
+            if len(self._waiting) >= self.limit and key not in self._expected:
                 raise StreamRefused(f"{self.limit} mem/vGPU connections already wait for their migrations")
             self._waiting[key] = parked
         try:
@@ -255,6 +264,21 @@ class ParkedStreams:
                 return False
             del self._waiting[key]
             return True
+
+    @contextmanager
+    def expecting(self, kind: str, vm_id: str) -> Iterator[None]:
+        """While a migration will take this connection: it parks even when the parking is full."""
+        key = (kind, vm_id)
+        with self._cond:
+            self._expected[key] += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._expected[key] -= 1
+                if not self._expected[key]:
+                    del self._expected[key]
 
     def take(self, kind: str, vm_id: str) -> tuple[socket.socket, dict[str, str]]:
         key = (kind, vm_id)
@@ -428,10 +452,11 @@ class IncomingMigration:
         if meta["uuid"] != final_id:
             raise MigrationRefused(f"the metadata describes VM {meta['uuid']}, not VM {final_id}")
         if meta["vgpu_bytes"]:
-            ack = transport.recv_result(self.conn, self.timeouts.vgpu, "the source's 1-vgpu ACK")
-            if ack is not None:
-                raise MigrationRefused(f"source failed: {transport.describe_error(ack)}")
-            self.vgpu_conn, _ = self.parked.take(ROUTE_VGPU, vm_id)
+            with self.parked.expecting(ROUTE_VGPU, vm_id):
+                ack = transport.recv_result(self.conn, self.timeouts.vgpu, "the source's 1-vgpu ACK")
+                if ack is not None:
+                    raise MigrationRefused(f"source failed: {transport.describe_error(ack)}")
+                self.vgpu_conn, _ = self.parked.take(ROUTE_VGPU, vm_id)
         try:
             domain = self.host.create_domain(meta["name"], int(limit), uuid=final_id,
                                              meta={"workload": meta["workload"], "vgpu_bytes": meta["vgpu_bytes"]})
@@ -450,15 +475,16 @@ class IncomingMigration:
             self._fail(str(e))
             return
         try:
-            transport.send_result(self.conn)                           # point 1
-            self.log.info(f"synchronisation point 1: domain {domain.domid} created for VM {domain.name}")
-            if transport.COOKIE_MEM_MIGRATION in request.cookies:
-                ack = transport.recv_result(self.conn, self.timeouts.vgpu, "the source's 1-mem ACK")
-                if ack is not None:
-                    raise transport.TransportError(f"source failed: {transport.describe_error(ack)}")
-                self.mem_conn, _ = self.parked.take(ROUTE_MEM, vm_id)
-            else:
-                self.mem_conn = self.conn        # an older sender: the image follows on this connection
+            with self.parked.expecting(ROUTE_MEM, vm_id):
+                transport.send_result(self.conn)                           # point 1
+                self.log.info(f"synchronisation point 1: domain {domain.domid} created for VM {domain.name}")
+                if transport.COOKIE_MEM_MIGRATION in request.cookies:
+                    ack = transport.recv_result(self.conn, self.timeouts.vgpu, "the source's 1-mem ACK")
+                    if ack is not None:
+                        raise transport.TransportError(f"source failed: {transport.describe_error(ack)}")
+                    self.mem_conn, _ = self.parked.take(ROUTE_MEM, vm_id)
+                else:
+                    self.mem_conn = self.conn        # an older sender: the image follows on this connection
         except transport.TransportError as e:
             domain.destroy()
             self._fail(str(e))
