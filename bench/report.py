@@ -218,6 +218,35 @@ def adaptive_targets(report: Report, previous: Report | None = None) -> list[Tar
     return out
 
 
+DELTA_WIRE = 0.05          # increment: the later passes' wire bytes with deltas, against without
+DELTA_SLACK = 1.02         # dirty: never slower than without deltas by more than 2%
+
+
+def delta_targets(report: Report, previous: Report | None = None) -> list[Target]:
+    """Issue 15's targets, measured in this run: each scenario with and without deltas."""
+    def pair(name: str, method: str) -> tuple[Row | None, Row | None]:
+        rows = {r["method"]: r for r in report["results"] if r.get("scenario") == name}
+        return rows.get(method), rows.get(method + "-nodelta")
+
+    inc, inc_off = pair("increment, deltas", "xenguest")
+    out = [_ratio(f"increment guest, 256 MiB, 1 Gbit/s: wire bytes after the first pass with deltas <= {DELTA_WIRE}x "
+                  "without", DELTA_WIRE, _get(inc, "later_wire_bytes"), _get(inc_off, "later_wire_bytes")),
+           _ratio("increment guest: total time with deltas < 1.0x without", 0.9999,
+                  _get(inc, "total_seconds"), _get(inc_off, "total_seconds")),
+           _ratio("increment guest: downtime with deltas < 1.0x without", 0.9999,
+                  _get(inc, "downtime_seconds"), _get(inc_off, "downtime_seconds"))]
+    dirty, dirty_off = pair("dirty, deltas", "adaptive")
+    out.append(_ratio(f"dirty:50MB/s guest, adaptive: time with deltas <= {DELTA_SLACK}x without", DELTA_SLACK,
+                      _get(dirty, "total_seconds"), _get(dirty_off, "total_seconds")))
+    peaks = [(r["scenario"], r["cache_peak_bytes"]) for r in (inc, dirty) if r and r.get("cache_peak_bytes") is not None]
+    bounds = {"increment, deltas": 256 << 20, "dirty, deltas": 64 << 20}      # bench/run.py's SCENARIOS
+    name = "delta cache never above its bound (256 MiB set for increment, the 64 MiB default for dirty), " \
+           "by xenguest's figures"
+    out.append((name, "; ".join(f"{s}: peak {p / 2**20:.1f} MiB" for s, p in peaks) or NO_DATA,
+                all(p <= bounds[s] for s, p in peaks) if peaks else None))
+    return out
+
+
 def _met(met: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "n/a"}[met]
 
@@ -253,6 +282,8 @@ def write_markdown(report: Report, path: Path, previous: Report | None = None) -
              *targets_table(report, previous, targets), "",
              "## Targets (issue 14: adaptive compression; ratios of figures measured side by side in this run)", "",
              *targets_table(report, previous, adaptive_targets), "",
+             "## Targets (issue 15: deltas of re-sent pages; with and without, side by side in this run)", "",
+             *targets_table(report, previous, delta_targets), "",
              "## Phases (mixed memory, idle guest; seconds, median)", "",
              "handshake: connections and synchronisation points; start-up: emu-manager and xenguest until "
              "the first page; data: first page to xenguest's END; tail: END to the VM running on the "

@@ -35,6 +35,10 @@ BIN = Path(sys.executable).parent
 OUT = Path(__file__).resolve().parent
 LINKS = {"unlimited": None, "10gbit": 10_000_000_000, "1gbit": 1_000_000_000}     # bits/s
 METHODS = ("none", "stream", "xenguest", "adaptive")
+# A method's xenopsd.conf on the source: its compressor, and for the in-band ones without deltas
+# (issue 15's "without" rows) a zero cache; the plain names run with the default cache.
+NO_DELTA = "-nodelta"
+DELTA_OFF = "migration-delta-cache = 0\n"
 
 
 # Links ------------------------------------------------------------------------------
@@ -182,6 +186,7 @@ class Case:
     drop_after: float | None = None     # seconds after vm-migrate starts: the link falls to 1 Gbit/s
     vms: int = 1                        # more than one: the host is evacuated, all at once
     methods: tuple[str, ...] = METHODS
+    conf: str = ""                      # more of the source's xenopsd.conf (its method's own lines win)
 
 
 DROP = "unlimited, then 1gbit"
@@ -192,6 +197,13 @@ SCENARIOS = (
     Case("1G", "mixed", "none", DROP, "link drop", drop_after=0.8, methods=IN_BAND),
     Case("256M", "mixed", "dirty:160MB/s", "1gbit", "dirty faster than the link", methods=IN_BAND),
     Case("256M", "mixed", "none", "1gbit", "evacuate 4 VMs", vms=4, methods=IN_BAND),
+    # Issue 15: one byte per page per pass (QEMU's test guest), and realistic rewrites, with and
+    # without deltas.
+    # The increment guest's working set is all of its memory: the cache is sized to it (with the
+    # 64 MiB default a quarter of the pages could hit, and a cursor sweeping memory hits none).
+    Case("256M", "mixed", "increment", "1gbit", "increment, deltas", methods=("xenguest" + NO_DELTA, "xenguest"),
+         conf="migration-delta-cache = 256M\n"),
+    Case("256M", "mixed", "dirty:50MB/s", "1gbit", "dirty, deltas", methods=("adaptive" + NO_DELTA, "adaptive")),
 )
 
 
@@ -205,8 +217,14 @@ def cases(size: str, spot_size: str | None, quick: bool) -> list[Case]:
     return out + list(SCENARIOS)
 
 
+def source_conf(method: str) -> str:
+    compressor = method.removesuffix(NO_DELTA)
+    return f"migration-compressor = {'stream' if compressor == 'none' else compressor}\n" \
+        + (DELTA_OFF if method.endswith(NO_DELTA) else "")
+
+
 def migrate_once(b: Bench, case: Case, method: str) -> dict:
-    (b.root_a / "xenopsd.conf").write_text(f"migration-compressor = {'stream' if method == 'none' else method}\n")
+    (b.root_a / "xenopsd.conf").write_text(case.conf + source_conf(method))
     names = [f"vm{i}" for i in range(case.vms)]
     for name in names:
         b.shim("A", "vm-create", name, "--memory", case.size, "--image", case.profile, "--workload", case.workload)
@@ -276,6 +294,11 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
         "iterations": med([r["iterations"] for r in runs]),
         # The pages of the pass made while paused: what pre-copy left (adaptive's convergence).
         "final_pass_pages": med([r["iteration_stats"][-1]["pages"] for r in runs if r.get("iteration_stats")]),
+        # What the passes after the first put on the wire (deltas' domain), and the delta cache's peak.
+        "later_wire_bytes": med([sum(p["wire_bytes"] for p in r["iteration_stats"][1:]) for r in runs
+                                 if r.get("iteration_stats")]),
+        "delta_pages": med([r["delta"]["delta_pages"] for r in runs if r.get("delta")]),
+        "cache_peak_bytes": med([r["delta"]["cache_peak_bytes"] for r in runs if r.get("delta")]),
         "data_mbps": med([r["memory_bytes"] / r["phases"]["data"] / 1e6 for r in runs
                           if r.get("phases") and r["phases"]["data"] > 0]),
     }

@@ -119,3 +119,24 @@ def test_report_measures_adaptive_against_its_fixed_choices(monkeypatch):
     assert found["link drops from unlimited to 1 Gbit/s half-way (1 GiB)"] == ("0.72x (2.3 / 3.2)", True)
     assert found["guest dirtying faster than 1 Gbit/s carries plain"] == ("no data", None)
     assert found["evacuating 4 VMs of 256 MiB over 1 Gbit/s"] == ("0.44x (4 / 9)", True)
+
+
+def test_report_measures_deltas_against_the_same_method_without(monkeypatch):
+    """Issue 15's targets from rows: each delta scenario's method against its -nodelta twin; the
+    cache's peak against the default bound; a missing scenario is no data, not a pass."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.report import delta_targets
+
+    def row(method: str, seconds: float, scenario: str, **more) -> dict:
+        return {**_old_row("1gbit", method, seconds), "size": "256M", "scenario": scenario, **more}
+
+    inc = "increment, deltas"
+    report = {"size": "256M", "references": {}, "results": [
+        row("xenguest-nodelta", 3.0, inc, later_wire_bytes=40e6, downtime_seconds=0.30, cache_peak_bytes=0),
+        row("xenguest", 2.0, inc, later_wire_bytes=1e6, downtime_seconds=0.20, cache_peak_bytes=270 << 20)]}
+    found = {name.split(":")[0]: (figure, met) for name, figure, met in delta_targets(report)}
+    assert found["increment guest, 256 MiB, 1 Gbit/s"] == ("0.03x (1e+06 / 4e+07)", True)
+    assert found["increment guest"] == ("0.67x (0.2 / 0.3)", True)       # the downtime row, last of the name
+    assert found["dirty"] == ("no data", None)
+    assert found["delta cache never above its bound (256 MiB set for increment, the 64 MiB default for dirty), "
+                 "by xenguest's figures"] == ("increment, deltas: peak 270.0 MiB", False)
