@@ -12,7 +12,7 @@ import pytest
 from conftest import HostDir
 from test_emu_manager import Xenopsd, append_only, transcript
 from xenguest.adaptive import HYSTERESIS, REGION_PFNS, REPROBE_EVERY, AdaptivePages, Measurements, compress_wins
-from xenmig import compressed, control
+from xenmig import compressed, control, libxc
 
 MB = 1e6
 
@@ -94,17 +94,21 @@ def test_switch_on_then_off_mid_live_save_is_page_exact(hosts, tmp_path):
     assert restored_digests(a, b, stream, "32M") == a.page_digests(domid)
 
 
-def test_auto_on_random_memory_sends_plain(hosts, tmp_path):
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_random_memory_goes_plain_without_compressing_it(hosts, tmp_path, mode):
+    """Memory that does not shrink, whether auto decides or every batch is to be compressed (on,
+    as `-compress true`): every batch goes as plain PAGE_DATA, decided by a sample, so zstd never
+    runs on a whole batch (no compression rate to report), and the pages arrive exactly."""
     a, b = hosts("A"), hosts("B")
     domid = a.create("vm", "32M", image="random")
     stream = tmp_path / "stream"
-    x, got = live_save(a, stream, domid, [control.compress_request("xenguest", "auto")])
+    x, got = live_save(a, stream, domid, [control.compress_request("xenguest", mode)])
     assert got["end"] == "result:0 0", got
     code, err = x.finish()
     assert code == 0, err
-    assert [(s.mode, s.refused) for s in got["answers"]] == [("auto", None)]
+    assert [(s.mode, s.refused) for s in got["answers"]] == [(mode, None)]
     passes = got["iterations"]
-    assert all(p["mode"] == "auto" for p in passes), passes
+    assert all(p["mode"] == mode and p["compress_mbps"] is None for p in passes), passes
     assert sum(p["compressed_batches"] for p in passes) == 0, passes
     assert passes[0]["plain_batches"] == 8, passes[0]             # 8192 pages, 1024 a batch
     assert restored_digests(a, b, stream, "32M") == a.page_digests(domid)
@@ -189,10 +193,13 @@ def test_auto_leaves_regions_that_did_not_shrink_and_probes_them_again_now_and_t
     noise = np.random.default_rng(14).integers(0, 256, (REGION_PFNS, 4096), dtype=np.uint8)
     text = np.tile(np.frombuffer(b"xenmig compresses this " * 178 + b"xx", dtype=np.uint8), (REGION_PFNS, 1))
     counts = {"noise": [0, 0], "text": [0, 0]}
-    zstd_ran: list[int] = []                                 # the regions given to the compressor
-    codec_encode = encoder.codec.encode
-    encoder.codec.encode = lambda pfns, pages, level, zero: zstd_ran.append(int(pfns[0]) // REGION_PFNS) or \
-        codec_encode(pfns, pages, level, zero)
+    zstd_ran: list[int] = []                                 # the regions given whole to the compressor
+    sampled: list[int] = []                                  # the regions whose sample was compressed
+    codec_pack, codec_sample = encoder.codec.pack, encoder.codec.sample_says_plain
+    encoder.codec.pack = lambda pfns, pages, level, zero: zstd_ran.append(int(pfns[0]) // REGION_PFNS) or \
+        codec_pack(pfns, pages, level, zero)
+    encoder.codec.sample_says_plain = lambda pages, zero, level: sampled.append(int(pages is noise)) or \
+        codec_sample(pages, zero, level)
     for visit in range(2 * REPROBE_EVERY + 1):
         for region, (kind, pages) in enumerate((("text", text), ("noise", noise))):
             rtype = int.from_bytes(bytes(encoder.encode(batch(region), pages).buffers[0][:4]), "little")
@@ -202,8 +209,29 @@ def test_auto_leaves_regions_that_did_not_shrink_and_probes_them_again_now_and_t
     assert counts["noise"] == [2 * REPROBE_EVERY + 1, 0], counts        # it never shrank: sent plain
     assert figures["compressed_batches"] == 2 * REPROBE_EVERY + 1, figures
     assert figures["plain_batches"] == 2 * REPROBE_EVERY + 1, figures
-    # zstd ran on the noise region at its first visit and at its reprobes only: 3 of 17 visits
-    assert zstd_ran.count(1) == 3 and zstd_ran.count(0) == 2 * REPROBE_EVERY + 1, zstd_ran
+    # the noise region was sampled at its first visit and at its reprobes only (3 of 17 visits),
+    # and each time its sample said plain: zstd never ran on the whole of it
+    assert sampled.count(1) == 3 and zstd_ran.count(1) == 0, (sampled, zstd_ran)
+    assert zstd_ran.count(0) == 2 * REPROBE_EVERY + 1, zstd_ran
+    assert figures["compress_mbps"] is not None, figures             # measured on the text batches alone
+
+
+def test_a_sample_sends_noise_plain_and_what_shrinks_compressed():
+    """The encoder's rule (plain PAGE_DATA when the record would not be shorter), predicted from a
+    sample: noise goes plain; noise with zero pages, or with a quarter of text pages, shrinks."""
+    codec = compressed.CompressedPages(threads=1)
+    noise = np.random.default_rng(15).integers(0, 256, (REGION_PFNS, 4096), dtype=np.uint8)
+    half_zero, quarter_text = noise.copy(), noise.copy()
+    half_zero[::2] = 0
+    quarter_text[::4] = np.frombuffer(b"xenmig compresses this " * 178 + b"xx", dtype=np.uint8)
+
+    def rtype(pages: np.ndarray) -> int:
+        return int.from_bytes(bytes(codec.encode(batch(0), pages).buffers[0][:4]), "little")
+
+    assert codec.sample_says_plain(noise, compressed.zero_pages(noise), codec.level)
+    assert rtype(noise) == libxc.REC_TYPE_PAGE_DATA
+    assert rtype(half_zero) == compressed.REC_TYPE
+    assert rtype(quarter_text) == compressed.REC_TYPE
 
 
 def test_switch_applies_from_the_next_batch_and_a_level_pins_auto_until_the_next_switch():

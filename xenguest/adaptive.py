@@ -359,8 +359,14 @@ class AdaptivePages:
             with self._lock:
                 self._pass.plain_batches += 1
             return encoded
+        if zero is None:                # switched on between the test and the choice
+            zero = compressed.zero_pages(pages)
+            nonzero = int(len(pfns) - zero.sum())
+        # A sample that says the batch would go plain spares zstd the whole batch (random memory);
+        # its figures then count as plain's: the compression rate is measured on whole batches only.
         start = time.monotonic()
-        encoded = self.codec.encode(pfns, pages, level, zero)
+        whole = not self.codec.sample_says_plain(pages, zero, level)
+        encoded = self.codec.pack(pfns, pages, level, zero) if whole else PlainPages().encode(pfns, pages)
         seconds = time.monotonic() - start
         data = nonzero * compressed.PAGE_SIZE          # what zstd had to work on
         rtype, length = libxc.parse_record_header(encoded.buffers[0])
@@ -370,11 +376,12 @@ class AdaptivePages:
                 ratio = data / (libxc.RH_SIZE + length + libxc.padding(length))
                 self._regions[int(pfns[0]) // REGION_PFNS] = Region(ratio)
                 self._ratio = _running(self._ratio, ratio)
-                if seconds > 0:
+                if whole and seconds > 0:
                     self._compress = _running(self._compress, data / seconds)
             figures = self._pass
-            figures.compress_bytes += data
-            figures.compress_seconds += seconds
+            if whole:
+                figures.compress_bytes += data
+                figures.compress_seconds += seconds
             if packed:
                 figures.compressed_batches += 1
                 figures.levels = (figures.levels or set()) | {level}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import ssl
 from dataclasses import asdict, dataclass
-from importlib import metadata
 
 from xenmig import compressed, libxc, libxcwalk
 
@@ -51,6 +50,10 @@ def in_band(codec: Codec) -> bool:
 
 
 def project_version() -> str:
+    # Imported here: importlib.metadata (with csv, email, zipfile) cost every shim command ~30 ms
+    # of start-up at module level, and only `serve` asks.
+    from importlib import metadata
+
     try:
         return metadata.version("xenmig")
     except metadata.PackageNotFoundError:
