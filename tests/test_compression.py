@@ -64,11 +64,14 @@ def test_matrix_page_exact_and_process_tree(hosts, receiver, method, receiver_co
     assert a.vms() == []
     assert [x for x in b.context_digests("vm1") if x.startswith("vgpu ")] == vgpu_before
 
-    # -compress true reaches emu-manager and the sending xenguest exactly in xenguest mode.
+    # -compress true, and the delta cache's bound (64M by default, the destination accepting deltas),
+    # reach emu-manager and the sending xenguest exactly in xenguest mode.
     [src_emu] = argv_of(seen, a.root, "emu-manager")
     [src_xg] = argv_of(seen, a.root, "xenguest")
-    assert (src_emu[-2:] == ["-compress", "true"]) == (method == "xenguest")
-    assert (src_xg[-2:] == ["-compress", "true"]) == (method == "xenguest")
+    in_band = ["-compress", "true", "-delta-cache", str(64 << 20)]
+    assert (src_emu[-4:] == in_band) == (method == "xenguest")
+    assert (src_xg[-4:] == in_band) == (method == "xenguest")
+    assert method == "xenguest" or not {"-compress", "-delta-cache"} & set(src_emu + src_xg)
     # The receiver is never told: it recognises the records by type.
     [dst_emu] = argv_of(seen, b.root, "emu-manager")
     assert "-compress" not in dst_emu + argv_of(seen, b.root, "xenguest")[0]
