@@ -67,6 +67,8 @@ class Xenopsd:
     ["-mode", "hvm_save", "-domid", "0x1", "-fd", "0"],                 # base 10 only (emum.c parse_int)
     ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-dm", "qemu_trad"],   # emum.c: Bad dm arg
     ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-dm", "qemu:3"],
+    ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-delta-cache", "-1"],    # ours: a bound in bytes
+    ["-mode", "hvm_save", "-domid", "1", "-fd", "0", "-delta-cache", "64M"],
 ])
 def test_bad_arguments_exit_1_with_nothing_on_the_control_pipe(hosts, args):
     x = Xenopsd(hosts(), *args)
@@ -126,12 +128,13 @@ def test_unexpected_done_is_a_protocol_error(hosts, tmp_path):
 
 
 def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
+    """-compress, and our -delta-cache, reach xenguest as given."""
     h = hosts()
     domid = h.create("vm", "32M")
     watcher = ProcessWatcher()
     with open(tmp_path / "stream", "ab") as stream:
         x = Xenopsd(h, "-fd", str(stream.fileno()), "-mode", "hvm_save", "-domid", f"0{domid}", "-live", "false",
-                    "-compress", "true", "-debuglog", "no", stream_fd=stream.fileno())
+                    "-compress", "true", "-debuglog", "no", "-delta-cache", "1048576", stream_fd=stream.fileno())
         assert x.recv() == "suspend:"
         x.send("done")
         assert x.recv() == "prepare:xenguest"
@@ -143,7 +146,7 @@ def test_nonlive_save_sequence_and_compress_forwarded(hosts, tmp_path):
     assert code == 0
     assert argv_of(watcher.stop(), h.root, "xenguest") == [[
         "xenguest", "-debug", "-domid", str(domid), "-controloutfd", "2", "-controlinfd", "0", "-mode", "listen",
-        "-compress", "true"]]
+        "-compress", "true", "-delta-cache", "1048576"]]
     assert (tmp_path / "stream").read_bytes()[:8] == b"\xff" * 8
 
 
