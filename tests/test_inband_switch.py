@@ -209,11 +209,14 @@ def test_switch_refused_where_it_cannot_apply(hosts, receiver):
 
 
 def test_adaptive_sends_incompressible_memory_plain(hosts, receiver):
-    """adaptive on random memory: xenguest decides per batch and sends (almost) every batch plain,
-    so the wire carries about the memory's size and the source compresses little."""
+    """adaptive on random memory: xenguest decides per batch and sends every batch plain, so the
+    wire carries about the memory's size, and it spends little CPU finding that out: zstd sees a
+    few batches only (a batch of random pages would go plain even compressed, so the batches
+    alone cannot tell; neither can the CPU seconds, as zstd gives up on random data quickly)."""
     a, b = hosts("A"), hosts("B")
     r = receiver(b)
     configure(a, "adaptive")
+    a.env["XENGUEST_COMPRESS_THREADS"] = "2"    # the first two batches are compressed at once, before any ratio
     a.shim("vm-create", "vm1", "--memory", "64M", "--image", "random")
     before = a.page_digests("vm1")
     watcher_argv = a.shim("vm-migrate", "vm1", "--dest", r.address, "--json", "--compress")
@@ -222,9 +225,8 @@ def test_adaptive_sends_incompressible_memory_plain(hosts, receiver):
     assert b.page_digests("vm1") == before
     passes = summary["iteration_stats"]
     assert passes and all(p["mode"] == "auto" for p in passes)
-    compressed = sum(p["compressed_batches"] for p in passes)
-    plain = sum(p["plain_batches"] for p in passes)
-    assert plain >= 4 * compressed and plain > 0
+    assert sum(p["compressed_batches"] for p in passes) == 0 and sum(p["plain_batches"] for p in passes) >= 16
+    assert sum(p["compress_pages"] for p in passes) <= summary["pages_sent"] // 4, passes
     assert summary["compression_switches"][0] == {"iteration": 0, "mode": "auto", "level":
                                                   summary["compression_switches"][0]["level"], "by": "policy"}
     assert summary["wire_bytes_per_stream"]["memory"] >= 64 << 20

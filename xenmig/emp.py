@@ -54,7 +54,8 @@ SAVE_STATS_FIELDS = ("iterations", "pages", "zero_pages", "bytes")
 EVENT_ITERATION = "XENMIG_ITERATION"
 # `dirty`: the pages the guest dirtied while the pass was sent (what the next pass must send):
 # the toolstack judges pre-copy's convergence from it before emu-manager's rule ends pre-copy.
-ITERATION_COUNTS = ("iteration", "pages", "dirty", "wire_bytes", "compressed_batches", "plain_batches")
+ITERATION_COUNTS = ("iteration", "pages", "dirty", "wire_bytes", "compressed_batches", "plain_batches",
+                    "compress_pages")
 ITERATION_RATES = ("link_mbps", "compress_mbps")        # MB/s, or null when not measured
 ITERATION_FIELDS = (*ITERATION_COUNTS, "levels", "mode", *ITERATION_RATES)
 # The in-band encoder's modes (xenguest `-compress true` starts in on, otherwise off; xenmig_compress
