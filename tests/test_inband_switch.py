@@ -14,6 +14,7 @@ import pytest
 from conftest import HostDir, exe, wait_for
 
 from test_compression import configure
+from xenopsd_shim import migctl
 
 
 def start_migration(host: HostDir, dest: str, *flags: str) -> subprocess.Popen:
@@ -39,20 +40,40 @@ def finish(proc: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
+Mode = tuple[str, int | None]     # a mode and its level (None: the one in force)
 WRITING = "dirty:10MB/s"     # faster than the paced link carries: pre-copy resends pages every pass
 SWITCH_GAP = 2.0            # seconds between switches: as long as a 4 MiB batch takes at 2 MB/s
 PACED = "2MB/s"             # so that the first pass of 32 MiB outlasts both switches, compressed or not
 
 
-def switched_while_writing(host: HostDir, switches: list[tuple[str, ...]]) -> list[str]:
-    """vm-compress each of `switches` in turn, SWITCH_GAP apart, while the guest writes, then
-    freeze the guest; the page digests its memory must arrive with. The guest starts writing
-    once the migration sends memory: its Xenops record, sent first, says `none`, so the copy on
-    the destination stays still and its digests can be compared."""
-    first = switch_when_sending(host, *switches[0])
-    assert first.returncode == 0, first.stderr
+def switch_before_the_first_pass(host: HostDir, mode: str, level: int | None = None) -> str:
+    """A switch on the control socket (vm-compress's request), retried at once while the
+    migration has not reached its memory: emu-manager then holds it until xenguest's init
+    stage, so it applies from pass 0's first batch. (xenguest encodes up to 2 x threads + 1
+    batches ahead, all of a 32 MiB pass 0 with four threads: a switch that came later would
+    show only in pass 1.)"""
+    path = host.root / "run" / f"migration-control-{host.vms_by_name()['vm1']['domid']}"
+
+    def answered() -> str | None:
+        try:
+            return migctl.request(path, mode, level, timeout=30)
+        except migctl.ControlSocketError as e:
+            if "not migrating" in str(e) or "not sending memory yet" in str(e):
+                time.sleep(0.005)
+                return None
+            raise
+    return wait_for(answered, 60, "the migration to take a switch")
+
+
+def switched_while_writing(host: HostDir, first: Mode, switches: list[tuple[str, ...]]) -> list[str]:
+    """`first` before pass 0, then vm-compress each of `switches` in turn, SWITCH_GAP apart,
+    while the guest writes, then freeze the guest; the page digests its memory must arrive
+    with. The guest starts writing once the migration sends memory: its Xenops record, sent
+    first, says `none`, so the copy on the destination stays still and its digests can be
+    compared."""
+    assert switch_before_the_first_pass(host, *first).split()[2] == "0"
     host.xenemu("workload", "vm1", WRITING)
-    for argv in switches[1:]:
+    for argv in switches:
         time.sleep(SWITCH_GAP)
         proc = compress(host, *argv)
         assert proc.returncode == 0, proc.stderr
@@ -61,7 +82,7 @@ def switched_while_writing(host: HostDir, switches: list[tuple[str, ...]]) -> li
     return host.page_digests("vm1")
 
 
-def assert_passes_follow(summary: dict, start: tuple[str, int | None], by_command: list[tuple[str, int | None]]) -> None:
+def assert_passes_follow(summary: dict, start: Mode, by_command: list[Mode]) -> None:
     """Each pass's report agrees with the switches: a pass no switch landed in ran wholly in the
     mode in force (off: no batch compressed; on: none plain, at the level in force) and reports
     it; the switches are recorded as vm-compress's, in order, from non-decreasing passes."""
@@ -69,9 +90,8 @@ def assert_passes_follow(summary: dict, start: tuple[str, int | None], by_comman
     assert [p["iteration"] for p in passes] == list(range(len(passes))) and len(passes) >= 2, passes
     assert sum(p["pages"] for p in passes) == summary["pages_sent"]
     commands = [s for s in switches if s["by"] == "command"]
-    assert [(s["mode"], s["level"] if level is not None else None) for s, (_, level) in zip(commands, by_command)] \
-        == by_command, switches
-    assert len(commands) == len(by_command)
+    assert len(commands) == len(by_command) and all(
+        s["mode"] == mode and level in (None, s["level"]) for s, (mode, level) in zip(commands, by_command)), switches
     assert [s["iteration"] for s in switches] == sorted(s["iteration"] for s in switches), switches
     for p in passes:
         before = [s for s in switches if s["iteration"] < p["iteration"]]
@@ -97,17 +117,16 @@ def test_xenguest_method_switched_off_then_on_while_the_guest_writes(hosts, rece
     a.env["XENGUEST_COMPRESS_THREADS"] = str(threads)
     a.shim("vm-create", "vm1", "--memory", "32M", "--image", "mixed")
     proc = start_migration(a, r.address, "--compress", "--verify", "--max-bandwidth", PACED)
-    frozen = switched_while_writing(a, [("off",), ("on", "--level", "5")])
+    frozen = switched_while_writing(a, ("off", None), [("on", "--level", "5")])
     summary = finish(proc)
     assert summary["mode"] == "xenguest" and summary["verified"] and summary["emu_manager_argv"][-2:] == \
         ["-compress", "true"]
     assert [v["state"] for v in b.vms()] == ["running"] and a.vms() == [] and b.page_digests("vm1") == frozen
     assert_passes_follow(summary, ("on", None), [("off", None), ("on", 5)])
-    # The first switch reaches xenguest before its first pass (emu-manager queues it after the
-    # init stage); the second applies to the batches encoded after it, which with four threads
-    # (a window of 2 x 4 + 1 batches: all of pass 0) are the next pass's.
+    # Off from pass 0's first batch; on again from the batches encoded after it, which with four
+    # threads (a window of 2 x 4 + 1 batches: all of pass 0) are the next pass's.
     passes = summary["iteration_stats"]
-    assert sum(p["compressed_batches"] for p in passes) > 0 and sum(p["plain_batches"] for p in passes) > 0, passes
+    assert passes[0]["plain_batches"] > 0 and sum(p["compressed_batches"] for p in passes) > 0, passes
     assert any(p["levels"] == [5] for p in passes) and passes[-1]["mode"] == "on", passes
 
 
@@ -119,7 +138,7 @@ def test_adaptive_method_forced_on_then_off_while_the_guest_writes(hosts, receiv
     configure(a, "adaptive")
     a.shim("vm-create", "vm1", "--memory", "32M", "--image", "mixed")
     proc = start_migration(a, r.address, "--compress", "--verify", "--max-bandwidth", PACED)
-    frozen = switched_while_writing(a, [("on", "--level", "7"), ("off",)])
+    frozen = switched_while_writing(a, ("on", 7), [("off",)])
     summary = finish(proc)
     assert summary["mode"] == "adaptive" and summary["verified"]
     assert [v["state"] for v in b.vms()] == ["running"] and a.vms() == [] and b.page_digests("vm1") == frozen
@@ -145,7 +164,7 @@ def test_back_and_forth_with_a_switch_in_each_run(hosts, receiver):
         # 16 MiB at 1.5 MB/s: the first pass outlasts the switches as 32 MiB at PACED does
         proc = start_migration(src, serves[dst].address, "--compress", "--verify", "--max-bandwidth", "1500KB/s")
         level = str(1 + run % 3)
-        frozen = switched_while_writing(src, [("off",), ("on", "--level", level)])
+        frozen = switched_while_writing(src, ("off", None), [("on", "--level", level)])
         summary = finish(proc)
         assert summary["verified"] and dst.page_digests("vm1") == frozen, f"run {run}"
         assert src.vms() == [] and [v["state"] for v in dst.vms()] == ["running"], f"run {run}"
