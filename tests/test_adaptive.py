@@ -172,6 +172,15 @@ def test_auto_compresses_until_the_writes_could_show_a_slow_link():
     assert compress_wins(fast, compressing=False) is False
 
 
+def test_auto_stops_compressing_data_that_does_not_shrink():
+    """Random memory over loopback: zstd outruns the link, so compressed costs no more time than
+    plain, and the hysteresis alone would keep compressing every batch for nothing."""
+    loopback = Measurements(link=600 * MB, compress=400 * MB, ratio=0.99, threads=2)
+    assert compress_wins(loopback, compressing=True) is False
+    assert compress_wins(replace(loopback, link_seen=False, link=None), compressing=True) is False
+    assert compress_wins(replace(loopback, zero=0.6), compressing=True) is True     # its zero pages go as bits
+
+
 def test_auto_keeps_its_choice_within_the_hysteresis():
     # compressed exactly as fast as plain: neither switches on nor off
     even = Measurements(link=600 * MB, compress=300 * MB, ratio=2.6, threads=2)

@@ -86,7 +86,11 @@ def compress_wins(m: Measurements, compressing: bool) -> bool:
     enough to show a binding link, compress: socket and queue buffers hide a slow link for the
     first megabytes, where each plain batch costs several compressed ones, while on a fast link
     those first batches cost little more compressed. Nothing measured of compression yet: a
-    batch of mostly zero pages is compressed, any other goes plain."""
+    batch of mostly zero pages is compressed, any other goes plain. Data seen not to shrink
+    (recent ratio under SKIP_RATIO) goes plain unless the batch is mostly zero pages, whatever
+    the link: compressing it cannot shorten the migration, only cost CPU."""
+    if m.ratio is not None and m.ratio < SKIP_RATIO and m.zero < ZERO_WORTH:
+        return False
     if not m.link_seen and m.link is None:
         return True
     if m.compress is None or m.ratio is None:
@@ -152,6 +156,7 @@ class PassFigures:
     compressed_batches: int = 0
     plain_batches: int = 0
     levels: set[int] | None = None
+    compress_pages: int = 0         # data pages given to zstd, whether their record went compressed or not
     compress_bytes: int = 0         # data-page bytes given to zstd (zero pages go as bits)
     compress_seconds: float = 0.0   # wall seconds zstd took, summed over threads
     write_bytes: int = 0
@@ -165,6 +170,7 @@ class PassFigures:
         link = drain_rate(self.write_bytes, self.write_seconds, self.write_end - (self.write_start or 0.0))
         return {"compressed_batches": self.compressed_batches, "plain_batches": self.plain_batches,
                 "delta_pages": self.delta_pages, "delta_saved_bytes": max(0, round(self.delta_saved)),
+                "compress_pages": self.compress_pages,
                 "levels": sorted(self.levels or ()), "link_mbps": None if link is None else round(link / MB, 1),
                 "compress_mbps": round(self.compress_bytes / self.compress_seconds / MB, 1)
                 if self.compress_seconds > 0 else None}
@@ -380,8 +386,11 @@ class AdaptivePages:
                     self._compress = _running(self._compress, data / seconds)
             figures = self._pass
             if whole:
+                figures.compress_pages += nonzero
                 figures.compress_bytes += data
                 figures.compress_seconds += seconds
+            else:                                   # zstd read the sample only
+                figures.compress_pages += min(nonzero, compressed.SAMPLE_PAGES)
             if packed:
                 figures.compressed_batches += 1
                 figures.levels = (figures.levels or set()) | {level}

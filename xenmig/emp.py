@@ -60,7 +60,7 @@ EVENT_ITERATION = "XENMIG_ITERATION"
 ITERATION_DELTA = ("delta_pages", "cache_hits", "cache_misses", "cache_bytes", "cache_peak_bytes",
                    "delta_saved_bytes")
 ITERATION_COUNTS = ("iteration", "pages", "dirty", "wire_bytes", "compressed_batches", "plain_batches",
-                    *ITERATION_DELTA)
+                    "compress_pages", *ITERATION_DELTA)
 ITERATION_RATES = ("link_mbps", "compress_mbps")        # MB/s, or null when not measured
 ITERATION_FIELDS = (*ITERATION_COUNTS, "levels", "mode", *ITERATION_RATES)
 # The in-band encoder's modes (xenguest `-compress true` starts in on, otherwise off; xenmig_compress

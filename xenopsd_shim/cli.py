@@ -28,6 +28,7 @@ from .receiver import Receiver, ReceiverError
 from .timeouts import Timeouts
 
 EXIT_FAILED = 2
+MAX_ANSWER_WAIT = 3600.0         # vm-compress --timeout: seconds, an hour at most (emu-manager answers in seconds)
 T = TypeVar("T")
 
 
@@ -255,8 +256,10 @@ def host_evacuate(click_ctx: click.Context, dest: str, parallel: str | None, com
 @cli.command("vm-compress")
 @click.argument("name")
 @click.argument("mode", type=click.Choice(emp.COMPRESS_MODES))
-@click.option("--level", type=int, default=None, help="zstd level (default: the one in force)")
-@click.option("--timeout", type=float, default=15.0, show_default=True, help="seconds to wait for the answer")
+@click.option("--level", type=click.IntRange(emp.MIN_LEVEL, emp.MAX_LEVEL), default=None,
+              help="zstd level (default: the one in force)")
+@click.option("--timeout", type=click.FloatRange(0, MAX_ANSWER_WAIT, min_open=True), default=15.0, show_default=True,
+              help="seconds to wait for the answer")
 @click.pass_obj
 def vm_compress(ctx: Ctx, name: str, mode: str, level: int | None, timeout: float) -> None:
     """Switch in-band compression of a running migration: off, on, or auto (xenguest decides per batch)."""

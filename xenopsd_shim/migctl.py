@@ -18,6 +18,7 @@ from typing import Callable
 from xenmig import emp
 
 MAX_REQUEST = 256
+MAX_UNREAD = 64 << 10           # what is read and dropped after an overlong request's answer
 CLIENT_TIMEOUT = 5.0            # a client that does not send its line in this time is dropped
 COMMAND_COMPRESS = "compress"
 OK, REFUSED = "ok", "refused"
@@ -44,6 +45,18 @@ def _read_line(sock: socket.socket) -> str:
             break
         data += chunk
     return data.partition(b"\n")[0].decode(errors="replace")
+
+
+def _discard_unread(conn: socket.socket) -> None:
+    """Read what a client sent beyond its line (an overlong request): a Unix socket closed with
+    unread data resets the client, which would lose its answer."""
+    conn.setblocking(False)
+    try:
+        for _ in range(MAX_UNREAD // MAX_REQUEST):
+            if not conn.recv(MAX_REQUEST):
+                return
+    except BlockingIOError:
+        pass
 
 
 Handler = Callable[[str, int | None], str]      # (mode, level) -> the "ok ..." line; raises with a reason
@@ -82,6 +95,7 @@ class ControlServer:
             except Exception as e:  # noqa: BLE001 - the client gets one line, the migration goes on
                 answer = f"{REFUSED} {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             conn.sendall((answer + "\n").encode())
+            _discard_unread(conn)
         except OSError:
             pass                            # the client went away or was too slow: its loss
 
