@@ -117,7 +117,8 @@ def test_unknown_config_keys_are_warned_of_by_name(hosts):
     assert warning.endswith(f'warning: {config}: unknown key "migration-stall-timout" ignored (known: '
                             "migration-compressor, migration-connect-timeout, migration-request-timeout, "
                             "migration-stall-timeout, migration-handshake-timeout, migration-vgpu-timeout, "
-                            "migration-max-connections, migration-accept-in-band)"), create
+                            "migration-max-connections, migration-accept-in-band, migration-accept-delta, "
+                            "migration-delta-cache)"), create
     out = a.shim("vm-migrate", "vm1", "--dest", "127.0.0.1:9", check=False)
     [again, error] = out.stderr.splitlines()
     assert out.returncode != 0 and again.split(" ", 1)[1] == warning.split(" ", 1)[1]   # timestamp aside
