@@ -58,7 +58,13 @@ PLAIN_RATE = 1e9
 # A batch at least this share zero pages is compressed while nothing is measured yet: its zero
 # pages go as bits, and only the rest costs zstd.
 ZERO_WORTH = 0.5
+ZERO_SAMPLE = 16            # pages of a batch auto looks at to weigh its zero pages before choosing
 MB = 1e6                    # the per-iteration report's rates are in MB/s
+# Cores compression may count on: all but one, which the rest of the migration needs at once (the
+# writer and the guest here, and the receiving xenguest when both ends share a host). Without it,
+# on 2 cores over loopback, two compressing threads look about as fast as sending plain, while the
+# receiver needs one of those cores.
+SPARE_CORES = max(1, (os.cpu_count() or 1) - 1)
 DELTA_PAYS = 0.9            # a region keeps deltas while they are below 0.9x the compressed record ...
 DELTA_REPROBE_EVERY = 8     # ... measured at its first visit and every 8th since
 PLAIN_PAGE_BYTES = compressed.PAGE_SIZE + 8     # a page and its pfn entry in PAGE_DATA
@@ -249,7 +255,8 @@ class AdaptivePages:
 
     def measurements(self) -> Measurements:
         link = self.link.rate()
-        return Measurements(link, self._compress, self._ratio, self.threads, link_seen=self.link.seen)
+        return Measurements(link, self._compress, self._ratio, min(self.threads, SPARE_CORES),
+                            link_seen=self.link.seen)
 
     def _level(self, m: Measurements) -> int:
         """choose_level with the table's compression rates scaled to what this save measures at
@@ -354,20 +361,26 @@ class AdaptivePages:
         return record
 
     def _encode(self, pfns: np.ndarray, pages: np.ndarray, zero: np.ndarray | None = None) -> Encoded:
-        # The zero test is the first of the compressor's reads (its snapshot rule), done here so
-        # that auto can weigh the batch's zero pages; plain batches under `off` skip it.
-        if zero is None and self.mode != MODE_OFF:
+        # The zero test is the first of the compressor's reads (its snapshot rule). `on` does it
+        # here; `auto` weighs the batch's zero pages from ZERO_SAMPLE of them, so that a batch it
+        # sends plain is read once (by writev), as under `off`, which skips it.
+        if zero is None and self.mode == MODE_ON:
             zero = compressed.zero_pages(pages)
-        nonzero = len(pfns) if zero is None else int(len(pfns) - zero.sum())
-        level = self._choose(int(pfns[0]) // REGION_PFNS, 1 - nonzero / len(pfns))
+        if zero is not None:
+            share = float(zero.mean())
+        elif self.mode == MODE_OFF:
+            share = 0.0
+        else:
+            share = float(compressed.zero_pages(pages[::max(1, len(pfns) // ZERO_SAMPLE)]).mean())
+        level = self._choose(int(pfns[0]) // REGION_PFNS, share)
         if level is None:
             encoded = PlainPages().encode(pfns, pages)
             with self._lock:
                 self._pass.plain_batches += 1
             return encoded
-        if zero is None:                # switched on between the test and the choice
+        if zero is None:                # auto compresses it (or switched on since the test)
             zero = compressed.zero_pages(pages)
-            nonzero = int(len(pfns) - zero.sum())
+        nonzero = int(len(pfns) - zero.sum())
         # A sample that says the batch would go plain spares zstd the whole batch (random memory);
         # its figures then count as plain's: the compression rate is measured on whole batches only.
         start = time.monotonic()
