@@ -57,6 +57,8 @@ import os
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -93,19 +95,35 @@ def test_fuzz_resume_and_serve_many(seeds, hosts, receiver, tmp_path, record_pro
              seeds, hosts, receiver, tmp_path, record_property)
 
 
+@contextmanager
+def serving(h) -> Iterator[Serve]:
+    """A serve of its own for one test: once the test's body has passed, it kept nothing, logged
+    no traceback and answers a new request; it is stopped whatever happened."""
+    serve = Serve(h, lambda host: Receiver(host))
+    try:
+        yield serve
+        serve.clean()
+        assert domains_of(h.root) == []
+        serve.alive()
+    finally:
+        serve.rss.stop()
+        serve.r.proc.kill()
+        serve.r.proc.wait()
+        (h.root / "run" / SERVE_ADDRESS).unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("where", ["request", "commit"])
 def test_serve_notices_a_partial_message_then_close(seeds, hosts, where):
     """A request cut short, or half a handshake message (one byte of point 3's two) and then the
     end of the connection: the receiver notices at once, answers with its error, keeps nothing."""
     h = hosts("serve")
-    serve = Serve(h, lambda host: Receiver(host))
     img = seeds.images["plain"]
     meta, limit = vm_metadata(img)
     dest_id = img.uuid[:24] + "000000000001"
     cookies = migration_cookies(img)
     deadline = time.monotonic() + TIMEOUT
     try:
-        with socket.create_connection(serve.addr(), timeout=TIMEOUT) as sock:
+        with serving(h) as serve, socket.create_connection(serve.addr(), timeout=TIMEOUT) as sock:
             if where == "request":
                 head = transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, "x", {})
                 sock.sendall(head[:head.index(b"Host: x") + len(b"Host: x")])     # cut in its Host line
@@ -130,15 +148,8 @@ def test_serve_notices_a_partial_message_then_close(seeds, hosts, where):
                 pass        # it closed with our partial message unread: it noticed
             except (socket.timeout, TimeoutError):
                 pytest.fail(f"the receiver did not notice within 3 s that the peer closed ({where})")
-        assert where == "request" or b"Internal_error" in rest, rest
-        serve.clean()
-        assert domains_of(h.root) == []
-        serve.alive()
+            assert where == "request" or b"Internal_error" in rest, rest
     finally:
-        serve.rss.stop()
-        serve.r.proc.kill()
-        serve.r.proc.wait()
-        (h.root / "run" / SERVE_ADDRESS).unlink(missing_ok=True)
         reset(h)
 
 
@@ -181,24 +192,14 @@ def test_worst_inputs(seeds, hosts, receiver, tmp_path, name):
 def test_serve_refuses_a_bad_vm_name_in_the_metadata_cookie(seeds, hosts, name):
     """The name comes from the wire: a refusal with the reason, never a thread's traceback."""
     h = hosts("serve")
-    serve = Serve(h, lambda host: Receiver(host))
     img = seeds.images["plain"]
     meta, limit = vm_metadata(img)
     doc = json.loads(meta)
     doc["name"] = name
     dest_id = img.uuid[:24] + "000000000001"
-    try:
-        with socket.create_connection(serve.addr(), timeout=TIMEOUT) as sock:
-            sock.sendall(transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, "x",
-                                                 vm_cookies(migration_cookies(img), json.dumps(doc), limit)))
-            answer = hs_recv(sock, time.monotonic() + TIMEOUT)
+    with serving(h) as serve, socket.create_connection(serve.addr(), timeout=TIMEOUT) as sock:
+        sock.sendall(transport.build_request("PUT", transport.MIGRATE_VM_PATH + dest_id, "x",
+                                             vm_cookies(migration_cookies(img), json.dumps(doc), limit)))
+        answer = hs_recv(sock, time.monotonic() + TIMEOUT)
         assert answer is not None and answer.startswith("Error: ") and \
             ("invalid VM name" in answer or "no VM name" in answer), answer
-        serve.clean()
-        assert domains_of(h.root) == []
-        serve.alive()
-    finally:
-        serve.rss.stop()
-        serve.r.proc.kill()
-        serve.r.proc.wait()
-        (h.root / "run" / SERVE_ADDRESS).unlink(missing_ok=True)
