@@ -249,14 +249,14 @@ def inflate(payload: memoryview, expected: int, record: str = "COMPRESSED_PAGE_D
     return out
 
 
-def inflate_into(payload: memoryview, outputs: list[memoryview]) -> None:
+def inflate_into(payload: memoryview, outputs: list[memoryview], record: str = "COMPRESSED_PAGE_DATA") -> None:
     """Decompress one frame straight into `outputs`, in order (guest memory, or a scratch buffer):
     the same rules and errors as inflate, without an output buffer of its own. A frame that
     fails its checksum has already written the outputs: the caller's domain is one that fails."""
     expected = sum(len(out) for out in outputs)
-    check_frame(payload, expected)
+    check_frame(payload, expected, record)
     if frame_length(payload, MAX_WALKED_BLOCKS) != len(payload):    # odd, hostile or truncated: the strict way
-        inflated, at = memoryview(inflate(payload, expected)), 0
+        inflated, at = memoryview(inflate(payload, expected, record)), 0
         for out in outputs:
             out[:] = inflated[at:at + len(out)]
             at += len(out)
@@ -268,13 +268,13 @@ def inflate_into(payload: memoryview, outputs: list[memoryview]) -> None:
             while got < len(out):
                 n = reader.readinto(out[got:])
                 if not n:
-                    raise libxc.StreamError("COMPRESSED_PAGE_DATA payload does not inflate: "
+                    raise libxc.StreamError(f"{record} payload does not inflate: "
                                             "the frame ends before its content size")
                 got += n
         if reader.readinto(bytearray(1)):        # reaches the frame's end: checks the checksum
-            raise libxc.StreamError("COMPRESSED_PAGE_DATA inflates to more than its pfns need")
+            raise libxc.StreamError(f"{record} inflates to more than its pfns need")
     except zstandard.ZstdError as e:
-        raise _inflate_error(e) from None
+        raise _inflate_error(e, record) from None
 
 
 def decode_frames(body: memoryview | bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
