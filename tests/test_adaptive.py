@@ -191,8 +191,8 @@ def test_auto_leaves_regions_that_did_not_shrink_and_probes_them_again_now_and_t
     counts = {"noise": [0, 0], "text": [0, 0]}
     zstd_ran: list[int] = []                                 # the regions given to the compressor
     codec_encode = encoder.codec.encode
-    encoder.codec.encode = lambda pfns, pages, level, zero: zstd_ran.append(int(pfns[0]) // REGION_PFNS) or \
-        codec_encode(pfns, pages, level, zero)
+    encoder.codec.encode = lambda pfns, pages, level, zero, data=None: \
+        zstd_ran.append(int(pfns[0]) // REGION_PFNS) or codec_encode(pfns, pages, level, zero, data)
     for visit in range(2 * REPROBE_EVERY + 1):
         for region, (kind, pages) in enumerate((("text", text), ("noise", noise))):
             rtype = int.from_bytes(bytes(encoder.encode(batch(region), pages).buffers[0][:4]), "little")

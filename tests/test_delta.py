@@ -132,7 +132,9 @@ def test_tiny_cache_stays_within_its_bound(hosts, tmp_path):
     assert tiny[-1]["cache_peak_bytes"] > MIB // 2, tiny                 # it did fill its slots
     assert rss[MIB] - rss[0] < 24 * MIB, rss                            # a batch's snapshots, not a cache
     assert rss[80 * MIB] - rss[MIB] > 48 * MIB, rss                      # a full cache is real memory
-    assert figures[80 * MIB][0]["cache_peak_bytes"] > 64 * MIB
+    # zero pages hold no slot: how many the guest has not written yet when pass 0 reaches them
+    # depends on the pass's speed
+    assert figures[80 * MIB][0]["cache_peak_bytes"] > 48 * MIB
 
 
 # -- damaged delta records ---------------------------------------------------------------------

@@ -294,6 +294,16 @@ class AdaptivePages:
             encoded = self._encode(pfns, pages)
             cache.forget(pfns)
             return encoded
+        if self._iteration == 0 or cache.nfree:
+            # A batch the cache holds none of (all of iteration 0's): the compressor's reads, the
+            # zero test, then the data pages copied once, straight into free slots; the record is
+            # encoded from the slots, which keep exactly what was sent.
+            zero = compressed.zero_pages(pages)
+            reserved = cache.reserve(pfns, zero)
+            if reserved is not None:
+                encoded = self._encode(pfns, None, zero, cache.fill(reserved, pages, ~zero))
+                cache.commit(pfns, zero, reserved)
+                return encoded
         # The snapshot rule with a cache: guest memory is read once, into `sent`; every record of
         # the batch is encoded from it, and it is what the cache keeps (what the receiver holds).
         sent = np.array(pages)
@@ -347,7 +357,10 @@ class AdaptivePages:
             self._pass.delta_saved += delta_saved_estimate(len(pfns), delta_bytes, per_page, ratio)
         return record
 
-    def _encode(self, pfns: np.ndarray, pages: np.ndarray, zero: np.ndarray | None = None) -> Encoded:
+    def _encode(self, pfns: np.ndarray, pages: np.ndarray | None, zero: np.ndarray | None = None,
+                data: np.ndarray | None = None) -> Encoded:
+        """`data`: the batch's data pages copied out already (then `pages` is None: a plain
+        record is made of that snapshot, never of guest memory)."""
         # The zero test is the first of the compressor's reads (its snapshot rule), done here so
         # that auto can weigh the batch's zero pages; plain batches under `off` skip it.
         if zero is None and self.mode != MODE_OFF:
@@ -355,12 +368,12 @@ class AdaptivePages:
         nonzero = len(pfns) if zero is None else int(len(pfns) - zero.sum())
         level = self._choose(int(pfns[0]) // REGION_PFNS, 1 - nonzero / len(pfns))
         if level is None:
-            encoded = PlainPages().encode(pfns, pages)
+            encoded = PlainPages().encode(pfns, pages if data is None else compressed.snapshot_frames(zero, data))
             with self._lock:
                 self._pass.plain_batches += 1
             return encoded
         start = time.monotonic()
-        encoded = self.codec.encode(pfns, pages, level, zero)
+        encoded = self.codec.encode(pfns, pages, level, zero, data=data)
         seconds = time.monotonic() - start
         data = nonzero * compressed.PAGE_SIZE          # what zstd had to work on
         rtype, length = libxc.parse_record_header(encoded.buffers[0])

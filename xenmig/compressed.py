@@ -79,6 +79,14 @@ def zero_pages(pages: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(pages.view("<u8"), axis=1) == 0
 
 
+def snapshot_frames(zero: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """A batch's frames from its zero mask and its copied-out data pages (a plain record of a
+    snapshot: the bytes sent are the ones copied, zero pages as zeros)."""
+    frames = np.zeros((len(zero), PAGE_SIZE), dtype=np.uint8)
+    frames[~zero] = data
+    return frames
+
+
 class CompressedPages:
     """Encoder for the saver: zero pages as bits, the rest as one zstd frame.
 
@@ -100,17 +108,20 @@ class CompressedPages:
             contexts[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
         return contexts[level].compress(data)
 
-    def encode(self, pfns: np.ndarray, pages: np.ndarray, level: int | None = None,
-               zero: np.ndarray | None = None) -> Encoded:
+    def encode(self, pfns: np.ndarray, pages: np.ndarray | None, level: int | None = None,
+               zero: np.ndarray | None = None, data: np.ndarray | None = None) -> Encoded:
         """One batch at `level` (default: self.level); plain PAGE_DATA if that is not longer.
-        `zero`: the batch's zero_pages, if the caller has tested them already."""
+        `zero`: the batch's zero_pages, if the caller has tested them already; `data`: its data
+        pages, if the caller has copied them out already (a snapshot; `pages` is then unused)."""
         # `pages` may be live guest memory (PageEncoder). Each page is read once for the zero
         # test and once by the boolean index, which copies the data pages out in one pass (also
         # when none is zero): zstd and its checksum read only that snapshot. A page written
         # between the two reads is dirty, and is resent whichever way it went this time.
         if zero is None:
             zero = zero_pages(pages)
-        data = pages[~zero]
+        copied = data is not None
+        if data is None:
+            data = pages[~zero]
         payload = self._compress(data, self.level if level is None else level) if data.size else b""
         bitmap = np.packbits(zero, bitorder="little").tobytes()
         head = struct.pack(HEADER_FORMAT, len(pfns), ALGORITHM_ZSTD, 0, int(zero.sum()), len(payload))
@@ -118,7 +129,7 @@ class CompressedPages:
         length = len(meta) + len(payload)
         plain_length = libxc.PAGE_DATA_SIZE + 8 * len(pfns) + PAGE_SIZE * len(pfns)
         if length >= plain_length:
-            return PlainPages().encode(pfns, pages)
+            return PlainPages().encode(pfns, snapshot_frames(zero, data) if copied else pages)
         return Encoded([libxc.record_header(REC_TYPE, length), meta, payload, bytes(libxc.padding(length))],
                        int(zero.sum()))
 
