@@ -306,7 +306,9 @@ class AdaptivePages:
                 return encoded
         # The snapshot rule with a cache: guest memory is read once, into `sent`; every record of
         # the batch is encoded from it, and it is what the cache keeps (what the receiver holds).
-        sent = np.array(pages)
+        # Scattered pfns (every pass after the first) arrive gathered already, in an array of their
+        # own (save.frames): that gather is the one read, and the snapshot.
+        sent = pages if pages.flags.owndata else np.array(pages)
         zero = compressed.zero_pages(sent)
         buffers: list = []
         zero_sent = 0
@@ -314,7 +316,9 @@ class AdaptivePages:
         if self._iteration > 0:
             hit, bases = cache.lookup(pfns)
             use = hit & ~zero                    # a zero page goes cheaper as a bit
-            if use.any():
+            if use.all():                        # (no boolean-index copies of 4 MiB)
+                buffers = self._delta(pfns, sent, bases, int(pfns[0]) // REGION_PFNS)
+            elif use.any():
                 buffers = self._delta(pfns[use], sent[use], bases[~zero[hit]], int(pfns[0]) // REGION_PFNS)
             if not buffers:
                 use = None
