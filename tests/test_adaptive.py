@@ -205,10 +205,10 @@ def test_auto_leaves_regions_that_did_not_shrink_and_probes_them_again_now_and_t
     zstd_ran: list[int] = []                                 # the regions given whole to the compressor
     sampled: list[int] = []                                  # the regions whose sample was compressed
     codec_pack, codec_sample = encoder.codec.pack, encoder.codec.sample_says_plain
-    encoder.codec.pack = lambda pfns, pages, level, zero: zstd_ran.append(int(pfns[0]) // REGION_PFNS) or \
-        codec_pack(pfns, pages, level, zero)
-    encoder.codec.sample_says_plain = lambda pages, zero, level: sampled.append(int(pages is noise)) or \
-        codec_sample(pages, zero, level)
+    encoder.codec.pack = lambda pfns, pages, level, zero, data=None: \
+        zstd_ran.append(int(pfns[0]) // REGION_PFNS) or codec_pack(pfns, pages, level, zero, data)
+    encoder.codec.sample_says_plain = lambda pages, zero, level, data=None: sampled.append(int(pages is noise)) or \
+        codec_sample(pages, zero, level, data)
     for visit in range(2 * REPROBE_EVERY + 1):
         for region, (kind, pages) in enumerate((("text", text), ("noise", noise))):
             rtype = int.from_bytes(bytes(encoder.encode(batch(region), pages).buffers[0][:4]), "little")

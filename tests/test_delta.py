@@ -132,9 +132,9 @@ def test_tiny_cache_stays_within_its_bound(hosts, tmp_path):
     assert tiny[-1]["cache_peak_bytes"] > MIB // 2, tiny                 # it did fill its slots
     assert rss[MIB] - rss[0] < 24 * MIB, rss                            # a batch's snapshots, not a cache
     assert rss[80 * MIB] - rss[MIB] > 48 * MIB, rss                      # a full cache is real memory
-    # it held (nearly) every page sent: zero pages, which the increment guest may not have reached
-    # yet, are marks, not copies
-    assert figures[80 * MIB][0]["cache_peak_bytes"] > 56 * MIB
+    # zero pages hold no slot: how many the guest has not written yet when pass 0 reaches them
+    # depends on the pass's speed
+    assert figures[80 * MIB][0]["cache_peak_bytes"] > 48 * MIB
 
 
 # -- damaged delta records ---------------------------------------------------------------------

@@ -307,9 +307,21 @@ class AdaptivePages:
             encoded = self._encode(pfns, pages)
             cache.forget(pfns)
             return encoded
+        if self._iteration == 0 or cache.nfree:
+            # A batch the cache holds none of (all of iteration 0's): the compressor's reads, the
+            # zero test, then the data pages copied once, straight into free slots; the record is
+            # encoded from the slots, which keep exactly what was sent.
+            zero = compressed.zero_pages(pages)
+            reserved = cache.reserve(pfns, zero)
+            if reserved is not None:
+                encoded = self._encode(pfns, None, zero, cache.fill(reserved, pages, ~zero))
+                cache.commit(pfns, zero, reserved)
+                return encoded
         # The snapshot rule with a cache: guest memory is read once, into `sent`; every record of
         # the batch is encoded from it, and it is what the cache keeps (what the receiver holds).
-        sent = np.array(pages)
+        # Scattered pfns (every pass after the first) arrive gathered already, in an array of their
+        # own (save.frames): that gather is the one read, and the snapshot.
+        sent = pages if pages.flags.owndata else np.array(pages)
         zero = compressed.zero_pages(sent)
         buffers: list = []
         zero_sent = 0
@@ -317,7 +329,9 @@ class AdaptivePages:
         if self._iteration > 0:
             hit, bases = cache.lookup(pfns)
             use = hit & ~zero                    # a zero page goes cheaper as a bit
-            if use.any():
+            if use.all():                        # (no boolean-index copies of 4 MiB)
+                buffers = self._delta(pfns, sent, bases, int(pfns[0]) // REGION_PFNS)
+            elif use.any():
                 buffers = self._delta(pfns[use], sent[use], bases[~zero[hit]], int(pfns[0]) // REGION_PFNS)
             if not buffers:
                 use = None
@@ -360,7 +374,10 @@ class AdaptivePages:
             self._pass.delta_saved += delta_saved_estimate(len(pfns), delta_bytes, per_page, ratio)
         return record
 
-    def _encode(self, pfns: np.ndarray, pages: np.ndarray, zero: np.ndarray | None = None) -> Encoded:
+    def _encode(self, pfns: np.ndarray, pages: np.ndarray | None, zero: np.ndarray | None = None,
+                data: np.ndarray | None = None) -> Encoded:
+        """`data`: the batch's data pages copied out already (then `pages` is None and `zero` is
+        given: a plain record is made of that snapshot, never of guest memory)."""
         # The zero test is the first of the compressor's reads (its snapshot rule). `on` does it
         # here; `auto` weighs the batch's zero pages from ZERO_SAMPLE of them, so that a batch it
         # sends plain is read once (by writev), as under `off`, which skips it.
@@ -374,7 +391,7 @@ class AdaptivePages:
             share = float(compressed.zero_pages(pages[::max(1, len(pfns) // ZERO_SAMPLE)]).mean())
         level = self._choose(int(pfns[0]) // REGION_PFNS, share)
         if level is None:
-            encoded = PlainPages().encode(pfns, pages)
+            encoded = PlainPages().encode(pfns, pages if data is None else compressed.snapshot_frames(zero, data))
             with self._lock:
                 self._pass.plain_batches += 1
             return encoded
@@ -384,23 +401,24 @@ class AdaptivePages:
         # A sample that says the batch would go plain spares zstd the whole batch (random memory);
         # its figures then count as plain's: the compression rate is measured on whole batches only.
         start = time.monotonic()
-        whole = not self.codec.sample_says_plain(pages, zero, level)
-        encoded = self.codec.pack(pfns, pages, level, zero) if whole else PlainPages().encode(pfns, pages)
+        whole = not self.codec.sample_says_plain(pages, zero, level, data)
+        encoded = self.codec.pack(pfns, pages, level, zero, data) if whole else \
+            PlainPages().encode(pfns, pages if data is None else compressed.snapshot_frames(zero, data))
         seconds = time.monotonic() - start
-        data = nonzero * compressed.PAGE_SIZE          # what zstd had to work on
+        nbytes = nonzero * compressed.PAGE_SIZE          # what zstd had to work on
         rtype, length = libxc.parse_record_header(encoded.buffers[0])
         packed = rtype == compressed.REC_TYPE
         with self._lock:
-            if data:
-                ratio = data / (libxc.RH_SIZE + length + libxc.padding(length))
+            if nbytes:
+                ratio = nbytes / (libxc.RH_SIZE + length + libxc.padding(length))
                 self._regions[int(pfns[0]) // REGION_PFNS] = Region(ratio)
                 self._ratio = _running(self._ratio, ratio)
                 if whole and seconds > 0:
-                    self._compress = _running(self._compress, data / seconds)
+                    self._compress = _running(self._compress, nbytes / seconds)
             figures = self._pass
             if whole:
                 figures.compress_pages += nonzero
-                figures.compress_bytes += data
+                figures.compress_bytes += nbytes
                 figures.compress_seconds += seconds
             else:                                   # zstd read the sample only
                 figures.compress_pages += min(nonzero, compressed.SAMPLE_PAGES)

@@ -25,6 +25,7 @@ takes a free slot (no churn in iteration 0, which sends every page once).
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,6 +37,13 @@ UNCACHED = -3       # sent, its bytes not held: the cache does not claim it
 PROBATION = -1      # stamp of a page sent once (evictable by any re-sent page)
 INDEX_BYTES = 4     # int32 per pfn
 SLOT_META_BYTES = 16    # per slot: pfn int64, stamp int32, free-list int32
+
+
+@dataclass
+class Reservation:
+    """Slots taken for a batch's data pages (in order), and which of its pfns were sent before."""
+    slots: np.ndarray
+    resent: np.ndarray
 
 
 class DeltaCache:
@@ -96,21 +104,68 @@ class DeltaCache:
             self.misses += resent
             return False
 
+    def reserve(self, pfns: np.ndarray, zero: np.ndarray) -> Reservation | None:
+        """Free slots for a batch none of whose pfns the cache holds (iteration 0's batches, and
+        first sends after it), one per data page (`zero`: the pages going as zero pages), or
+        None (some pfn has a base, or too few slots are free: the batch takes the other way).
+        Reserved slots are stamped with this pass until `commit`, so no batch evicts them while
+        their pages are copied in and encoded outside the lock."""
+        with self._lock:
+            if not self.enabled:
+                return None
+            idx = self.index[pfns]
+            want = len(pfns) - int(zero.sum())
+            if ((idx >= 0) | (idx == ZERO)).any() or want > self.nfree:
+                return None
+            slots = self.free[self.nfree - want:self.nfree][::-1].copy()
+            self.nfree -= want
+            self.slot_pfn[slots] = pfns[~zero]
+            self.stamp[slots] = self.iteration
+            self.misses += int((idx == UNCACHED).sum())
+            return Reservation(slots, idx != NEVER)
+
+    def fill(self, reserved: Reservation, pages: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """Copy the batch's data pages (`data`: their mask over `pages`, guest memory) into the
+        reserved slots, in one read of each, and return them (a view of the slots when they are
+        consecutive, as they are while slots are taken in order): the snapshot to encode from."""
+        slots = reserved.slots
+        if slots.size and int(slots[-1]) - int(slots[0]) + 1 == slots.size:
+            rows = self.slots[int(slots[0]):int(slots[-1]) + 1]
+            np.compress(data, pages, axis=0, out=rows)
+            return rows
+        copied = pages[data]
+        self.slots[slots] = copied
+        return copied
+
+    def commit(self, pfns: np.ndarray, zero: np.ndarray, reserved: Reservation) -> None:
+        """The reserved batch went out: its data pages as held in their slots, `zero` as zero pages."""
+        with self._lock:
+            data = ~zero
+            self.index[pfns[zero]] = ZERO
+            self.index[pfns[data]] = reserved.slots
+            self.stamp[reserved.slots] = np.where(reserved.resent[data], self.iteration, PROBATION)
+            self.peak = max(self.peak, self.held())
+
     def lookup(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(hit mask, bases): which of the batch's pfns have a base the receiver holds, and a copy
-        of each, in order (zeros for zero-page bases). Pages sent before without a base held are misses."""
+        of each, in order (zeros for zero-page bases). Pages sent before without a base held are misses.
+        The hits' slots are stamped with this pass, so no other batch evicts them: they are read
+        (and, by store, written) outside the lock."""
         with self._lock:
             if not self.enabled:
                 return np.zeros(len(pfns), dtype=bool), np.empty((0, PAGE_SIZE), dtype=np.uint8)
             idx = self.index[pfns]
             slotted = idx >= 0
             hit = slotted | (idx == ZERO)
-            bases = np.zeros((int(hit.sum()), PAGE_SIZE), dtype=np.uint8)
-            bases[slotted[hit]] = self.slots[idx[slotted]]
             self.stamp[idx[slotted]] = self.iteration        # re-sent: protected this pass
             self.hits += int(hit.sum())
             self.misses += int((idx == UNCACHED).sum())
-            return hit, bases
+        held = slotted[hit]
+        if held.all():
+            return hit, np.take(self.slots, idx[slotted], axis=0)
+        bases = np.zeros((int(hit.sum()), PAGE_SIZE), dtype=np.uint8)
+        bases[held] = self.slots[idx[slotted]]
+        return hit, bases
 
     def store(self, pfns: np.ndarray, sent: np.ndarray, zero: np.ndarray) -> None:
         """The batch went out as `sent` (the snapshot the records were encoded from); `zero`:
@@ -124,12 +179,16 @@ class DeltaCache:
             self._release(idx[slotted & zero])
             self.index[pfns[zero]] = ZERO
             keep = slotted & ~zero
-            self.slots[idx[keep]] = sent[keep]
             self.stamp[idx[keep]] = self.iteration
             want = np.flatnonzero(~slotted & ~zero)
             if want.size:
                 self._admit(pfns[want], sent[want], before[want] != NEVER)
             self.peak = max(self.peak, self.held())
+        # the kept slots are this batch's, stamped with this pass above: no batch evicts them
+        if keep.all():
+            self.slots[idx] = sent
+        elif keep.any():
+            self.slots[idx[keep]] = sent[keep]
 
     def forget(self, pfns: np.ndarray) -> None:
         """The pfns went out in bytes the cache did not see: it no longer claims them."""
@@ -171,7 +230,7 @@ class DeltaCache:
             chosen = np.arange(take)
         if not chosen.size:
             return
-        self.slots[slots] = pages[chosen]
+        self.slots[slots] = pages if chosen.size == len(pages) else pages[chosen]
         self.slot_pfn[slots] = pfns[chosen]
         self.stamp[slots] = np.where(resent[chosen], self.iteration, PROBATION)
         self.index[pfns[chosen]] = slots

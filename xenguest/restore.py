@@ -131,14 +131,19 @@ class Restorer:
         """One compressed record into guest memory (on an inflate thread, or inline), through
         one reused scratch buffer per thread."""
         if data_pfns.size:
-            scratch = getattr(_scratch, "frames", None)
-            if scratch is None:
-                scratch = _scratch.frames = np.empty((libxc.PAGE_DATA_MAX_PFNS, PAGE_SIZE), dtype=np.uint8)
-            frames = scratch[:data_pfns.size]
+            frames = _thread_scratch("frames")[:data_pfns.size]
             compressed.inflate_into(payload, [memoryview(frames).cast("B")])
             self._write_runs(data_pfns, frames, np.arange(data_pfns.size))
         if zero_pfns.size:
             self.mem.pages[zero_pfns] = 0
+
+    def _apply_delta(self, record: delta.DeltaRecord) -> None:
+        """One delta record into guest memory (on an inflate thread, or inline): its bases
+        gathered into one reused scratch, the deltas inflated into another and XORed in place."""
+        bases = _thread_scratch("bases")[:record.pfns.size]
+        np.take(self.mem.pages, record.pfns.astype(np.intp), axis=0, out=bases)
+        results = delta.apply_into(record, bases, _thread_scratch("frames"))
+        self._write_runs(record.pfns, results, np.arange(record.pfns.size))
 
     def _page_record(self, rtype: int, body: memoryview) -> None:
         """Page records are applied in stream order where they overlap: a record that touches a
@@ -171,33 +176,40 @@ class Restorer:
             self._inflate(payload, data_pfns, zero_pfns)
             self._count(len(pfns))
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="inflate")
-        buf = self._buffers.keep()
-        cost = len(buf) + SCRATCH_BYTES
-        self._queued[pfns] = True
-        self._pending.append((self._pool.submit(self._inflate, payload, data_pfns, zero_pfns), cost, pfns, buf))
-        self._inflight += cost
-        self._drain(2 * self.threads)
+        self._submit(self._inflate, (payload, data_pfns, zero_pfns), pfns, SCRATCH_BYTES)
 
     def _delta_record(self, body: memoryview) -> None:
         """A delta applies to the page the domain holds (what the stream sent for it last), once
-        the queued records that write those pfns are done; inline (zstd over mostly zeros is quick)."""
+        the queued records that write those pfns are done; on the inflate pool like a compressed
+        record (bases, crcs, zstd and XOR release the GIL), in stream order where pfns overlap."""
         try:
             record = delta.parse(body, self.mem.npages)
-            if self._queued[record.pfns].any():
-                self._drain(0)
             never = np.flatnonzero(~self._sent[record.pfns])
             if never.size:
                 raise libxc.StreamError(f"DELTA_PAGE_DATA for pfn 0x{int(record.pfns[never[0]]):x}, "
                                         f"which this stream never sent (no base)")
-            results = delta.apply(record, self.mem.pages[record.pfns])
         except libxc.StreamError:
             self._drain(0)          # an earlier record's error comes first
             raise
+        if self._queued[record.pfns].any():
+            self._drain(0)
         self._nonzero[record.pfns] = True
-        self._write_runs(record.pfns, results, np.arange(record.pfns.size))
-        self._count(record.pfns.size)
+        if self.threads <= 1:
+            self._apply_delta(record)
+            self._count(record.pfns.size)
+            return
+        self._submit(self._apply_delta, (record,), record.pfns, 2 * SCRATCH_BYTES)
+
+    def _submit(self, job: Callable, args: tuple, pfns: np.ndarray, scratch: int) -> None:
+        """Queue a record's job on the inflate pool; its read buffer goes with it."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="inflate")
+        buf = self._buffers.keep()
+        cost = len(buf) + scratch
+        self._queued[pfns] = True
+        self._pending.append((self._pool.submit(job, *args), cost, pfns, buf))
+        self._inflight += cost
+        self._drain(2 * self.threads)
 
     def _drain(self, keep: int) -> None:
         while len(self._pending) > keep or self._inflight > MAX_INFLIGHT_BYTES:
@@ -238,6 +250,15 @@ class Restorer:
         params = blobs["hvm_params"]
         return RestoreResult(hvm_param(params, HVM_PARAM_STORE_PFN), hvm_param(params, HVM_PARAM_CONSOLE_PFN),
                              self.pages, records, self.reader.offset)
+
+
+def _thread_scratch(name: str) -> np.ndarray:
+    """This thread's reused buffer `name` of one record's frames (allocated on first use)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None:
+        buf = np.empty((libxc.PAGE_DATA_MAX_PFNS, PAGE_SIZE), dtype=np.uint8)
+        setattr(_scratch, name, buf)
+    return buf
 
 
 def last_copies(pfns: np.ndarray) -> np.ndarray | slice:

@@ -96,6 +96,14 @@ def plain_length(count: int) -> int:
     return libxc.PAGE_DATA_SIZE + (8 + PAGE_SIZE) * count
 
 
+def snapshot_frames(zero: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """A batch's frames from its zero mask and its copied-out data pages (a plain record of a
+    snapshot: the bytes sent are the ones copied, zero pages as zeros)."""
+    frames = np.zeros((len(zero), PAGE_SIZE), dtype=np.uint8)
+    frames[~zero] = data
+    return frames
+
+
 class CompressedPages:
     """Encoder for the saver: zero pages as bits, the rest as one zstd frame.
 
@@ -118,51 +126,61 @@ class CompressedPages:
             contexts[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
         return contexts[level].compress(data)
 
-    def sample_ratio(self, pages: np.ndarray, zero: np.ndarray, level: int) -> float | None:
+    def sample_ratio(self, pages: np.ndarray | None, zero: np.ndarray, level: int,
+                     data: np.ndarray | None = None) -> float | None:
         """Data bytes per frame byte of one frame of SAMPLE_PAGES of the batch's data pages, spread
-        over it; None for a batch with no more data pages than that (its own frame costs as little).
-        The fancy index copies the sample out (one read of each page): it only decides whether
-        the batch is compressed, and never goes on the wire, so guest writes cannot reach a record."""
-        rows = np.flatnonzero(~zero)
+        over it (from `data`, its copied-out data pages, when given); None for a batch with no more
+        data pages than that (its own frame costs as little). The fancy index copies the sample
+        out (one read of each page): it only decides whether the batch is compressed, and never
+        goes on the wire, so guest writes cannot reach a record."""
+        rows = np.flatnonzero(~zero) if data is None else np.arange(len(data))
         if len(rows) <= SAMPLE_PAGES:
             return None
-        sample = pages[rows[np.linspace(0, len(rows) - 1, SAMPLE_PAGES).astype(np.intp)]]
+        picked = rows[np.linspace(0, len(rows) - 1, SAMPLE_PAGES).astype(np.intp)]
+        sample = (pages if data is None else data)[picked]
         return sample.nbytes / len(self._compress(sample, level))
 
-    def sample_says_plain(self, pages: np.ndarray, zero: np.ndarray, level: int) -> bool:
+    def sample_says_plain(self, pages: np.ndarray | None, zero: np.ndarray, level: int,
+                          data: np.ndarray | None = None) -> bool:
         """Whether the batch's record, its payload shrunk as its sample's, would not be shorter than
         plain PAGE_DATA (encode's own rule, predicted)."""
-        ratio = self.sample_ratio(pages, zero, level)
+        ratio = self.sample_ratio(pages, zero, level, data)
         if ratio is None:
             return False
-        data = PAGE_SIZE * (len(zero) - int(zero.sum()))
-        return record_length(len(zero), int(data / ratio)) >= plain_length(len(zero))
+        nbytes = PAGE_SIZE * (len(zero) - int(zero.sum()))
+        return record_length(len(zero), int(nbytes / ratio)) >= plain_length(len(zero))
 
-    def encode(self, pfns: np.ndarray, pages: np.ndarray, level: int | None = None,
-               zero: np.ndarray | None = None) -> Encoded:
+    def encode(self, pfns: np.ndarray, pages: np.ndarray | None, level: int | None = None,
+               zero: np.ndarray | None = None, data: np.ndarray | None = None) -> Encoded:
         """One batch at `level` (default: self.level); plain PAGE_DATA if its sample or its frame
-        says that is not longer. `zero`: the batch's zero_pages, if the caller has tested them already."""
+        says that is not longer. `zero`: the batch's zero_pages, if the caller has tested them
+        already; `data`: its data pages, if the caller has copied them out already (a snapshot;
+        `pages` is then unused)."""
         level = self.level if level is None else level
         if zero is None:
             zero = zero_pages(pages)
-        if self.sample_says_plain(pages, zero, level):
-            return PlainPages().encode(pfns, pages)
-        return self.pack(pfns, pages, level, zero)
+        if self.sample_says_plain(pages, zero, level, data):
+            return PlainPages().encode(pfns, pages if data is None else snapshot_frames(zero, data))
+        return self.pack(pfns, pages, level, zero, data)
 
-    def pack(self, pfns: np.ndarray, pages: np.ndarray, level: int, zero: np.ndarray) -> Encoded:
-        """The batch compressed whole (`zero`: its zero_pages); plain PAGE_DATA if that is not longer."""
+    def pack(self, pfns: np.ndarray, pages: np.ndarray | None, level: int, zero: np.ndarray,
+             data: np.ndarray | None = None) -> Encoded:
+        """The batch compressed whole (`zero`: its zero_pages; `data` as for encode); plain
+        PAGE_DATA if that is not longer."""
         # `pages` may be live guest memory (PageEncoder). Each page is read once for the zero
         # test and once by the boolean index, which copies the data pages out in one pass (also
         # when none is zero): zstd and its checksum read only that snapshot. A page written
         # between the two reads is dirty, and is resent whichever way it went this time.
-        data = pages[~zero]
+        copied = data is not None
+        if data is None:
+            data = pages[~zero]
         payload = self._compress(data, level) if data.size else b""
         bitmap = np.packbits(zero, bitorder="little").tobytes()
         head = struct.pack(HEADER_FORMAT, len(pfns), ALGORITHM_ZSTD, 0, int(zero.sum()), len(payload))
         meta = head + pfns.astype("<u8").tobytes() + bitmap + bytes(bitmap_size(len(pfns)) - len(bitmap))
         length = len(meta) + len(payload)
         if length >= plain_length(len(pfns)):
-            return PlainPages().encode(pfns, pages)
+            return PlainPages().encode(pfns, snapshot_frames(zero, data) if copied else pages)
         return Encoded([libxc.record_header(REC_TYPE, length), meta, payload, bytes(libxc.padding(length))],
                        int(zero.sum()))
 
@@ -293,14 +311,14 @@ def inflate(payload: memoryview, expected: int, record: str = "COMPRESSED_PAGE_D
     return out
 
 
-def inflate_into(payload: memoryview, outputs: list[memoryview]) -> None:
+def inflate_into(payload: memoryview, outputs: list[memoryview], record: str = "COMPRESSED_PAGE_DATA") -> None:
     """Decompress one frame straight into `outputs`, in order (guest memory, or a scratch buffer):
     the same rules and errors as inflate, without an output buffer of its own. A frame that
     fails its checksum has already written the outputs: the caller's domain is one that fails."""
     expected = sum(len(out) for out in outputs)
-    check_frame(payload, expected)
+    check_frame(payload, expected, record)
     if frame_length(payload, MAX_WALKED_BLOCKS) != len(payload):    # odd, hostile or truncated: the strict way
-        inflated, at = memoryview(inflate(payload, expected)), 0
+        inflated, at = memoryview(inflate(payload, expected, record)), 0
         for out in outputs:
             out[:] = inflated[at:at + len(out)]
             at += len(out)
@@ -312,13 +330,13 @@ def inflate_into(payload: memoryview, outputs: list[memoryview]) -> None:
             while got < len(out):
                 n = reader.readinto(out[got:])
                 if not n:
-                    raise libxc.StreamError("COMPRESSED_PAGE_DATA payload does not inflate: "
+                    raise libxc.StreamError(f"{record} payload does not inflate: "
                                             "the frame ends before its content size")
                 got += n
         if reader.readinto(bytearray(1)):        # reaches the frame's end: checks the checksum
-            raise libxc.StreamError("COMPRESSED_PAGE_DATA inflates to more than its pfns need")
+            raise libxc.StreamError(f"{record} inflates to more than its pfns need")
     except zstandard.ZstdError as e:
-        raise _inflate_error(e) from None
+        raise _inflate_error(e, record) from None
 
 
 def decode_frames(body: memoryview | bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:

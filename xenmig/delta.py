@@ -108,19 +108,32 @@ def parse(body: memoryview, npages: int) -> DeltaRecord:
     return DeltaRecord(pfns, crcs[:count], crcs[count:], body[meta:])
 
 
-def apply(record: DeltaRecord, bases: np.ndarray) -> np.ndarray:
-    """The new pages: `bases` (what the receiver holds for record.pfns, one row each) checked
-    against the base crcs, XORed with the inflated deltas, the results checked against theirs."""
-    held = crc32s(bases)
-    wrong = np.flatnonzero(held != record.base_crcs)
-    if wrong.size:
-        i = int(wrong[0])
-        raise libxc.StreamError(f"{NAME} base of pfn 0x{int(record.pfns[i]):x} has crc32 {int(held[i]):08x}, "
-                                f"the record expects {int(record.base_crcs[i]):08x}: "
+def _check(record: DeltaRecord, crcs: np.ndarray, expected: np.ndarray, what: str) -> None:
+    wrong = np.flatnonzero(crcs != expected)
+    if not wrong.size:
+        return
+    i = int(wrong[0])
+    pfn = int(record.pfns[i])
+    if what == "base":
+        raise libxc.StreamError(f"{NAME} base of pfn 0x{pfn:x} has crc32 {int(crcs[i]):08x}, "
+                                f"the record expects {int(expected[i]):08x}: "
                                 f"the receiver does not hold what the sender sent")
-    inflated = compressed.inflate(record.payload, PAGE_SIZE * len(record.pfns), NAME)
-    results = np.bitwise_xor(np.frombuffer(inflated, dtype=np.uint8).reshape(-1, PAGE_SIZE), bases)
-    wrong = np.flatnonzero(crc32s(results) != record.result_crcs)
-    if wrong.size:
-        raise libxc.StreamError(f"{NAME} result of pfn 0x{int(record.pfns[int(wrong[0])]):x} fails its crc32")
+    raise libxc.StreamError(f"{NAME} result of pfn 0x{pfn:x} fails its crc32")
+
+
+def apply_into(record: DeltaRecord, bases: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The new pages, in `out` (a reused scratch of at least the record's rows, not `bases`):
+    `bases` (what the receiver holds for record.pfns, one row each) checked against the base
+    crcs, XORed in place with the deltas inflated into `out`, the results checked against theirs.
+    No buffer is allocated per record: the receiver applies deltas at memory speed."""
+    results = out[:len(record.pfns)]
+    _check(record, crc32s(bases), record.base_crcs, "base")
+    compressed.inflate_into(record.payload, [memoryview(results).cast("B")], NAME)
+    np.bitwise_xor(results, bases, out=results)
+    _check(record, crc32s(results), record.result_crcs, "result")
     return results
+
+
+def apply(record: DeltaRecord, bases: np.ndarray) -> np.ndarray:
+    """apply_into a fresh array (convert, tests)."""
+    return apply_into(record, bases, np.empty((len(record.pfns), PAGE_SIZE), dtype=np.uint8))
