@@ -329,10 +329,11 @@ class AdaptivePages:
         if self._iteration > 0:
             hit, bases = cache.lookup(pfns)
             use = hit & ~zero                    # a zero page goes cheaper as a bit
+            region = int(pfns[0]) // REGION_PFNS
             if use.all():                        # (no boolean-index copies of 4 MiB)
-                buffers = self._delta(pfns, sent, bases, int(pfns[0]) // REGION_PFNS)
+                buffers = self._delta(pfns, sent, bases, region)
             elif use.any():
-                buffers = self._delta(pfns[use], sent[use], bases[~zero[hit]], int(pfns[0]) // REGION_PFNS)
+                buffers = self._delta(pfns[use], sent[use], bases[~zero[hit]], region)
             if not buffers:
                 use = None
         if use is None:
