@@ -225,6 +225,25 @@ def test_auto_leaves_regions_that_did_not_shrink_and_probes_them_again_now_and_t
     assert figures["compress_mbps"] is not None, figures             # measured on the text batches alone
 
 
+def test_auto_caches_pages_only_while_compressing_pays():
+    """A delta only shrinks the wire: over a link that does not bind, auto copies no page into its
+    delta cache; over one that binds, the batches it compresses are kept there (bases for deltas)."""
+    # 16 letters at random: it halves, at a rate (hundreds of MB/s) a link that does not bind beats
+    letters = np.random.default_rng(15).integers(97, 113, (REGION_PFNS, 4096), dtype=np.uint8)
+    held = {}
+    for link, (nbytes, blocked) in {"fast": (64 << 20, 0.0), "slow": (4 << 20, 0.4)}.items():
+        encoder = AdaptivePages("auto", threads=1, delta_cache=8 << 20)
+        encoder.start_pass(0, 4 * REGION_PFNS)
+        now = time.monotonic()
+        encoder.link.add(nbytes // 2, blocked / 2, now - 0.4)    # fast: 64 MiB in 0.4 s, never blocked
+        encoder.link.add(nbytes // 2, blocked / 2, now)          # slow: 10 MB/s, blocked all along
+        for region in range(4):
+            encoder.encode(batch(region), letters)
+        held[link] = encoder.cache.held() - encoder.cache.overhead
+    assert held["fast"] == 0, held
+    assert held["slow"] >= REGION_PFNS * 4096, held
+
+
 def test_a_sample_sends_noise_plain_and_what_shrinks_compressed():
     """The encoder's rule (plain PAGE_DATA when the record would not be shorter), predicted from a
     sample: noise goes plain; noise with zero pages, or with a quarter of text pages, shrinks."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from xenmig import compressed, delta, emp, libxc
 from xenmig.compressed import LEVEL_FIGURES, CompressedPages, choose_level
-from xenmig.emp import MODE_OFF, MODE_ON
+from xenmig.emp import MODE_AUTO, MODE_OFF, MODE_ON
 from xenmig.libxc import Encoded, PlainPages
 
 from .deltacache import DeltaCache
@@ -301,9 +301,11 @@ class AdaptivePages:
         cache = self.cache
         if cache is None:
             return self._encode(pfns, pages)
-        if self.mode == MODE_OFF or not cache.useful(pfns):
-            # from guest memory as without a cache (plain: read once, by writev): the cache never
-            # sees the bytes, and no longer claims the pfns
+        if self.mode == MODE_OFF or self.mode == MODE_AUTO and not self._compressing or not cache.useful(pfns):
+            # From guest memory as without a cache (plain: read once, by writev): the cache never
+            # sees the bytes, and no longer claims the pfns. Auto keeps it only while compressing
+            # pays (the link binds): a delta only shrinks the wire, and where the wire does not
+            # bind, copying pages into the cache is CPU the migration waits for.
             encoded = self._encode(pfns, pages)
             cache.forget(pfns)
             return encoded
