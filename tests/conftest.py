@@ -7,6 +7,7 @@ host's run directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,33 @@ T = TypeVar("T")
 
 def exe(name: str) -> str:
     return str(BIN / name)
+
+
+# A link of RATE bytes/s into a file: copies its stdin to the file no faster.
+PACED_LINK = ("import os, sys, time\n"
+              "rate, n, start = float(sys.argv[1]), 0, time.monotonic()\n"
+              "with open(sys.argv[2], 'wb') as out:\n"
+              "    while chunk := os.read(0, 1 << 16):\n"
+              "        out.write(chunk)\n"
+              "        n += len(chunk)\n"
+              "        time.sleep(max(0.0, n / rate - (time.monotonic() - start)))\n")
+
+
+@contextlib.contextmanager
+def stream_fd(out: Path, rate: int | None = None) -> Iterator[int]:
+    """An fd for a saver's -fd, into the file `out`: the file's own, or given `rate`, the write end
+    of a link of that many bytes/s (where the writer must block: a link that binds; or where a
+    save must last: a guest that writes during it)."""
+    if rate is None:
+        with open(out, "wb") as f:
+            yield f.fileno()
+        return
+    link = subprocess.Popen([sys.executable, "-c", PACED_LINK, str(rate), str(out)], stdin=subprocess.PIPE)
+    try:
+        yield link.stdin.fileno()
+    finally:
+        link.stdin.close()
+        assert link.wait(timeout=120) == 0
 
 
 class HostDir:

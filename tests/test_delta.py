@@ -3,18 +3,16 @@ page-exact against the domain's digests, the cache's bound in its figures and th
 and damaged delta records refused with one line (docs/delta-page-data.md)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from conftest import HostDir
+from conftest import HostDir, stream_fd
 from streamcheck import StreamCheckError, check_file, check_stream
 from test_inspect_convert import convert, inspect
 from test_xenguest import _records, restore_refused
@@ -25,32 +23,13 @@ PASS = re.compile(r"pass (\{.*\})$", re.M)
 MIB = 1 << 20
 
 
-# A link of `rate` bytes/s: copies its stdin to the file it names no faster (auto keeps its delta
-# cache only where the link binds; a file never does).
-PACED = ("import os, sys, time\n"
-         "rate, n, start = float(sys.argv[1]), 0, time.monotonic()\n"
-         "with open(sys.argv[2], 'wb') as out:\n"
-         "    while chunk := os.read(0, 1 << 16):\n"
-         "        out.write(chunk)\n"
-         "        n += len(chunk)\n"
-         "        time.sleep(max(0.0, n / rate - (time.monotonic() - start)))\n")
-
-
 def save(host: HostDir, domid: int, out: Path, *extra: str, env: dict | None = None,
          rate: int | None = None) -> list[dict]:
     """A live in-band save with -debug, into `out` (through a link of `rate` bytes/s if given);
     its XENMIG_ITERATION figures, pass by pass."""
-    with contextlib.ExitStack() as stack:
-        if rate is None:
-            fd = stack.enter_context(open(out, "wb")).fileno()
-        else:
-            link = stack.enter_context(subprocess.Popen([sys.executable, "-c", PACED, str(rate), str(out)],
-                                                        stdin=subprocess.PIPE))
-            fd = link.stdin.fileno()
+    with stream_fd(out, rate) as fd:
         proc = host.run("xenguest", "-mode", "save", "-domid", str(domid), "-fd", str(fd), "-live",
                         "-compress", "true", "-debug", *extra, pass_fds=(fd,), env={**host.env, **(env or {})})
-    if rate is not None:
-        assert link.returncode == 0
     return [json.loads(m) for m in PASS.findall(proc.stderr)]
 
 

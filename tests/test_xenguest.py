@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from conftest import HostDir
+from conftest import HostDir, stream_fd
 from streamcheck import check_file
 
 ITERATIONS = re.compile(r"iterations (\d+), pages (\d+), bytes (\d+), per iteration \[([\d, ]*)\]")
 
 
-def save(host: HostDir, domid: int, out: Path, *extra: str) -> re.Match:
-    with open(out, "wb") as f:
-        proc = host.run("xenguest", "-mode", "save", "-domid", str(domid), "-fd", str(f.fileno()), *extra,
-                        pass_fds=(f.fileno(),))
+def save(host: HostDir, domid: int, out: Path, *extra: str, rate: int | None = None) -> re.Match:
+    """xenguest's save into `out` (through a link of `rate` bytes/s if given)."""
+    with stream_fd(out, rate) as fd:
+        proc = host.run("xenguest", "-mode", "save", "-domid", str(domid), "-fd", str(fd), *extra, pass_fds=(fd,))
     m = ITERATIONS.search(proc.stderr)
     assert m, proc.stderr
     return m
@@ -48,9 +48,11 @@ def test_256m_save_restore_on_second_host(hosts, tmp_path):
 
 # The guest writes while it is saved, and has no zero page (`busy`), so every page of a batch
 # goes to the encoder; standalone, libxc's simple policy stops pre-copy after iteration 0
-# (XENGUEST_MAX_ITERATIONS=1), which takes long enough that the guest always writes during it:
-# the final copy resends those pages over the ones iteration 0 sent, and the pause point is
-# really tested. (After a short dirty pass the final copy was empty in some runs.)
+# (XENGUEST_MAX_ITERATIONS=1), which a link of PAUSE_POINT_RATE makes last long enough that the
+# guest writes during it: the final copy resends those pages over the ones iteration 0 sent, and
+# the pause point is really tested. (Into a file, iteration 0 of the plain encoder took about
+# 0.05 s: on a loaded machine the guest was not scheduled in it, and the final copy was empty.)
+PAUSE_POINT_RATE = 128_000_000
 ENCODERS = {"plain": (), "inband-1": ("-compress", "true"), "inband-4": ("-compress", "true")}
 
 
@@ -70,7 +72,7 @@ def test_live_save_is_exact_at_pause_point(hosts, tmp_path, workload, encoder, r
     src = a.create("vm", "64M", image="busy", workload=workload)
     time.sleep(0.5)
     stream = tmp_path / "vm.xc"
-    m = save(a, src, stream, "-live", *ENCODERS[encoder])
+    m = save(a, src, stream, "-live", *ENCODERS[encoder], rate=PAUSE_POINT_RATE)
     per_iteration = [int(x) for x in m.group(4).split(",")]
     assert len(per_iteration) == 2 and per_iteration[0] == 16384, per_iteration
     assert per_iteration[-1] > 0, per_iteration                              # the final copy carried pages
