@@ -125,8 +125,10 @@ def held_with_deltas(a: HostDir, moment: str, strike: Callable[[], None]) -> str
     lock (flock on the domain's ctl file: the guest writes under it, the pause takes it, and so does
     xenguest's peek-and-clean before each pass) is held from the test meanwhile: the guest writes
     nothing, and xenguest, which sends without it, finishes the pass it is in but cannot start
-    another, so the save cannot end under the strike however loaded the machine. Still held: the
-    strike, the digest, then the guest frozen for good (as at_final_copy does), which ends the hold."""
+    another, so the save cannot end under the strike. For `delta-final` the hold must come while
+    pass 2 is sent (the whole VM as deltas: a few hundred ms; the pause is polled closely); a hold
+    that came after the save's end fails the case rather than pass it. Still held: the strike, the
+    digest, then the guest frozen for good (as at_final_copy does), which ends the hold."""
     from xenemu.host import Host
 
     domain = Host(a.root).find("vm1")
@@ -134,7 +136,7 @@ def held_with_deltas(a: HostDir, moment: str, strike: Callable[[], None]) -> str
     try:
         if moment == "delta-final":
             deadline = time.monotonic() + 120
-            while not mem.paused:       # polled closely: pass 2, sent as the VM pauses, is short
+            while not mem.paused:
                 assert time.monotonic() < deadline, "timed out waiting for the pause for the final copy"
                 time.sleep(0.0005)
         else:
