@@ -1,15 +1,17 @@
-"""SIGINT and SIGTERM cancel a command the same way: both raise `Cancelled` in the main thread.
+"""SIGINT, SIGTERM, SIGHUP and SIGQUIT cancel a command the same way: each raises `Cancelled`
+in the main thread.
 
-A service manager stops a process with SIGTERM, a person with Ctrl-C; either must
-take the clean-up path (a migration aborted and its VM resumed on the source, a
-half-built domain destroyed), never the default SIGTERM death that skips it.
+A service manager stops a process with SIGTERM, a person with Ctrl-C (SIGINT) or Ctrl-\\
+(SIGQUIT), a closed terminal or ssh session with SIGHUP; each must take the clean-up path (a
+migration aborted and its VM resumed on the source, a half-built domain destroyed), never the
+default death that skips it (left a VM paused on the source for good, and its control socket).
 """
 from __future__ import annotations
 
 import signal
 from types import FrameType
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class Cancelled(BaseException):

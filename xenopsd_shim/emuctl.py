@@ -85,7 +85,18 @@ class EmuManager:
             with self._send_lock:
                 self.channel.send(line)
         except ctl.ControlError as e:
-            raise EmuManagerError(f"emu-manager: {e}") from None
+            raise self._last_word() or EmuManagerError(f"emu-manager: {e}") from None
+
+    def _last_word(self) -> EmuManagerError | None:
+        """emu-manager went away while we wrote to it: the error it reported before it went (an
+        emulator's failure, killed by a signal) says what failed; the broken pipe does not."""
+        try:
+            while True:
+                self.next_message(DIED_TIMEOUT)
+        except EmuManagerError as e:
+            return e if str(e).startswith("emu-manager reported: ") else None
+        except ctl.ControlError:
+            return None
 
     def next_message(self, timeout: float | None = None) -> str:
         """The next control line; an `error:` becomes an exception naming the emulator."""

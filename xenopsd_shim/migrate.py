@@ -355,6 +355,10 @@ class SourceMigration:
         if transport.EXT_VERIFY in self.agreed:
             transport.send(vm, transport.build_result(memory_digest(self.domain.memory)))
             self._expect_success(vm, "the destination's verification")
+        # A destination that hung up while the image's last bytes still fitted in the sockets'
+        # buffers (its receiver killed near the end: a delta-sized final copy) must be seen before
+        # the commit, not after: once committed, the source cannot tell and leaves the VM paused.
+        self._watch_destination(vm)
         transport.send_result(vm)                                 # point 3: the destination may run it
         self.committed = True
         answer = transport.recv_result(vm, timeout, "the destination to start the VM")
