@@ -51,13 +51,14 @@ HOSTILE = {f"{sig.name.lower()}-{victim}": (side, name, sig) for victim, side, n
 # The final copy cases take longer (a dirtying guest, a bigger last round); one runs by default.
 # A non-live migration pauses the VM from its start: cancelling it must resume the VM too.
 # With delta records in flight (issue 15, see held_with_deltas), every victim but zstd (the
-# in-band method runs none): one case of each moment by default, the rest slow.
-DELTA_MOMENTS = {"delta-live": "source-xenguest", "delta-final": "destination-xenguest"}
+# in-band method runs none): the xenguests at delta-live by default, the rest slow (delta-final's
+# hold must land within pass 2, a few hundred ms: too close for a loaded machine's default run).
+DELTA_MOMENTS = {"delta-live": ("source-xenguest", "destination-xenguest"), "delta-final": ()}
 CASES = [pytest.param(victim, "live", id=f"{victim}-live") for victim in VICTIMS] + [
     pytest.param(victim, "final", id=f"{victim}-final",
                  marks=[] if victim == "destination-xenguest" else [pytest.mark.slow])
     for victim in VICTIMS] + [pytest.param(victim, "non-live", id=f"{victim}-non-live") for victim in SIGNALLED] + [
-    pytest.param(victim, moment, id=f"{victim}-{moment}", marks=[] if victim == default else [pytest.mark.slow])
+    pytest.param(victim, moment, id=f"{victim}-{moment}", marks=[] if victim in default else [pytest.mark.slow])
     for moment, default in DELTA_MOMENTS.items() for victim in VICTIMS if VICTIMS[victim][1] != "zstd"] + [
     pytest.param(victim, "delta-final", id=f"{victim}-delta-final", marks=pytest.mark.slow) for victim in HOSTILE]
 
