@@ -94,6 +94,27 @@ def test_switch_on_then_off_mid_live_save_is_page_exact(hosts, tmp_path):
     assert restored_digests(a, b, stream, "32M") == a.page_digests(domid)
 
 
+def test_switches_before_the_save_are_answered_and_taken_in_order(hosts, tmp_path):
+    """Switches that reach xenguest before migrate_live (adaptive's `auto` comes right after
+    migrate_init) are answered at once, with the level each leaves in force, and the save's
+    encoder takes them in order: `auto` after `on 3` keeps level 3 in force but no longer pins it."""
+    a, b = hosts("A"), hosts("B")
+    domid = a.create("vm", "32M", image="mixed")
+    stream = tmp_path / "stream"
+    x, got = live_save(a, stream, domid, [control.compress_request("xenguest", "on", 3),
+                                          control.compress_request("xenguest", "auto")])
+    assert got["end"] == "result:0 0", got
+    code, err = x.finish()
+    assert code == 0, err
+    assert [(s.mode, s.level, s.refused) for s in got["answers"]] == [("on", 3, None), ("auto", 3, None)]
+    said = transcript(err)
+    assert said[:4] == ["xenguest: migrate_init", "xenguest: xenmig_compress on 3", "xenguest: xenmig_compress auto",
+                        "xenguest: track_dirty"], said
+    passes = got["iterations"]
+    assert all(p["mode"] == "auto" for p in passes), passes
+    assert restored_digests(a, b, stream, "32M") == a.page_digests(domid)
+
+
 @pytest.mark.parametrize("mode", ["auto", "on"])
 def test_random_memory_goes_plain_without_compressing_it(hosts, tmp_path, mode):
     """Memory that does not shrink, whether auto decides or every batch is to be compressed (on,

@@ -36,8 +36,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from xenmig import compressed, delta, emp, libxc
-from xenmig.compressed import LEVEL_FIGURES, CompressedPages, choose_level
+from xenmig.compressed import CompressedPages
 from xenmig.emp import MODE_AUTO, MODE_OFF, MODE_ON
+from xenmig.levels import LEVEL_FIGURES, choose_level
 from xenmig.libxc import Encoded, PlainPages
 
 from .deltacache import DeltaCache

@@ -9,6 +9,7 @@ from xenemu import Domain, Host
 
 from xenmig import emp
 from xenmig.empserver import SET_ARG_BOOL, SET_ARG_INT, EmpServer, Work
+from xenmig.levels import default_level
 from xenmig.log import Log
 
 if TYPE_CHECKING:
@@ -28,17 +29,28 @@ class Server(EmpServer):
         super().__init__(host, domid, host.xenguest_socket(domid), log=log)
         self.start_mode = emp.MODE_ON if compress else emp.MODE_OFF
         self.delta_cache = delta_cache          # bytes (-delta-cache); a save's encoder makes the cache
-        self.encoder: AdaptivePages | None = None       # made when first needed (it loads numpy)
+        self.encoder: AdaptivePages | None = None       # made by the save (it loads numpy)
+        self.early: list[tuple[str, int | None]] = []     # switches before it, for it to take in order
 
     def _encoder(self) -> AdaptivePages:
         if self.encoder is None:
             from .adaptive import AdaptivePages
             self.encoder = AdaptivePages(self.start_mode, delta_cache=self.delta_cache)
+            for mode, level in self.early:
+                self.encoder.switch(mode, level)
         return self.encoder
 
     def compress(self, mode: str, level: int | None) -> int:
-        """Runs on the EMP thread; the save's encoder takes it from its next batch."""
-        applied = self._encoder().switch(mode, level)
+        """Runs on the EMP thread; the save's encoder takes it from its next batch. A switch that
+        comes before the save (adaptive's `auto`, right after migrate_init) waits for the encoder
+        in `early`: making the encoder here would hold this thread, and the replies to track_dirty
+        and migrate_progress behind it, until numpy and the codecs are loaded."""
+        if self.encoder is None:
+            self.early.append((mode, level))
+            applied = next((lv for _, lv in reversed(self.early) if lv is not None), None)
+            applied = default_level() if applied is None else applied
+        else:
+            applied = self.encoder.switch(mode, level)
         self.log.info(f"in-band compression {mode}, level {applied}")
         return applied
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import zstandard
@@ -31,6 +30,7 @@ import zstandard
 from xenemu.memory import PAGE_SIZE
 
 from . import libxc
+from .levels import default_level
 from .libxc import Encoded, PlainPages
 
 REC_TYPE = libxc.REC_TYPE_COMPRESSED_PAGE_DATA
@@ -40,33 +40,6 @@ ALGORITHM_ZSTD = 1
 # Set (to anything) in a restoring xenguest's environment: it refuses these records as a xenguest
 # from before them does (an older host, emulated by `serve --no-in-band`).
 REFUSE_ENV = "XENGUEST_REFUSE_COMPRESSED"
-
-
-@dataclass(frozen=True)
-class LevelFigures:
-    compress_bytes_per_s: float     # guest memory compressed per second, one thread
-    ratio: float                    # guest memory bytes per wire byte
-
-
-# Measured on 256 MiB of `mixed` memory (one thread, 2-core machine): level -1 costs 1.5% more wire
-# bytes than level 1 but 14% less CPU, and inflates about twice as fast on the destination.
-LEVEL_FIGURES: dict[int, LevelFigures] = {-1: LevelFigures(515e6, 2.58), 1: LevelFigures(432e6, 2.62)}
-
-
-def choose_level(link_bytes_per_s: float | None, threads: int = 1,
-                 figures: dict[int, LevelFigures] = LEVEL_FIGURES) -> int:
-    """The level that moves guest memory fastest: a level's seconds per byte are the slower of
-    compressing it on `threads` and sending what is left of it (no link rate: compression alone).
-    The place where adaptive compression switches level per batch from the rates it measures."""
-    def seconds(level: int) -> float:
-        f = figures[level]
-        return max(1 / (f.compress_bytes_per_s * threads), 1 / (f.ratio * link_bytes_per_s) if link_bytes_per_s else 0)
-    return min(figures, key=seconds)
-
-
-# An unlimited link (loopback, 10 Gbit/s) is compression-bound: level -1. A 1 Gbit/s link is
-# wire-bound and choose_level gives level 1. XENGUEST_COMPRESS_LEVEL sets it for experiments.
-DEFAULT_LEVEL = choose_level(None)
 
 
 def bitmap_size(count: int) -> int:
@@ -114,7 +87,7 @@ class CompressedPages:
 
     def __init__(self, level: int | None = None, threads: int | None = None) -> None:
         # May change between batches (choose_level); each thread keeps a context per level.
-        self.level = level if level is not None else int(os.environ.get("XENGUEST_COMPRESS_LEVEL", DEFAULT_LEVEL))
+        self.level = level if level is not None else default_level()
         self.threads = threads or int(os.environ.get("XENGUEST_COMPRESS_THREADS", 0)) or os.cpu_count() or 1
         self._local = threading.local()      # a zstd context is not thread-safe: one per thread
 
