@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -51,7 +52,10 @@ HYSTERESIS = 0.1            # compression goes on when 10% faster than plain, of
 RATE_WEIGHT = 0.25          # weight of a new batch in the running compression rate and ratio
 LINK_WINDOW = 1.0           # seconds of writes the drain rate is measured over
 LINK_BINDING = 0.5          # the writer blocked this share of the window: the link is the bottleneck
-LINK_MIN_SPAN = 0.05       # seconds of writes before a link that does not bind counts as fast
+LINK_MIN_SPAN = 0.05        # seconds of writes the window's drain rate needs ...
+# ... and the last writes' (they show a link that just fell first): one 4 MiB plain batch over
+# 1 Gbit/s takes 0.034 s; a receiver still starting blocks the first write 0.01-0.02 s.
+LINK_RECENT = 0.02
 LINK_STALE = 2.0            # a link figure not measured again for this long is dropped (then plain re-measures)
 # Guest bytes per second that go plain when the link does not bind: what the receiving xenguest
 # restores plain pages at (the bench's `none` data phase on loopback: 994-1151 MB/s).
@@ -80,7 +84,6 @@ class Measurements:
     ratio: float | None         # data-page bytes per wire byte of recent compressed batches
     threads: int
     zero: float = 0.0           # the batch's share of zero pages (sent as bits when compressed)
-    link_seen: bool = True      # the writes have lasted long enough to tell a binding link
 
 
 def compress_wins(m: Measurements, compressing: bool) -> bool:
@@ -89,17 +92,14 @@ def compress_wins(m: Measurements, compressing: bool) -> bool:
     slower of compressing them, (1 - zero)/(compress x threads), and sending what is left of
     them, (1 - zero)/(ratio x link). So a batch of mostly zero pages is compressed whatever the
     link, and data that does not shrink only where the CPU outruns the link. Hysteresis keeps the
-    current choice unless the other one is HYSTERESIS faster. Until the writes have lasted long
-    enough to show a binding link, compress: socket and queue buffers hide a slow link for the
-    first megabytes, where each plain batch costs several compressed ones, while on a fast link
-    those first batches cost little more compressed. Nothing measured of compression yet: a
-    batch of mostly zero pages is compressed, any other goes plain. Data seen not to shrink
-    (recent ratio under SKIP_RATIO) goes plain unless the batch is mostly zero pages, whatever
-    the link: compressing it cannot shorten the migration, only cost CPU."""
+    current choice unless the other one is HYSTERESIS faster. A link not measured (yet) counts
+    as fast: a slow one shows within LINK_RECENT of writes, and the writer then reconsiders the
+    batches encoded plain ahead of it. Nothing measured of compression yet: a batch of mostly
+    zero pages is compressed, any other goes plain. Data seen not to shrink (recent ratio under
+    SKIP_RATIO) goes plain unless the batch is mostly zero pages, whatever the link: compressing
+    it cannot shorten the migration, only cost CPU."""
     if m.ratio is not None and m.ratio < SKIP_RATIO and m.zero < ZERO_WORTH:
         return False
-    if not m.link_seen and m.link is None:
-        return True
     if m.compress is None or m.ratio is None:
         return m.zero >= ZERO_WORTH
     data = 1 - m.zero
@@ -108,27 +108,28 @@ def compress_wins(m: Measurements, compressing: bool) -> bool:
     return packed < plain * ((1 + HYSTERESIS) if compressing else (1 - HYSTERESIS))
 
 
-def drain_rate(nbytes: int, blocked: float, span: float) -> float | None:
+def drain_rate(nbytes: int, blocked: float, span: float, min_span: float = LINK_MIN_SPAN) -> float | None:
     """The link's rate from writes that took `span` seconds, `blocked` of them waiting in
     write_all: when the writer waited for most of it, the socket buffer stayed full and the link
     carried all it could, so the bytes over the span are its rate; otherwise it is not the
-    bottleneck and its rate is not measurable (None), nor over less than LINK_MIN_SPAN."""
-    if span < LINK_MIN_SPAN or blocked < LINK_BINDING * span:
+    bottleneck and its rate is not measurable (None), nor over less than `min_span`."""
+    if span < min_span or blocked < LINK_BINDING * span:
         return None
     return nbytes / span
 
 
 class LinkMeter:
-    """The stream fd's drain rate from the saver's writes (end, wire bytes, seconds blocked)
-    over the last LINK_WINDOW seconds. A figure measured while the link bound stands while
-    the writer no longer waits (compression may have made the stream thinner than the link),
+    """The stream fd's drain rate from the saver's writes (end, wire bytes, seconds blocked):
+    over the last writes that span LINK_RECENT if the link bound them (so that a link that
+    falls shows within a batch or two, not once it weighs half of the window), else over the
+    last LINK_WINDOW seconds. A figure measured while the link bound stands while the writer no
+    longer waits (compression may have made the stream thinner than the link),
     for LINK_STALE seconds at most and only while the bytes moved do not show a faster link."""
 
     def __init__(self) -> None:
         self._writes: deque[tuple[float, int, float]] = deque()
         self._bound: float | None = None
         self._measured = 0.0            # when the figure was last measured
-        self.seen = False               # writes have spanned LINK_MIN_SPAN: a binding link would show
         self._lock = threading.Lock()
 
     def add(self, nbytes: int, seconds: float, end: float) -> None:
@@ -137,15 +138,26 @@ class LinkMeter:
             while self._writes and self._writes[0][0] < end - LINK_WINDOW:
                 self._writes.popleft()
 
+    def _recent(self) -> float | None:
+        """The drain rate over the last writes that span LINK_RECENT, if the link bound them."""
+        nbytes, blocked, end = 0, 0.0, self._writes[-1][0]
+        for write_end, size, seconds in reversed(self._writes):
+            nbytes, blocked = nbytes + size, blocked + seconds
+            span = end - (write_end - seconds)
+            if span >= LINK_RECENT:
+                return drain_rate(nbytes, blocked, span, LINK_RECENT)
+        return None
+
     def rate(self) -> float | None:
         with self._lock:
             if not self._writes:
                 return self._bound
             first_end, _, first_blocked = self._writes[0]
             span = self._writes[-1][0] - (first_end - first_blocked)
-            self.seen = self.seen or span >= LINK_MIN_SPAN
             nbytes = sum(w[1] for w in self._writes)
-            rate = drain_rate(nbytes, sum(w[2] for w in self._writes), span)
+            rate = self._recent()
+            if rate is None:
+                rate = drain_rate(nbytes, sum(w[2] for w in self._writes), span)
             if rate is not None:
                 self._bound, self._measured = rate, self._writes[-1][0]
             elif self._bound is not None and (span > 0 and nbytes / span > self._bound
@@ -155,6 +167,11 @@ class LinkMeter:
                 self._bound = None
                 self._writes.clear()
             return self._bound
+
+
+class ChosenPlain(Encoded):
+    """A batch sent plain because of the link or the mode, not its data: the writer asks the
+    encoder again just before writing it (`reconsider`)."""
 
 
 @dataclass
@@ -256,8 +273,7 @@ class AdaptivePages:
 
     def measurements(self) -> Measurements:
         link = self.link.rate()
-        return Measurements(link, self._compress, self._ratio, min(self.threads, SPARE_CORES),
-                            link_seen=self.link.seen)
+        return Measurements(link, self._compress, self._ratio, min(self.threads, SPARE_CORES))
 
     def _level(self, m: Measurements) -> int:
         """choose_level with the table's compression rates scaled to what this save measures at
@@ -269,26 +285,43 @@ class AdaptivePages:
                        for level, f in figures.items()}
         return choose_level(m.link, self.threads, figures)
 
-    def _choose(self, region: int, zero: float) -> int | None:
-        """The level to compress this batch at, or None for plain; `zero`: its share of zero pages."""
+    def _choose(self, region: int, zero: float) -> tuple[int | None, bool]:
+        """The level to compress this batch at, or None for plain; `zero`: its share of zero
+        pages. And whether a plain choice came from the mode or the link (not from the region's
+        data), so that the writer may reconsider it."""
         with self._lock:
             if self.mode == MODE_OFF:
-                return None
+                return None, True
             if self.mode == MODE_ON:
-                return self.codec.level
+                return self.codec.level, False
             m = replace(self.measurements(), zero=zero)
             if self._pinned is None:
                 self.codec.level = self._level(m)
             known = self._regions.get(region)
             if known is not None and known.ratio < SKIP_RATIO and zero < ZERO_WORTH:
                 known.skips += 1
-                return self.codec.level if known.skips % REPROBE_EVERY == 0 else None
+                return (self.codec.level if known.skips % REPROBE_EVERY == 0 else None), False
             if known is not None:           # what this region reached is the better guess
                 m = replace(m, ratio=known.ratio)
             self._compressing = compress_wins(m, self._compressing)
             self._batches += 1
             probe = self._batches % PROBE_EVERY == 1
-            return self.codec.level if self._compressing or probe else None
+            return (self.codec.level if self._compressing or probe else None), True
+
+    def reconsider(self, pfns: np.ndarray, pages: Callable[[], np.ndarray], encoded: Encoded) -> Encoded:
+        """The writer's last look at a batch before it writes it: one encoded plain by a choice
+        that has changed since (a switch on, or auto's link figure now binding) is compressed
+        now, on the writer's thread, while the socket drains what it holds. Without it a
+        switch applied only after the 2 x threads batches already encoded ahead (at 1 Gbit/s,
+        4 MiB plain batches: 0.17 s). Not through the cache: the batch's pfns were forgotten
+        when it was encoded plain, and stay so (the cache claims only what it saw sent)."""
+        if not isinstance(encoded, ChosenPlain):
+            return encoded
+        with self._lock:
+            if not (self.mode == MODE_ON or self.mode == MODE_AUTO and self._compressing):
+                return encoded
+            self._pass.plain_batches -= 1
+        return self._encode(pfns, pages())
 
     def start_pass(self, iteration: int, npages: int) -> None:
         """A pass of the save starts (deltas only from iteration 1: pages re-sent)."""
@@ -393,12 +426,12 @@ class AdaptivePages:
             share = 0.0
         else:
             share = float(compressed.zero_pages(pages[::max(1, len(pfns) // ZERO_SAMPLE)]).mean())
-        level = self._choose(int(pfns[0]) // REGION_PFNS, share)
+        level, by_choice = self._choose(int(pfns[0]) // REGION_PFNS, share)
         if level is None:
             encoded = PlainPages().encode(pfns, pages if data is None else compressed.snapshot_frames(zero, data))
             with self._lock:
                 self._pass.plain_batches += 1
-            return encoded
+            return ChosenPlain(*encoded) if by_choice and data is None else encoded
         if zero is None:                # auto compresses it (or switched on since the test)
             zero = compressed.zero_pages(pages)
         nonzero = int(len(pfns) - zero.sum())

@@ -120,6 +120,7 @@ class Saver:
         return self.encoder.encode(batch, frames(self.mem.pages, batch))
 
     def _emit(self, batch: np.ndarray, encoded: Encoded) -> None:
+        encoded = self.encoder.reconsider(batch, lambda: frames(self.mem.pages, batch), encoded)
         self._write(encoded.buffers)
         self.progress.sent += len(batch)
         self.progress.zero_pages += encoded.zero_pages
