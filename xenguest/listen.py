@@ -47,8 +47,8 @@ class Server(EmpServer):
         and migrate_progress behind it, until numpy and the codecs are loaded."""
         if self.encoder is None:
             self.early.append((mode, level))
-            applied = next((lv for _, lv in reversed(self.early) if lv is not None), None)
-            applied = default_level() if applied is None else applied
+            levels = [lv for _, lv in self.early if lv is not None]     # as switch(): a level stays
+            applied = levels[-1] if levels else default_level()
         else:
             applied = self.encoder.switch(mode, level)
         self.log.info(f"in-band compression {mode}, level {applied}")
